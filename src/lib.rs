@@ -1,0 +1,5 @@
+//! # tollgate
+pub mod money;
+pub mod usage;
+pub mod pricing;
+pub mod budget;

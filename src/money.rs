@@ -1,0 +1,222 @@
+//! Exact money.
+//!
+//! Every amount inside tollgate is an integer number of pico-dollars
+//! (1 USD = 10^12 pUSD) held in a `u64`, which covers up to about 18 million
+//! USD per counter. Floating point appears only at the edges: when a
+//! Prometheus counter is exported and when a config value is read. Config
+//! values are read through their shortest decimal representation, so `0.1`
+//! becomes exactly 100_000_000_000 pUSD, never 99_999_999_999.
+
+use std::fmt;
+
+/// Pico-dollars per dollar.
+pub const PICOS_PER_USD: u64 = 1_000_000_000_000;
+
+/// An amount of US dollars, exact to the pico-dollar.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Money(u64);
+
+/// Why a decimal string is not an amount of money.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MoneyError {
+    #[error("`{0}` is not a non-negative decimal number")]
+    NotDecimal(String),
+    #[error("`{0}` has more than 12 fraction digits")]
+    TooPrecise(String),
+    #[error("`{0}` is too large")]
+    TooLarge(String),
+}
+
+impl Money {
+    pub const ZERO: Money = Money(0);
+    pub const MAX: Money = Money(u64::MAX);
+
+    pub const fn from_picos(picos: u64) -> Money {
+        Money(picos)
+    }
+
+    pub const fn picos(self) -> u64 {
+        self.0
+    }
+
+    /// Whole nano-dollars, rounded down (for storage that wants a coarser unit).
+    pub const fn nanos(self) -> u64 {
+        self.0 / 1_000
+    }
+
+    pub fn saturating_add(self, other: Money) -> Money {
+        Money(self.0.saturating_add(other.0))
+    }
+
+    pub fn saturating_sub(self, other: Money) -> Money {
+        Money(self.0.saturating_sub(other.0))
+    }
+
+    /// The amount as floating-point USD, for exporters only.
+    pub fn as_usd_f64(self) -> f64 {
+        // Split so that amounts below 2^53 pUSD (~9000 USD) convert exactly
+        // up to the last representable digit and larger ones lose nothing
+        // significant.
+        (self.0 / PICOS_PER_USD) as f64 + (self.0 % PICOS_PER_USD) as f64 / PICOS_PER_USD as f64
+    }
+
+    /// Parses a decimal USD string such as `"0.25"`, `"5"` or `"1e-3"`.
+    pub fn parse_usd(text: &str) -> Result<Money, MoneyError> {
+        parse_decimal_scaled(text, 12)
+            .map(Money)
+            .map_err(|kind| kind.with_text(text))
+    }
+
+    /// Converts a config float (TOML or JSON number) exactly, through its
+    /// shortest round-trip decimal representation.
+    pub fn from_usd_f64(value: f64) -> Result<Money, MoneyError> {
+        if !value.is_finite() || value < 0.0 {
+            return Err(MoneyError::NotDecimal(value.to_string()));
+        }
+        Money::parse_usd(&format!("{value}"))
+    }
+
+    /// Decimal USD with exactly 9 fraction digits, rounded half up
+    /// (the form of the `x-agent-*-usd` response headers).
+    pub fn to_header_value(self) -> String {
+        let nanos = (self.0 + 500) / 1_000;
+        format!("{}.{:09}", nanos / 1_000_000_000, nanos % 1_000_000_000)
+    }
+}
+
+impl fmt::Display for Money {
+    /// Full precision, trailing zeros trimmed: `0.000123`, `5`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let whole = self.0 / PICOS_PER_USD;
+        let frac = self.0 % PICOS_PER_USD;
+        if frac == 0 {
+            return write!(f, "{whole}");
+        }
+        let digits = format!("{frac:012}");
+        write!(f, "{whole}.{}", digits.trim_end_matches('0'))
+    }
+}
+
+impl std::iter::Sum for Money {
+    fn sum<I: Iterator<Item = Money>>(iter: I) -> Money {
+        iter.fold(Money::ZERO, Money::saturating_add)
+    }
+}
+
+/// The failure of [`parse_decimal_scaled`], before the text is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecimalError {
+    NotDecimal,
+    TooPrecise,
+    TooLarge,
+}
+
+impl DecimalError {
+    fn with_text(self, text: &str) -> MoneyError {
+        match self {
+            DecimalError::NotDecimal => MoneyError::NotDecimal(text.to_string()),
+            DecimalError::TooPrecise => MoneyError::TooPrecise(text.to_string()),
+            DecimalError::TooLarge => MoneyError::TooLarge(text.to_string()),
+        }
+    }
+}
+
+/// Parses a non-negative decimal (`12`, `0.5`, `7.5e-8`, `1E+2`) into an
+/// integer scaled by `10^scale`, exactly. Digits beyond the scale must be
+/// zeros, else `TooPrecise`.
+pub fn parse_decimal_scaled(text: &str, scale: u32) -> Result<u64, DecimalError> {
+    let text = text.trim();
+    let (mantissa, exponent) = match text.find(['e', 'E']) {
+        Some(i) => {
+            let exp: i32 = text[i + 1..]
+                .parse()
+                .map_err(|_| DecimalError::NotDecimal)?;
+            (&text[..i], exp)
+        }
+        None => (text, 0),
+    };
+    let mantissa = mantissa.strip_prefix('+').unwrap_or(mantissa);
+    let (int_part, frac_part) = match mantissa.split_once('.') {
+        Some((i, f)) => (i, f),
+        None => (mantissa, ""),
+    };
+    if int_part.is_empty() && frac_part.is_empty() {
+        return Err(DecimalError::NotDecimal);
+    }
+    if !int_part.bytes().all(|b| b.is_ascii_digit()) || !frac_part.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(DecimalError::NotDecimal);
+    }
+    // value = digits * 10^(exponent - frac_len); scaled = digits * 10^(exponent - frac_len + scale)
+    let digits = format!("{int_part}{frac_part}");
+    let digits = digits.trim_start_matches('0');
+    let shift = exponent as i64 - frac_part.len() as i64 + scale as i64;
+    if digits.is_empty() {
+        return Ok(0);
+    }
+    let (kept, dropped) = if shift >= 0 {
+        (digits, "")
+    } else {
+        let cut = digits.len() as i64 + shift;
+        if cut <= 0 {
+            ("", digits)
+        } else {
+            digits.split_at(cut as usize)
+        }
+    };
+    if dropped.bytes().any(|b| b != b'0') {
+        return Err(DecimalError::TooPrecise);
+    }
+    let mut value: u64 = 0;
+    for b in kept.bytes() {
+        value = value
+            .checked_mul(10)
+            .and_then(|v| v.checked_add(u64::from(b - b'0')))
+            .ok_or(DecimalError::TooLarge)?;
+    }
+    if shift > 0 {
+        let factor = 10u64.checked_pow(shift as u32).ok_or(DecimalError::TooLarge)?;
+        value = value.checked_mul(factor).ok_or(DecimalError::TooLarge)?;
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_exact_decimals() {
+        assert_eq!(Money::parse_usd("0.1").unwrap().picos(), 100_000_000_000);
+        assert_eq!(Money::parse_usd("5").unwrap().picos(), 5 * PICOS_PER_USD);
+        assert_eq!(Money::parse_usd("7.5e-8").unwrap().picos(), 75_000);
+        assert_eq!(Money::parse_usd("0.000000000001").unwrap().picos(), 1);
+        assert_eq!(Money::from_usd_f64(0.1).unwrap().picos(), 100_000_000_000);
+        assert_eq!(Money::from_usd_f64(2.5e-7).unwrap().picos(), 250_000);
+    }
+
+    #[test]
+    fn rejects_bad_text() {
+        assert!(matches!(Money::parse_usd("-1"), Err(MoneyError::NotDecimal(_))));
+        assert!(matches!(Money::parse_usd("abc"), Err(MoneyError::NotDecimal(_))));
+        assert!(matches!(Money::parse_usd("."), Err(MoneyError::NotDecimal(_))));
+        assert!(matches!(Money::parse_usd("1e-13"), Err(MoneyError::TooPrecise(_))));
+        assert!(matches!(Money::parse_usd("1e30"), Err(MoneyError::TooLarge(_))));
+        assert!(Money::from_usd_f64(f64::NAN).is_err());
+    }
+
+    #[test]
+    fn formats_for_headers_and_display() {
+        let m = Money::parse_usd("0.0001234565").unwrap();
+        assert_eq!(m.to_header_value(), "0.000123457");
+        assert_eq!(m.to_string(), "0.0001234565");
+        assert_eq!(Money::parse_usd("3").unwrap().to_string(), "3");
+        assert_eq!(Money::ZERO.to_header_value(), "0.000000000");
+    }
+
+    #[test]
+    fn scaled_parse_handles_exponents() {
+        assert_eq!(parse_decimal_scaled("1.25e-07", 15), Ok(125_000_000));
+        assert_eq!(parse_decimal_scaled("2.00", 6), Ok(2_000_000));
+        assert_eq!(parse_decimal_scaled("0", 6), Ok(0));
+    }
+}
