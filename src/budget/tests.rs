@@ -1,0 +1,283 @@
+use std::mem::size_of;
+use std::sync::{Arc, Mutex};
+
+use super::run::{outcome_key, NewRun, RunState};
+use super::*;
+
+fn m(usd: &str) -> Money {
+    Money::parse_usd(usd).expect("test amount")
+}
+
+#[test]
+fn run_state_is_small() {
+    // Per tracked run: RunState behind an Arc (+2 counters), one map entry
+    // (Arc<str> key + Arc value, ~1/0.875 for the table's load factor), the
+    // id bytes behind their own Arc (shared by key and state), and 4 bytes
+    // per remembered body hash.
+    let word = size_of::<usize>();
+    let state = size_of::<RunState>() + 2 * word;
+    let entry = size_of::<(Arc<str>, Arc<RunState>)>() * 8 / 7 + 1;
+    let id = 2 * word + 36; // a UUID
+    let fixed = state + entry + id;
+    println!(
+        "RunState+Arc {state} B, map entry ~{entry} B, 36-char id {id} B: \
+         ~{fixed} B per run + 4 B per remembered body hash (64 → 256 B)"
+    );
+    assert!(
+        size_of::<RunState>() <= 176,
+        "RunState grew to {state} bytes"
+    );
+    assert!(fixed < 320, "{fixed}");
+}
+
+#[test]
+fn civil_dates_round_trip() {
+    for days in [
+        -1_000_000i64,
+        -1,
+        0,
+        59,
+        60,
+        365,
+        10_957,
+        11_016,
+        20_000,
+        2_932_896,
+    ] {
+        let (y, mo, d) = civil_from_days(days);
+        assert_eq!(days_from_civil(y, mo, d), days, "{y}-{mo}-{d}");
+    }
+    assert_eq!(civil_from_days(0), (1970, 1, 1));
+    assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    assert_eq!(
+        civil_from_days(days_from_civil(2024, 12, 31)),
+        (2024, 12, 31)
+    );
+    assert_eq!(civil_from_days(days_from_civil(2025, 1, 1)), (2025, 1, 1));
+    assert_eq!(unix_ms(2026, 3, 21, 0, 0, 0), 1_774_051_200_000);
+}
+
+#[test]
+fn periods_change_at_utc_boundaries() {
+    let month = |ms| period_id(WindowPeriod::Month, ms);
+    let day = |ms| period_id(WindowPeriod::Day, ms);
+    let hour = |ms| period_id(WindowPeriod::Hour, ms);
+    let dec31 = unix_ms(2025, 12, 31, 23, 59, 59) + 999;
+    let jan1 = unix_ms(2026, 1, 1, 0, 0, 0);
+    assert_eq!(month(jan1), month(dec31) + 1);
+    assert_eq!(day(jan1), day(dec31) + 1);
+    assert_eq!(hour(jan1), hour(dec31) + 1);
+    // February in a leap year ends on the 29th.
+    assert_eq!(
+        month(unix_ms(2024, 2, 29, 23, 0, 0)),
+        month(unix_ms(2024, 2, 1, 0, 0, 0))
+    );
+    assert_eq!(
+        month(unix_ms(2024, 3, 1, 0, 0, 0)),
+        month(unix_ms(2024, 2, 29, 0, 0, 0)) + 1
+    );
+    assert_eq!(
+        month(unix_ms(2026, 4, 30, 12, 0, 0)),
+        month(unix_ms(2026, 4, 1, 0, 0, 0))
+    );
+}
+
+#[test]
+fn body_hash_ring_remembers_the_latest() {
+    let run = RunState::new(
+        Arc::from("r"),
+        NewRun {
+            ceiling: m("1"),
+            release: Arc::from("x"),
+            request_type: Arc::from("y"),
+            now_ms: 0,
+        },
+    );
+    let mut g = run.lock();
+    for h in 0..3u64 {
+        assert!(!g.note_body(h, 3));
+    }
+    assert!(g.note_body(0, 3)); // replaces 0 (oldest) by 0
+    assert!(!g.note_body(3, 3)); // replaces 1
+    assert!(!g.note_body(1, 3)); // 1 was forgotten
+    assert!(g.note_body(3, 3));
+    assert!(!g.note_body(7, 0));
+    assert!(!g.note_body(7, 0));
+}
+
+#[test]
+fn outcome_memory_tracks_last_result_per_route_and_model() {
+    let run = RunState::new(
+        Arc::from("r"),
+        NewRun {
+            ceiling: m("1"),
+            release: Arc::from("x"),
+            request_type: Arc::from("y"),
+            now_ms: 0,
+        },
+    );
+    let a = outcome_key("openai", Some("gpt-4.1"));
+    let b = outcome_key("openai", Some("gpt-4.1-mini"));
+    assert_ne!(a, b);
+    assert_ne!(outcome_key("openai", None), 0);
+    let mut g = run.lock();
+    g.note_outcome(a, true);
+    assert!(g.failed_before(a));
+    assert!(!g.failed_before(b));
+    g.note_outcome(a, false);
+    assert!(!g.failed_before(a));
+}
+
+#[test]
+fn config_defaults_and_parse() {
+    let cfg: BudgetConfig = toml::from_str("").expect("empty section");
+    assert_eq!(cfg, BudgetConfig::default());
+    let policy = BudgetPolicy::from_config(&cfg).expect("defaults are valid");
+    assert_eq!(policy, BudgetPolicy::default());
+    assert_eq!(RunsConfig::default().validate("runs"), Vec::<String>::new());
+
+    let cfg: BudgetConfig = toml::from_str(
+        r#"
+        default_run_usd = 0.1
+        mode = "soft"
+        [[rules]]
+        request_type = "research"
+        run_usd = 1.0
+        [[windows]]
+        release = "2026-03-21"
+        period = "day"
+        limit_usd = 100.0
+        "#,
+    )
+    .expect("valid");
+    let policy = BudgetPolicy::from_config(&cfg).expect("valid");
+    assert_eq!(policy.default_run, m("0.1"));
+    assert_eq!(policy.mode, BudgetMode::Soft);
+    assert_eq!(policy.rules[0].run, m("1"));
+    assert_eq!(policy.windows[0].name, "day:release=2026-03-21");
+    assert_eq!(policy.windows[0].limit, m("100"));
+
+    assert!(toml::from_str::<BudgetConfig>("default_run = 1.0").is_err());
+    assert!(toml::from_str::<BudgetConfig>("mode = \"hard\"").is_err());
+    assert!(toml::from_str::<RunsConfig>("idle_timeout = 3").is_err());
+}
+
+#[test]
+fn validation_names_key_paths() {
+    let cfg = BudgetConfig {
+        default_run_usd: 0.0,
+        max_run_usd: f64::NAN,
+        fallback_reservation_usd: -1.0,
+        expected_output_tokens: 0,
+        rules: vec![
+            BudgetRule {
+                release: None,
+                request_type: None,
+                model: None,
+                run_usd: 1.0,
+            },
+            BudgetRule {
+                release: Some(String::new()),
+                request_type: None,
+                model: None,
+                run_usd: -2.0,
+            },
+        ],
+        windows: vec![
+            WindowCap {
+                release: None,
+                request_type: None,
+                model: None,
+                tool: Some("web_search".into()),
+                period: WindowPeriod::Hour,
+                limit_usd: 0.1 + 0.2,
+            },
+            WindowCap {
+                release: None,
+                request_type: None,
+                model: None,
+                tool: Some("web_search".into()),
+                period: WindowPeriod::Hour,
+                limit_usd: 5.0,
+            },
+        ],
+        ..BudgetConfig::default()
+    };
+    let errors = cfg.validate("budget");
+    let has = |prefix: &str| errors.iter().any(|e| e.starts_with(prefix));
+    assert!(
+        has("budget.default_run_usd: must be a positive number"),
+        "{errors:#?}"
+    );
+    assert!(
+        has("budget.max_run_usd: must be a positive number"),
+        "{errors:#?}"
+    );
+    assert!(has(
+        "budget.fallback_reservation_usd: must be a non-negative number"
+    ));
+    assert!(has("budget.expected_output_tokens: "));
+    assert!(has("budget.rules[1].release: must not be empty"));
+    assert!(has("budget.rules[1].run_usd: must be a positive number"));
+    assert!(!has("budget.rules[0]"));
+    assert!(has(
+        "budget.windows[0].limit_usd: must be a positive number with at most 12 fraction digits"
+    ));
+    assert!(has(
+        "budget.windows[1]: same match keys and period as budget.windows[0]"
+    ));
+    assert_eq!(errors.len(), 8, "{errors:#?}");
+    assert!(BudgetPolicy::from_config(&cfg).is_err());
+
+    let runs = RunsConfig {
+        idle_timeout_secs: 0,
+        max_tracked_runs: 0,
+        max_body_hashes_per_run: 100_000,
+    };
+    let errors = runs.validate("runs");
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert!(errors[0].starts_with("runs.idle_timeout_secs: "));
+}
+
+#[test]
+fn ended_run_entry_is_replaced_not_reused() {
+    // A finisher that flipped `ended` but has not yet removed the entry:
+    // the next admit must start a new run, not charge the old one.
+    let ends = Arc::new(Mutex::new(Vec::new()));
+    let sink_ends = Arc::clone(&ends);
+    let budgets = Budgets::new(
+        BudgetPolicy::default(),
+        RunsConfig::default(),
+        Arc::new(ManualClock::new(1_000)),
+        Arc::new(move |e| sink_ends.lock().expect("sink").push(e)),
+    );
+    let call = CallRequest {
+        run_id: Some("r1"),
+        release: "v1",
+        request_type: "default",
+        model: Some("gpt-4.1"),
+        tool: None,
+        route: "openai",
+        budget_header: None,
+        reservation: m("0.01"),
+        sdk_retry_count: None,
+        body_hash: None,
+    };
+    budgets
+        .admit(&call)
+        .expect("admit")
+        .settle(m("0.02"), CostKind::Llm, false, None);
+    let old = budgets
+        .shared
+        .runs
+        .get("r1")
+        .map(|r| Arc::clone(r.value()))
+        .expect("run");
+    old.lock().ended = true; // as if an end were half done
+    let adm = budgets.admit(&call).expect("admit");
+    assert_eq!(adm.run_spent(), Money::ZERO);
+    adm.settle(m("0.01"), CostKind::Llm, false, None);
+    assert_eq!(budgets.run_snapshot("r1").map(|s| s.spent), Some(m("0.01")));
+    assert_eq!(budgets.active_runs(), 1);
+    assert!(ends.lock().expect("ends").is_empty());
+}
