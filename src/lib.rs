@@ -1,5 +1,128 @@
 //! # tollgate
-pub mod money;
-pub mod usage;
-pub mod pricing;
+//!
+//! A metering reverse proxy for AI agents: it forwards LLM and paid-tool
+//! calls unchanged and streaming, reads the usage each provider reports,
+//! prices it exactly, attributes it to a run and a release, refuses calls of
+//! a run that spent its budget, and exports the cost layer as metrics.
+//!
+//! # Layout
+//!
+//! - [`config`]: `tollgate.toml` → validated [`config::Config`].
+//! - [`server`]: the accept loop shared by both listeners.
+//! - [`proxy`]: one agent call, from target checks to the metered response
+//!   body ([`proxy::body::MeteredBody`]) and its settlement.
+//! - [`usage`]: reading usage out of JSON, SSE and NDJSON bodies.
+//! - [`pricing`]: price tables and the cost formula.
+//! - [`budget`]: runs, ceilings, reservations, window caps.
+//! - [`metrics`]: the Prometheus registry.
+//! - [`admin`]: `/metrics`, health, `/api`.
+//! - [`money`]: exact amounts (integer pico-dollars).
+//!
+//! [`Tollgate::run`] takes bound listeners and a shutdown future, so tests
+//! run it in-process on port 0.
+
+#[cfg(feature = "wip")]
+pub mod admin;
 pub mod budget;
+pub mod config;
+pub mod metrics;
+pub mod money;
+pub mod pricing;
+#[cfg(feature = "wip")]
+pub mod proxy;
+#[cfg(feature = "wip")]
+pub mod server;
+#[cfg(feature = "wip")]
+pub mod state;
+pub mod usage;
+
+#[cfg(feature = "wip")]
+mod instance {
+use super::*;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[cfg(feature = "wip")]
+use tokio::net::TcpListener;
+
+use crate::budget::{Clock, SystemClock};
+use crate::config::Config;
+pub use crate::state::{AppState, StartError};
+
+/// The two bound listeners of an instance.
+pub struct Listeners {
+    pub agent: TcpListener,
+    pub admin: TcpListener,
+}
+
+/// One tollgate instance.
+pub struct Tollgate {
+    state: Arc<AppState>,
+}
+
+impl Tollgate {
+    /// Builds an instance from a validated config (loads prices, sets up
+    /// budgets and metrics). `config_path` enables reloads.
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Tollgate, StartError> {
+        Tollgate::with_clock(config, config_path, Arc::new(SystemClock))
+    }
+
+    /// As [`Tollgate::new`], with the clock budgets and runs use.
+    pub fn with_clock(config: Config, config_path: Option<PathBuf>, clock: Arc<dyn Clock>) -> Result<Tollgate, StartError> {
+        Ok(Tollgate {
+            state: AppState::new(config, config_path, clock)?,
+        })
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Serves both listeners until `shutdown` resolves, then stops accepting
+    /// and lets in-flight calls finish up to `limits.shutdown_drain_ms`.
+    pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()> + Send) {
+        let state = self.state;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let limits = state.config.load().raw.limits.clone();
+
+        let agent_state = state.clone();
+        let agent = tokio::spawn(server::serve(
+            listeners.agent,
+            limits.clone(),
+            move |request| proxy::handle(agent_state.clone(), request),
+            stopped(stop_rx.clone()),
+        ));
+        let admin_state = state.clone();
+        let admin = tokio::spawn(server::serve(
+            listeners.admin,
+            limits,
+            move |request| admin::handle(admin_state.clone(), request),
+            stopped(stop_rx.clone()),
+        ));
+        let sweeper_state = state.clone();
+        let sweeper = tokio::spawn(async move {
+            let mut rx = stop_rx;
+            loop {
+                let idle_secs = sweeper_state.config.load().raw.runs.idle_timeout_secs;
+                let period = Duration::from_secs((idle_secs / 4).clamp(1, 15));
+                tokio::select! {
+                    () = tokio::time::sleep(period) => { sweeper_state.budgets.sweep_idle(); }
+                    _ = rx.wait_for(|stop| *stop) => break,
+                }
+            }
+        });
+
+        shutdown.await;
+        tracing::info!(message = "shutting down: no new connections, draining in-flight calls");
+        let _ = stop_tx.send(true);
+        let _ = tokio::join!(agent, admin, sweeper);
+    }
+}
+}
+#[cfg(feature = "wip")]
+pub use instance::*;

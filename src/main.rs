@@ -1,1 +1,157 @@
-fn main() {}
+//! The `tollgate` binary: CLI, logging, listeners and signals. All logic
+//! lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use tollgate::config::Config;
+use tollgate::{Listeners, Tollgate};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "A metering reverse proxy for AI agents")]
+struct Cli {
+    /// Config file to serve with.
+    #[arg(long, env = "TOLLGATE_CONFIG", default_value = "config/tollgate.toml", global = true)]
+    config: PathBuf,
+    /// Log format: json (one object per line) or text.
+    #[arg(long, env = "TOLLGATE_LOG_FORMAT", default_value = "json", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve with the config (the default).
+    Serve,
+    /// Validate a config file: prints every error with its key path and line; exit 0 valid, 2 invalid.
+    CheckConfig {
+        /// The file to check.
+        path: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::CheckConfig { path } => check_config(&path),
+        Command::Serve => {
+            init_tracing(cli.log_format);
+            run_async(serve(cli.config))
+        }
+    }
+}
+
+fn run_async(future: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tollgate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("tollgate: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = tollgate::pricing::PriceTable::load(&config.raw.pricing, &config.base_dir) {
+        eprintln!("{}: pricing: {e}", path.display());
+        return ExitCode::from(2);
+    }
+    println!("{}: ok ({} routes)", path.display(), config.routes.len());
+    ExitCode::SUCCESS
+}
+
+async fn serve(path: PathBuf) -> Result<(), String> {
+    let config = Config::load(&path).map_err(|e| e.to_string())?;
+    let agent = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} (server.listen): {e}", config.listen))?;
+    let admin = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} (admin.listen): {e}", config.admin_listen))?;
+    let tollgate = Tollgate::new(config.clone(), Some(path)).map_err(|e| e.to_string())?;
+    let state = tollgate.state().clone();
+    tracing::info!(
+        message = "tollgate listening",
+        agent = %config.listen,
+        admin = %config.admin_listen,
+        routes = config.routes.len()
+    );
+    spawn_reload_on_sighup(state)?;
+    tollgate
+        .run(Listeners { agent, admin }, shutdown_signal())
+        .await;
+    Ok(())
+}
+
+#[cfg(unix)]
+fn spawn_reload_on_sighup(state: std::sync::Arc<tollgate::AppState>) -> Result<(), String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let _ = state.reload();
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn spawn_reload_on_sighup(_state: std::sync::Arc<tollgate::AppState>) -> Result<(), String> {
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,426 @@
+//! Prometheus metrics (SPEC §7).
+//!
+//! One [`Metrics`] per proxy instance owns its registry, so tests run many
+//! instances in one process without sharing counters. Cost counters hold exact
+//! pico-dollars and become floating-point USD only when scraped
+//! ([`MoneyCounter`]). Every label value passes through a [`LabelCap`]: after
+//! `max_label_values` distinct values a label reports `other`.
+//!
+//! prometheus-client appends `_total` to counter names, so counters are
+//! registered without it (`agent_run` is exposed as `agent_run_total`).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+
+use crate::money::Money;
+use crate::usage::Usage;
+
+/// Buckets of `agent_run_cost_usd`, fixed by the contract.
+pub const RUN_COST_BUCKETS: [f64; 8] = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0];
+/// Latency buckets in seconds, from 1 ms to 5 min.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// A counter of exact money, exported as fractional USD.
+#[derive(Debug, Default)]
+pub struct MoneyCounter(AtomicU64);
+
+impl MoneyCounter {
+    pub fn add(&self, amount: Money) {
+        // Saturating add: a counter that would pass u64 pico-dollars (about
+        // 18 million USD) stays at its maximum instead of wrapping.
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(amount.picos())));
+    }
+
+    pub fn get(&self) -> Money {
+        Money::from_picos(self.0.load(Ordering::Relaxed))
+    }
+}
+
+impl TypedMetric for MoneyCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for MoneyCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&self.get().as_usd_f64(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+/// Caps the distinct values of one label.
+#[derive(Debug)]
+pub struct LabelCap {
+    max: usize,
+    seen: Mutex<HashSet<String>>,
+}
+
+pub const OVERFLOW_LABEL: &str = "other";
+
+impl LabelCap {
+    pub fn new(max: usize) -> Self {
+        LabelCap {
+            max,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// `value` if it is one of the first `max` distinct values, else `other`.
+    pub fn get(&self, value: &str) -> String {
+        let mut seen = match self.seen.lock() {
+            Ok(seen) => seen,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if seen.contains(value) {
+            return value.to_string();
+        }
+        if seen.len() < self.max {
+            seen.insert(value.to_string());
+            return value.to_string();
+        }
+        OVERFLOW_LABEL.to_string()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelRelease {
+    pub model: String,
+    pub release: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub model: String,
+    pub token_type: String,
+    pub release: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ToolRelease {
+    pub tool: String,
+    pub release: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunLabels {
+    pub status: String,
+    pub stop_reason: String,
+    pub release: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReleaseLabel {
+    pub release: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub route: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabel {
+    pub provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabels {
+    pub release: String,
+    pub scope: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub release: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ToolStatus {
+    pub tool: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SegmentLabels {
+    pub release: String,
+    pub request_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+type LatencyFamily = Family<RouteLabel, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+fn run_cost_histogram() -> Histogram {
+    Histogram::new(RUN_COST_BUCKETS)
+}
+
+/// Every metric tollgate exports.
+pub struct Metrics {
+    registry: Registry,
+    caps: Caps,
+    pub token_usage: Family<TokenLabels, Counter>,
+    pub llm_cost: Family<ModelRelease, MoneyCounter>,
+    pub tool_cost: Family<ToolRelease, MoneyCounter>,
+    pub segment_cost: Family<SegmentLabels, MoneyCounter>,
+    pub run_total: Family<RunLabels, Counter>,
+    pub run_cost: Family<ReleaseLabel, Histogram, fn() -> Histogram>,
+    pub budget_breach: Family<ReleaseLabel, Counter>,
+    pub budget_rejections: Family<RejectionLabels, Counter>,
+    pub calls: Family<CallLabels, Counter>,
+    pub tool_calls: Family<ToolStatus, Counter>,
+    pub usage_estimated: Family<ProviderLabel, Counter>,
+    pub usage_parse_errors: Family<ProviderLabel, Counter>,
+    pub unpriced_calls: Family<ModelLabel, Counter>,
+    pub retries: Family<RetryLabels, Counter>,
+    pub repeated_calls: Family<ReleaseLabel, Counter>,
+    pub upstream_latency: LatencyFamily,
+    pub time_to_first_byte: LatencyFamily,
+    pub call_duration: LatencyFamily,
+    pub budget_reserved: Gauge<f64, AtomicU64>,
+    pub budget_settled: SharedMoneyCounter,
+    pub active_runs: Gauge,
+    pub runs_evicted: Counter,
+    pub config_reloads: Family<ResultLabel, Counter>,
+}
+
+/// One [`LabelCap`] per label name.
+struct Caps {
+    model: LabelCap,
+    release: LabelCap,
+    tool: LabelCap,
+    route: LabelCap,
+    request_type: LabelCap,
+    stop_reason: LabelCap,
+}
+
+impl Metrics {
+    pub fn new(max_label_values: usize) -> Arc<Metrics> {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            caps: Caps {
+                model: LabelCap::new(max_label_values),
+                release: LabelCap::new(max_label_values),
+                tool: LabelCap::new(max_label_values),
+                route: LabelCap::new(max_label_values),
+                request_type: LabelCap::new(max_label_values),
+                stop_reason: LabelCap::new(max_label_values),
+            },
+            token_usage: Family::default(),
+            llm_cost: Family::default(),
+            tool_cost: Family::default(),
+            segment_cost: Family::default(),
+            run_total: Family::default(),
+            run_cost: Family::new_with_constructor(run_cost_histogram),
+            budget_breach: Family::default(),
+            budget_rejections: Family::default(),
+            calls: Family::default(),
+            tool_calls: Family::default(),
+            usage_estimated: Family::default(),
+            usage_parse_errors: Family::default(),
+            unpriced_calls: Family::default(),
+            retries: Family::default(),
+            repeated_calls: Family::default(),
+            upstream_latency: Family::new_with_constructor(latency_histogram),
+            time_to_first_byte: Family::new_with_constructor(latency_histogram),
+            call_duration: Family::new_with_constructor(latency_histogram),
+            budget_reserved: Gauge::default(),
+            budget_settled: SharedMoneyCounter::default(),
+            active_runs: Gauge::default(),
+            runs_evicted: Counter::default(),
+            config_reloads: Family::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("agent_token_usage", "Tokens used, by model, token type and release", m.token_usage.clone());
+        r.register("agent_llm_cost_usd", "LLM spend in USD, by model and release", m.llm_cost.clone());
+        r.register("agent_tool_cost_usd", "Paid tool spend in USD, by tool and release", m.tool_cost.clone());
+        r.register(
+            "agent_segment_cost_usd",
+            "All spend (LLM and tool) in USD, by release and request type",
+            m.segment_cost.clone(),
+        );
+        r.register("agent_run", "Runs ended, by status, stop reason and release", m.run_total.clone());
+        r.register("agent_run_cost_usd", "Total cost of each ended run in USD", m.run_cost.clone());
+        r.register(
+            "agent_budget_breach",
+            "Runs that ended with a cost above their ceiling",
+            m.budget_breach.clone(),
+        );
+        r.register(
+            "agent_budget_rejections",
+            "Calls refused for budget, by release and scope (run, window)",
+            m.budget_rejections.clone(),
+        );
+        r.register("agent_calls", "Calls proxied, by route and response status", m.calls.clone());
+        r.register("agent_tool_calls", "Tool calls, by tool and response status", m.tool_calls.clone());
+        r.register(
+            "agent_usage_estimated",
+            "Calls charged an estimate because usage could not be read",
+            m.usage_estimated.clone(),
+        );
+        r.register(
+            "agent_usage_parse_errors",
+            "Response bodies whose usage could not be decoded",
+            m.usage_parse_errors.clone(),
+        );
+        r.register(
+            "agent_unpriced_calls",
+            "Calls of a model the price table does not know (charged zero)",
+            m.unpriced_calls.clone(),
+        );
+        r.register("agent_retries", "Calls recognised as retries, by kind", m.retries.clone());
+        r.register(
+            "agent_repeated_calls",
+            "Calls whose request body repeats an earlier call of the same run",
+            m.repeated_calls.clone(),
+        );
+        r.register(
+            "agent_upstream_latency_seconds",
+            "Time from forwarding a call to the upstream's response headers",
+            m.upstream_latency.clone(),
+        );
+        r.register(
+            "agent_time_to_first_byte_seconds",
+            "Time from receiving a call to the first response body byte",
+            m.time_to_first_byte.clone(),
+        );
+        r.register(
+            "agent_call_duration_seconds",
+            "Time from receiving a call to the end of its response body",
+            m.call_duration.clone(),
+        );
+        r.register(
+            "agent_budget_reserved_usd",
+            "Reservations currently held by calls in flight, in USD",
+            m.budget_reserved.clone(),
+        );
+        r.register(
+            "agent_budget_settled_usd",
+            "Spend settled against budgets, in USD",
+            m.budget_settled.clone(),
+        );
+        r.register("agent_active_runs", "Runs currently tracked", m.active_runs.clone());
+        r.register(
+            "agent_runs_evicted",
+            "Runs ended early because the run table was full",
+            m.runs_evicted.clone(),
+        );
+        r.register("agent_config_reloads", "Config reloads, by result", m.config_reloads.clone());
+        let mut m = m;
+        m.registry = registry;
+        Arc::new(m)
+    }
+
+    /// The registry in the Prometheus/OpenMetrics text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn model(&self, v: &str) -> String {
+        self.caps.model.get(v)
+    }
+    pub fn release(&self, v: &str) -> String {
+        self.caps.release.get(v)
+    }
+    pub fn tool(&self, v: &str) -> String {
+        self.caps.tool.get(v)
+    }
+    pub fn route(&self, v: &str) -> String {
+        self.caps.route.get(v)
+    }
+    pub fn request_type(&self, v: &str) -> String {
+        self.caps.request_type.get(v)
+    }
+    pub fn stop_reason(&self, v: &str) -> String {
+        self.caps.stop_reason.get(v)
+    }
+
+    /// Adds one call's tokens to `agent_token_usage_total`. Token types:
+    /// `prompt` (all input), `cached_prompt`, `cache_write`, `completion`
+    /// (all output), `reasoning` (SPEC §4).
+    pub fn record_tokens(&self, model: &str, release: &str, usage: &Usage) {
+        for (token_type, value) in [
+            ("prompt", usage.input_tokens),
+            ("cached_prompt", usage.cached_input_tokens),
+            ("cache_write", usage.cache_write_input_tokens),
+            ("completion", usage.output_tokens),
+            ("reasoning", usage.reasoning_tokens),
+        ] {
+            if let Some(value) = value.filter(|v| *v > 0) {
+                self.token_usage
+                    .get_or_create(&TokenLabels {
+                        model: model.to_string(),
+                        token_type: token_type.to_string(),
+                        release: release.to_string(),
+                    })
+                    .inc_by(value);
+            }
+        }
+    }
+}
+
+/// A money counter shared between the registry and its owner, for totals
+/// that another component keeps and the scrape copies in.
+#[derive(Debug, Default, Clone)]
+pub struct SharedMoneyCounter(Arc<MoneyCounter>);
+
+impl SharedMoneyCounter {
+    /// Sets the exported total; used for totals kept elsewhere (budgets).
+    pub fn set(&self, amount: Money) {
+        self.0 .0.store(amount.picos(), Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Money {
+        self.0.get()
+    }
+}
+
+impl TypedMetric for SharedMoneyCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for SharedMoneyCounter {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}

@@ -1,0 +1,205 @@
+//! [`MeteredBody`]: the response body wrapper. Each upstream frame is handed
+//! to the client as it arrives, untouched (unless the usage chunk tollgate
+//! asked for must be removed again), while a copy of its bytes feeds the usage
+//! reader. The call settles exactly once:
+//!
+//! - at end of stream (`None`, or `is_end_stream()` turning true after a data
+//!   frame, since hyper may never poll again then);
+//! - on an upstream error frame;
+//! - when the stream idle timeout fires (the client sees the body end with an
+//!   error, as on an upstream reset);
+//! - on drop before any of these: the client went away.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+
+use crate::proxy::settle::{CallMeter, End, Settled};
+use crate::usage::{UsageChunkFilter, UsageTap};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Largest tool response body kept to read a cost at a JSON pointer.
+pub const MAX_TOOL_CAPTURE: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+#[error("upstream stream was idle for more than {0:?}")]
+pub struct IdleTimeout(Duration);
+
+pin_project! {
+    pub struct MeteredBody {
+        #[pin]
+        inner: Incoming,
+        idle: Pin<Box<Sleep>>,
+        idle_timeout: Duration,
+        tap: Option<UsageTap>,
+        filter: Option<UsageChunkFilter>,
+        tool_capture: Option<BytesMut>,
+        prefix: Option<Bytes>,
+        meter: Option<CallMeter>,
+        settled: Option<Settled>,
+        done: bool,
+    }
+
+    impl PinnedDrop for MeteredBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if this.meter.is_some() {
+                settle(this.meter, this.tap, this.tool_capture, this.settled, End::ClientGone);
+            }
+        }
+    }
+}
+
+impl MeteredBody {
+    pub fn new(
+        inner: Incoming,
+        meter: CallMeter,
+        tap: Option<UsageTap>,
+        filter: Option<UsageChunkFilter>,
+        capture_tool_body: bool,
+        idle_timeout: Duration,
+    ) -> MeteredBody {
+        MeteredBody {
+            inner,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle_timeout,
+            tap,
+            filter,
+            tool_capture: capture_tool_body.then(BytesMut::new),
+            prefix: None,
+            meter: Some(meter),
+            settled: None,
+            done: false,
+        }
+    }
+
+    /// Bytes already read (and metered) to be sent before the rest.
+    pub fn set_prefix(&mut self, prefix: Bytes) {
+        if !prefix.is_empty() {
+            self.prefix = Some(prefix);
+        }
+    }
+
+    /// The settlement, once the body has ended.
+    pub fn settled(&self) -> Option<Settled> {
+        self.settled
+    }
+}
+
+fn settle(
+    meter: &mut Option<CallMeter>,
+    tap: &mut Option<UsageTap>,
+    capture: &mut Option<BytesMut>,
+    settled: &mut Option<Settled>,
+    end: End,
+) {
+    if let Some(meter) = meter.take() {
+        let observation = tap.as_mut().map(UsageTap::finish);
+        let body = capture.as_ref().map(|b| &b[..]);
+        *settled = Some(meter.settle(observation, body, end));
+    }
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if let Some(prefix) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Pending => {
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        *this.done = true;
+                        settle(this.meter, this.tap, this.tool_capture, this.settled, End::IdleTimeout);
+                        return Poll::Ready(Some(Err(Box::new(IdleTimeout(*this.idle_timeout)))));
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(None) => {
+                    *this.done = true;
+                    let rest = this.filter.as_mut().map(UsageChunkFilter::finish).unwrap_or_default();
+                    settle(this.meter, this.tap, this.tool_capture, this.settled, End::Complete);
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    *this.done = true;
+                    settle(this.meter, this.tap, this.tool_capture, this.settled, End::UpstreamError);
+                    return Poll::Ready(Some(Err(Box::new(error))));
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    let deadline = tokio::time::Instant::now() + *this.idle_timeout;
+                    this.idle.as_mut().reset(deadline);
+                    let frame = match frame.into_data() {
+                        Ok(data) => {
+                            if let Some(meter) = this.meter.as_mut() {
+                                meter.first_byte.get_or_insert_with(|| meter.started.elapsed());
+                            }
+                            if let Some(tap) = this.tap.as_mut() {
+                                tap.feed(&data);
+                            }
+                            if let Some(capture) = this.tool_capture.as_mut() {
+                                if capture.len() + data.len() <= MAX_TOOL_CAPTURE {
+                                    capture.extend_from_slice(&data);
+                                } else {
+                                    *this.tool_capture = None;
+                                }
+                            }
+                            let data = match this.filter.as_mut() {
+                                Some(filter) => filter.push(data),
+                                None => data,
+                            };
+                            if data.is_empty() && !this.inner.is_end_stream() {
+                                // Everything so far was held back or removed.
+                                continue;
+                            }
+                            Frame::data(data)
+                        }
+                        Err(frame) => frame,
+                    };
+                    if this.inner.is_end_stream() && this.filter.is_none() {
+                        *this.done = true;
+                        settle(this.meter, this.tap, this.tool_capture, this.settled, End::Complete);
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && (self.done || (self.filter.is_none() && self.inner.is_end_stream()))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.filter.is_some() {
+            return SizeHint::default();
+        }
+        let mut hint = self.inner.size_hint();
+        if let Some(prefix) = &self.prefix {
+            let extra = prefix.len() as u64;
+            hint.set_lower(hint.lower() + extra);
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper + extra);
+            }
+        }
+        hint
+    }
+}

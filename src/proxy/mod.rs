@@ -1,0 +1,369 @@
+//! The agent-facing proxy. One call's path, in pingora's phase names:
+//!
+//! 1. `request_filter`: target safety ([`route::check_target`]), URL-form
+//!    attribution, route match (unmatched: 404, no upstream is contacted),
+//!    attribution headers (bad value: 400 naming the header), body read up to
+//!    the limit (413), peek at model/stream/output limit, usage injection.
+//! 2. `admission`: estimate the call's cost, reserve it against the run's
+//!    ceiling and the window caps (refused: 402 in the provider's shape, the
+//!    upstream is never contacted).
+//! 3. `upstream_request`: rewrite and send on the pooled client (502/504).
+//! 4. `response_filter`: wrap the body in [`body::MeteredBody`], which
+//!    forwards each frame as it arrives and settles the call exactly once.
+//!    Non-streaming JSON bodies are read first (bounded) so their cost
+//!    headers can include the call's own cost.
+
+pub mod attribution;
+pub mod body;
+pub mod error;
+pub mod request;
+pub mod route;
+pub mod settle;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::budget::{CallRequest, CostKind, RefusalScope};
+use crate::config::{RouteKind, ToolCost};
+use crate::metrics::{RejectionLabels, ReleaseLabel, RetryLabels};
+use crate::money::Money;
+use crate::proxy::body::{BoxError, MeteredBody};
+use crate::proxy::error::ProxyError;
+use crate::proxy::settle::{CallMeter, Settled};
+use crate::state::AppState;
+use crate::usage::{TapLimits, UsageChunkFilter, UsageTap};
+
+/// Response body type of every tollgate response.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Largest non-streaming response body held back to put its own cost in the
+/// response headers; larger bodies stream with the pre-call spend.
+const MAX_BUFFERED_RESPONSE: usize = 4 * 1024 * 1024;
+
+pub const RUN_COST_HEADER: &str = "x-agent-run-cost-usd";
+pub const BUDGET_REMAINING_HEADER: &str = "x-agent-budget-remaining-usd";
+
+pub fn full_body(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// Connection facts the server attaches to each request.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// Serves one agent request. Never fails: errors become responses.
+pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let config = state.config.load_full();
+    let (parts, body) = request.into_parts();
+    let local = parts.extensions.get::<ConnInfo>().map(|c| c.local);
+
+    // request_filter: target and route.
+    if let Err(e) = route::check_target(&parts, local) {
+        return Ok(e.into_response(None));
+    }
+    let (url_attribution, path) = match route::split_url_attribution(parts.uri.path()) {
+        Ok(split) => split,
+        Err(e) => return Ok(e.into_response(None)),
+    };
+    let Some((route, rest)) = config.route_for(path) else {
+        return Ok(ProxyError::NoRoute(path.to_string()).into_response(None));
+    };
+    let kind = route.kind;
+    let attribution = match attribution::extract(&parts.headers, &config.attribution, url_attribution.as_ref()) {
+        Ok(a) => a,
+        Err(e) => return Ok(e.into_response(Some(kind))),
+    };
+    let body = match request::read_body(body, &parts.headers, config.raw.limits.max_request_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return Ok(e.into_response(Some(kind))),
+    };
+    let (info, rewritten) = request::inspect(kind, rest, parts.uri.query(), &body);
+    let pricing = state.pricing.load_full();
+
+    if kind != RouteKind::Tool && state.reject_unknown_models() {
+        if let Some(model) = info.model.as_deref() {
+            if pricing.lookup(model).is_none() {
+                state.note_unpriced(model);
+                return Ok(ProxyError::UnpricedModel(model.to_string()).into_response(Some(kind)));
+            }
+        }
+    }
+
+    // admission: reserve the call's expected cost.
+    let policy = state.budgets.policy();
+    let reservation = match (kind, &route.tool_cost) {
+        (RouteKind::Tool, Some(ToolCost::Fixed(price))) => *price,
+        (RouteKind::Tool, _) => policy.fallback_reservation,
+        _ => state.reservation_for(&pricing, &info, body.len() as u64),
+    };
+    let retry_count = parts
+        .headers
+        .get("x-stainless-retry-count")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    let body_hash = attribution.run_id.as_ref().map(|_| hash_body(&route.name, &body));
+    let admission = state.budgets.admit(&CallRequest {
+        run_id: attribution.run_id.as_deref(),
+        release: &attribution.release,
+        request_type: &attribution.request_type,
+        model: info.model.as_deref(),
+        tool: route.tool.as_deref(),
+        route: &route.name,
+        budget_header: attribution.budget,
+        reservation,
+        sdk_retry_count: retry_count,
+        body_hash,
+    });
+    let admission = match admission {
+        Ok(admission) => admission,
+        Err(refusal) => {
+            let metrics = &state.metrics;
+            let scope = match refusal.scope {
+                RefusalScope::Run => "run",
+                RefusalScope::Window => "window",
+            };
+            metrics
+                .budget_rejections
+                .get_or_create(&RejectionLabels {
+                    release: metrics.release(&attribution.release),
+                    scope: scope.into(),
+                })
+                .inc();
+            let (message, code) = match refusal.scope {
+                RefusalScope::Run => (
+                    format!(
+                        "run `{}` has spent ${} of its ${} budget; this call (reserving ${}) would pass the ceiling",
+                        refusal.run_id.as_deref().unwrap_or(""),
+                        refusal.spent,
+                        refusal.ceiling,
+                        reservation
+                    ),
+                    "run_budget_exceeded",
+                ),
+                RefusalScope::Window => (
+                    format!(
+                        "spend cap {} reached: ${} spent of ${}{}",
+                        refusal.window.as_deref().unwrap_or("window"),
+                        refusal.spent,
+                        refusal.ceiling,
+                        refusal
+                            .run_id
+                            .as_deref()
+                            .map(|r| format!(" (run `{r}`)"))
+                            .unwrap_or_default()
+                    ),
+                    "window_budget_exceeded",
+                ),
+            };
+            tracing::info!(target: "tollgate::call", run_id = refusal.run_id.as_deref().unwrap_or(""), release = %attribution.release, route = %route.name, status = 402, scope, "refused");
+            let mut response = ProxyError::Budget { message, code }.into_response(Some(kind));
+            set_cost_headers(&mut response, refusal.spent, Some(refusal.ceiling.saturating_sub(refusal.spent)));
+            return Ok(response);
+        }
+    };
+    let flags = admission.flags();
+    let release_label = state.metrics.release(&attribution.release);
+    for (flag, kind_label) in [(flags.sdk_retry, "sdk_retry"), (flags.repeat_after_failure, "repeat_after_failure")] {
+        if flag {
+            state
+                .metrics
+                .retries
+                .get_or_create(&RetryLabels {
+                    release: release_label.clone(),
+                    kind: kind_label.into(),
+                })
+                .inc();
+        }
+    }
+    if flags.duplicate_body {
+        state
+            .metrics
+            .repeated_calls
+            .get_or_create(&ReleaseLabel {
+                release: release_label.clone(),
+            })
+            .inc();
+    }
+
+    // upstream_request
+    let uri = match upstream::upstream_uri(route, rest, parts.uri.query()) {
+        Ok(uri) => uri,
+        Err(e) => return Ok(refuse_after_admission(e, kind, admission)),
+    };
+    let request_bytes = body.len() as u64;
+    let upstream_body = rewritten.unwrap_or(body);
+    let upstream_request = match upstream::upstream_request(&parts, uri, &config.attribution, upstream_body, info.usage_injected) {
+        Ok(r) => r,
+        Err(e) => return Ok(refuse_after_admission(e, kind, admission)),
+    };
+    let sent = Instant::now();
+    let limits = &config.raw.limits;
+    let response = match upstream::send(&state.client, upstream_request, limits.upstream_response_timeout()).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::warn!(message = "upstream request failed", route = %route.name, error = %e);
+            state
+                .metrics
+                .calls
+                .get_or_create(&crate::metrics::CallLabels {
+                    route: state.metrics.route(&route.name),
+                    status: e.status().as_u16().to_string(),
+                })
+                .inc();
+            return Ok(refuse_after_admission(e, kind, admission));
+        }
+    };
+    let upstream_latency = sent.elapsed();
+    state
+        .metrics
+        .upstream_latency
+        .get_or_create(&crate::metrics::RouteLabel {
+            route: state.metrics.route(&route.name),
+        })
+        .observe(upstream_latency.as_secs_f64());
+
+    // response_filter
+    let (mut head, incoming) = response.into_parts();
+    upstream::strip_hop_by_hop(&mut head.headers);
+    let content_type = header_str(&head.headers, http::header::CONTENT_TYPE);
+    let content_encoding = header_str(&head.headers, http::header::CONTENT_ENCODING);
+    let spent_before = admission.run_spent();
+    let remaining_before = admission.remaining();
+    let tool_header_cost = match &route.tool_cost {
+        Some(ToolCost::Header(name)) => Some(settle::parse_cost_header(head.headers.get(name))),
+        _ => None,
+    };
+    let tap = kind.dialect().map(|dialect| {
+        UsageTap::new(
+            dialect,
+            content_type.as_deref(),
+            content_encoding.as_deref(),
+            TapLimits {
+                max_event_bytes: limits.max_event_bytes,
+                max_json_value_bytes: limits.max_event_bytes,
+            },
+        )
+    });
+    let filter = (info.usage_injected && head.status.is_success()).then(|| UsageChunkFilter::new(limits.max_event_bytes));
+    if filter.is_some() {
+        head.headers.remove(http::header::CONTENT_LENGTH);
+    }
+    let capture_tool_body = matches!(route.tool_cost, Some(ToolCost::JsonPointer(_)));
+    let is_event_stream = content_type
+        .as_deref()
+        .is_some_and(|ct| ct.starts_with("text/event-stream") || ct.contains("ndjson") || ct.contains("jsonl"));
+    let buffer_first = !info.stream && !is_event_stream;
+    let meter = CallMeter {
+        state: state.clone(),
+        pricing,
+        route: route.name.clone(),
+        kind,
+        tool: route.tool.clone(),
+        tool_cost: route.tool_cost.clone(),
+        charge_failed_calls: route.charge_failed_calls,
+        attribution,
+        request: info,
+        request_bytes,
+        started,
+        status: head.status,
+        upstream_latency,
+        first_byte: None,
+        admission: Some(admission),
+        tool_header_cost,
+    };
+    let mut metered = MeteredBody::new(incoming, meter, tap, filter, capture_tool_body, limits.stream_idle_timeout());
+
+    if buffer_first {
+        let mut buffered = BytesMut::new();
+        let mut trailers = None;
+        loop {
+            match metered.frame().await {
+                None => break,
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        buffered.extend_from_slice(&data);
+                        if buffered.len() > MAX_BUFFERED_RESPONSE {
+                            break;
+                        }
+                    }
+                    Err(frame) => trailers = frame.into_trailers().ok(),
+                },
+                Some(Err(e)) => {
+                    // The head was not sent yet: answer in the provider's shape.
+                    let error = ProxyError::Upstream(format!("response body failed: {e}"));
+                    return Ok(error.into_response(Some(kind)));
+                }
+            }
+        }
+        if let Some(settled) = metered.settled() {
+            let _ = trailers;
+            head.headers.remove(http::header::CONTENT_LENGTH);
+            let mut response = Response::from_parts(head, full_body(buffered.freeze()));
+            apply_settled(&mut response, settled);
+            return Ok(response);
+        }
+        metered.set_prefix(buffered.freeze());
+    }
+    let mut response = Response::from_parts(head, metered.boxed());
+    set_cost_headers(&mut response, spent_before, remaining_before);
+    Ok(response)
+}
+
+/// A failure after admission: release the reservation without charging
+/// (nothing reached a provider that bills), then answer.
+fn refuse_after_admission(error: ProxyError, kind: RouteKind, admission: crate::budget::Admission) -> Response<ProxyBody> {
+    let cost_kind = if kind == RouteKind::Tool { CostKind::Tool } else { CostKind::Llm };
+    admission.settle(Money::ZERO, cost_kind, true, None);
+    error.into_response(Some(kind))
+}
+
+fn apply_settled(response: &mut Response<ProxyBody>, settled: Settled) {
+    set_cost_headers(response, settled.run_cost_after, settled.remaining_after);
+}
+
+fn set_cost_headers(response: &mut Response<ProxyBody>, run_cost: Money, remaining: Option<Money>) {
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&run_cost.to_header_value()) {
+        headers.insert(RUN_COST_HEADER, v);
+    }
+    if let Some(remaining) = remaining {
+        if let Ok(v) = HeaderValue::from_str(&remaining.to_header_value()) {
+            headers.insert(BUDGET_REMAINING_HEADER, v);
+        }
+    }
+}
+
+fn header_str(headers: &http::HeaderMap, name: http::header::HeaderName) -> Option<String> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+/// Identity of a call for repeat detection: route and exact body bytes.
+fn hash_body(route: &str, body: &Bytes) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    route.hash(&mut hasher);
+    body.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// 404 for anything else on the agent listener is produced by routing; this
+/// helper answers a request the server could not parse into one.
+pub fn status_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "code": null, "param": null}});
+    let mut response = Response::new(full_body(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+}

@@ -1,0 +1,196 @@
+//! The request side of a call: read the body (bounded), peek at what
+//! metering needs (model, stream, output limit), and ask OpenAI-style
+//! streams for usage when the client did not.
+//!
+//! Request bodies are read whole: LLM and tool requests are small next to
+//! responses, the limit bounds them, and the body is needed to estimate the
+//! reservation, hash the call and inject `stream_options`.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use crate::config::RouteKind;
+use crate::proxy::error::ProxyError;
+
+/// Reads the whole request body, refusing it once it passes `limit`.
+pub async fn read_body(body: Incoming, headers: &http::HeaderMap, limit: usize) -> Result<Bytes, ProxyError> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(ProxyError::BodyTooLarge { limit })
+        }
+        Err(e) => Err(ProxyError::BadRequest(format!("could not read the request body: {e}"))),
+    }
+}
+
+/// What metering needs from a request body. Unknown fields are skipped.
+#[derive(Debug, Default, Deserialize)]
+struct BodyPeek {
+    model: Option<String>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+    #[serde(rename = "generationConfig")]
+    generation_config: Option<GenerationConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct GenerationConfig {
+    #[serde(rename = "maxOutputTokens")]
+    max_output_tokens: Option<u64>,
+}
+
+/// A request, as metering sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestInfo {
+    /// Model named by the request (body, Gemini path or Azure deployment).
+    pub model: Option<String>,
+    /// The response will stream.
+    pub stream: bool,
+    /// Output limit the client set, if any.
+    pub max_output_tokens: Option<u64>,
+    /// tollgate asked upstream for usage; the usage-only chunk must be removed.
+    pub usage_injected: bool,
+}
+
+/// Peeks at a request and, for an OpenAI-style stream that did not ask for
+/// usage, returns the body with `stream_options.include_usage = true`.
+pub fn inspect(kind: RouteKind, path: &str, query: Option<&str>, body: &Bytes) -> (RequestInfo, Option<Bytes>) {
+    let peek: BodyPeek = if body.is_empty() {
+        BodyPeek::default()
+    } else {
+        serde_json::from_slice(body).unwrap_or_default()
+    };
+    let mut info = RequestInfo {
+        model: peek.model.clone().filter(|m| !m.is_empty()),
+        stream: peek.stream.unwrap_or(false),
+        max_output_tokens: peek
+            .max_completion_tokens
+            .or(peek.max_tokens)
+            .or(peek.max_output_tokens)
+            .or(peek.generation_config.as_ref().and_then(|g| g.max_output_tokens)),
+        usage_injected: false,
+    };
+    match kind {
+        RouteKind::Gemini => {
+            if let Some((model, method)) = gemini_model(path) {
+                info.model = Some(model.to_string());
+                info.stream = method == "streamGenerateContent";
+            }
+            let _ = query;
+        }
+        RouteKind::Openai => {
+            if info.model.is_none() {
+                info.model = azure_deployment(path).map(str::to_string);
+            }
+        }
+        RouteKind::Anthropic | RouteKind::Tool => {}
+    }
+    let wants_usage_injection = kind == RouteKind::Openai
+        && info.stream
+        && (path.ends_with("/chat/completions") || path.ends_with("/completions"))
+        && peek.stream_options.as_ref().and_then(|o| o.include_usage) != Some(true);
+    if wants_usage_injection {
+        if let Some(rewritten) = with_include_usage(body) {
+            info.usage_injected = true;
+            return (info, Some(rewritten));
+        }
+    }
+    (info, None)
+}
+
+/// The body with `stream_options.include_usage` set; `None` when the body is
+/// not a JSON object (then the call is metered by estimate).
+fn with_include_usage(body: &Bytes) -> Option<Bytes> {
+    let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let object = value.as_object_mut()?;
+    let options = object
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    if !options.is_object() {
+        *options = serde_json::Value::Object(Default::default());
+    }
+    options
+        .as_object_mut()?
+        .insert("include_usage".into(), serde_json::Value::Bool(true));
+    serde_json::to_vec(&value).ok().map(Bytes::from)
+}
+
+/// `/v1beta/models/gemini-2.5-flash:streamGenerateContent` gives the model and
+/// the method (also Vertex paths `.../publishers/google/models/M:method`).
+fn gemini_model(path: &str) -> Option<(&str, &str)> {
+    let after = &path[path.rfind("/models/")? + "/models/".len()..];
+    let (model, method) = after.split_once(':')?;
+    (!model.is_empty() && !model.contains('/')).then_some((model, method))
+}
+
+/// `/openai/deployments/{name}/chat/completions` gives the deployment name.
+fn azure_deployment(path: &str) -> Option<&str> {
+    let after = &path[path.find("/deployments/")? + "/deployments/".len()..];
+    after.split('/').next().filter(|d| !d.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn injects_usage_for_openai_streams_only() {
+        let body = Bytes::from_static(br#"{"model":"gpt-4.1","stream":true,"messages":[]}"#);
+        let (info, rewritten) = inspect(RouteKind::Openai, "/v1/chat/completions", None, &body);
+        assert!(info.stream && info.usage_injected);
+        let v: serde_json::Value = serde_json::from_slice(&rewritten.unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+
+        let asked = Bytes::from_static(br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#);
+        let (info, rewritten) = inspect(RouteKind::Openai, "/v1/chat/completions", None, &asked);
+        assert!(!info.usage_injected && rewritten.is_none());
+
+        let asked_false = Bytes::from_static(br#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#);
+        let (info, _) = inspect(RouteKind::Openai, "/v1/completions", None, &asked_false);
+        assert!(info.usage_injected);
+
+        let responses = Bytes::from_static(br#"{"model":"m","stream":true}"#);
+        let (info, rewritten) = inspect(RouteKind::Openai, "/v1/responses", None, &responses);
+        assert!(!info.usage_injected && rewritten.is_none());
+
+        let not_json = Bytes::from_static(b"garbage");
+        let (info, rewritten) = inspect(RouteKind::Openai, "/v1/chat/completions", None, &not_json);
+        assert!(!info.stream && rewritten.is_none());
+    }
+
+    #[test]
+    fn reads_models_and_limits() {
+        let body = Bytes::from_static(br#"{"generationConfig":{"maxOutputTokens":300}}"#);
+        let (info, _) = inspect(RouteKind::Gemini, "/v1beta/models/gemini-2.5-flash:streamGenerateContent", None, &body);
+        assert_eq!(info.model.as_deref(), Some("gemini-2.5-flash"));
+        assert!(info.stream);
+        assert_eq!(info.max_output_tokens, Some(300));
+
+        let body = Bytes::from_static(br#"{"messages":[],"max_tokens":50}"#);
+        let (info, _) = inspect(RouteKind::Openai, "/openai/deployments/my-gpt/chat/completions", None, &body);
+        assert_eq!(info.model.as_deref(), Some("my-gpt"));
+        assert_eq!(info.max_output_tokens, Some(50));
+
+        let body = Bytes::from_static(br#"{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true}"#);
+        let (info, rewritten) = inspect(RouteKind::Anthropic, "/v1/messages", None, &body);
+        assert_eq!(info.model.as_deref(), Some("claude-sonnet-4-5"));
+        assert!(info.stream && rewritten.is_none());
+    }
+}

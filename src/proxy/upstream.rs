@@ -1,0 +1,190 @@
+//! The upstream side: a pooled HTTP/1.1 + HTTP/2 client over rustls (webpki
+//! roots, ALPN), and the rewrite of a client request into the upstream one.
+//! Connect failures map to 502, a missing response head past the configured
+//! time to 504 (pingora's source-based mapping).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::{AttributionHeaders, Route};
+use crate::proxy::error::ProxyError;
+
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Builds the shared upstream client.
+pub fn build_client(connect_timeout: Duration) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.with_root_certificates(rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            })
+            .with_no_client_auth()
+        });
+    let connector = match tls {
+        Ok(tls) => hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http),
+        // The ring provider always supports the default protocol versions;
+        // fall back to the crate's own defaults rather than fail.
+        Err(_) => hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http),
+    };
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// Headers that describe one hop and never cross the proxy (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// The upstream URI: the route's origin and base path, the path after the
+/// route prefix, and the query unchanged.
+pub fn upstream_uri(route: &Route, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+    let mut path_and_query = String::with_capacity(route.upstream_path.len() + rest.len() + 1 + query.map_or(0, str::len));
+    path_and_query.push_str(&route.upstream_path);
+    path_and_query.push_str(rest);
+    if path_and_query.is_empty() {
+        path_and_query.push('/');
+    }
+    if let Some(query) = query {
+        path_and_query.push('?');
+        path_and_query.push_str(query);
+    }
+    Uri::builder()
+        .scheme(route.upstream_origin.clone())
+        .authority(route.upstream_authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")))
+}
+
+/// Builds the upstream request: method, headers (less hop-by-hop,
+/// attribution, Host and Expect), and the (possibly rewritten) body.
+pub fn upstream_request(
+    parts: &http::request::Parts,
+    uri: Uri,
+    attribution: &AttributionHeaders,
+    body: Bytes,
+    identity_encoding: bool,
+) -> Result<Request<Full<Bytes>>, ProxyError> {
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    for name in attribution.all() {
+        headers.remove(name);
+    }
+    headers.remove(http::header::HOST);
+    headers.remove(http::header::EXPECT);
+    headers.remove(http::header::CONTENT_LENGTH);
+    if identity_encoding {
+        // The response is edited (usage chunk removed), so it must arrive
+        // uncompressed; the client accepts identity whatever it asked for.
+        headers.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    }
+    if let Some(authority) = uri.authority() {
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| ProxyError::BadRequest("upstream authority is not a valid Host".into()))?;
+        headers.insert(http::header::HOST, host);
+    }
+    let mut request = Request::builder()
+        .method(parts.method.clone())
+        .uri(uri)
+        .body(Full::new(body))
+        .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream request: {e}")))?;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+/// Sends the request, waiting at most `timeout` for the response head.
+pub async fn send(
+    client: &UpstreamClient,
+    request: Request<Full<Bytes>>,
+    timeout: Duration,
+) -> Result<http::Response<Incoming>, ProxyError> {
+    match tokio::time::timeout(timeout, client.request(request)).await {
+        Err(_) => Err(ProxyError::UpstreamTimeout(timeout.as_millis() as u64)),
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(e)) if e.is_connect() => Err(ProxyError::UpstreamConnect(error_chain(&e))),
+        Ok(Err(e)) => Err(ProxyError::Upstream(error_chain(&e))),
+    }
+}
+
+/// The error and its causes on one line (hyper's top-level message alone,
+/// "client error (Connect)", does not say what happened).
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert("connection", "keep-alive, x-secret-hop".parse().unwrap());
+        headers.insert("x-secret-hop", "1".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert("transfer-encoding", "chunked".parse().unwrap());
+        headers.insert("authorization", "Bearer k".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("authorization"));
+    }
+}

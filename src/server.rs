@@ -1,0 +1,77 @@
+//! Accept loop shared by the agent and admin listeners: hyper-util's
+//! auto (HTTP/1.1 + h2c) connection builder, limits on header size, count and
+//! read time, one task per connection, and graceful shutdown that stops
+//! accepting and drains open connections up to a bound.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::config::LimitsConfig;
+use crate::proxy::{ConnInfo, ProxyBody};
+
+/// Serves `listener` with `handler` until `shutdown` resolves, then drains.
+pub async fn serve<H, Fut>(
+    listener: TcpListener,
+    limits: LimitsConfig,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
+{
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout())
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers);
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
+    let graceful = GracefulShutdown::new();
+    let local = listener.local_addr().ok();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off briefly
+                    // instead of spinning, as hyper's and axum's loops do.
+                    tracing::warn!(message = "accept failed", %error);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let info = local.map(|local| ConnInfo { local, remote });
+        let handler = handler.clone();
+        let service = service_fn(move |mut request: Request<Incoming>| {
+            if let Some(info) = info {
+                request.extensions_mut().insert(info);
+            }
+            handler(request)
+        });
+        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(message = "connection ended with an error", %error);
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.shutdown_drain(), graceful.shutdown()).await.is_err() {
+        tracing::warn!(message = "shutdown drain time passed; closing the remaining connections");
+    }
+}

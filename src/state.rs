@@ -1,0 +1,191 @@
+//! Shared state of one tollgate instance, and the config reload that swaps
+//! its hot-reloadable parts (routes, limits, prices, budget policy) without
+//! dropping a connection. Listener addresses and the admin token need a
+//! restart.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use crate::budget::{BudgetPolicy, Budgets, Clock, RunEndSink, RunStatus};
+use crate::config::Config;
+use crate::metrics::{Metrics, ReleaseLabel, ResultLabel, RunLabels};
+use crate::money::Money;
+use crate::pricing::{PriceTable, UnknownModel};
+use crate::proxy::request::RequestInfo;
+use crate::proxy::upstream::{build_client, UpstreamClient};
+use crate::usage::Usage;
+
+/// How many distinct unpriced model names are remembered for log-once.
+const MAX_UNPRICED_REMEMBERED: usize = 10_000;
+
+pub struct AppState {
+    pub config: ArcSwap<Config>,
+    pub pricing: ArcSwap<PriceTable>,
+    pub budgets: Arc<Budgets>,
+    pub metrics: Arc<Metrics>,
+    pub client: UpstreamClient,
+    pub clock: Arc<dyn Clock>,
+    /// The file the config came from, for reloads.
+    pub config_path: Option<PathBuf>,
+    unpriced_seen: Mutex<HashSet<String>>,
+}
+
+/// Why an instance could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("pricing: {0}")]
+    Pricing(#[from] crate::pricing::PricingError),
+    #[error("budget: {}", .0.join("; "))]
+    Budget(Vec<String>),
+}
+
+impl AppState {
+    pub fn new(config: Config, config_path: Option<PathBuf>, clock: Arc<dyn Clock>) -> Result<Arc<AppState>, StartError> {
+        let pricing = PriceTable::load(&config.raw.pricing, &config.base_dir)?;
+        let policy = BudgetPolicy::from_config(&config.raw.budget).map_err(StartError::Budget)?;
+        let metrics = Metrics::new(config.raw.metrics.max_label_values);
+        let sink = run_end_sink(metrics.clone());
+        let budgets = Arc::new(Budgets::new(policy, config.raw.runs.clone(), clock.clone(), sink));
+        let client = build_client(config.raw.limits.upstream_connect_timeout());
+        Ok(Arc::new(AppState {
+            config: ArcSwap::from_pointee(config),
+            pricing: ArcSwap::from_pointee(pricing),
+            budgets,
+            metrics,
+            client,
+            clock,
+            config_path,
+            unpriced_seen: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    /// Re-reads the config file and swaps config, prices and budget policy.
+    /// On any error the running config stays and the error is returned.
+    pub fn reload(&self) -> Result<(), String> {
+        let result = self.try_reload();
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .config_reloads
+            .get_or_create(&ResultLabel { result: label.into() })
+            .inc();
+        match &result {
+            Ok(()) => tracing::info!(message = "config reloaded"),
+            Err(e) => tracing::error!(message = "config reload refused; keeping the running config", error = %e),
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<(), String> {
+        let path = self
+            .config_path
+            .as_ref()
+            .ok_or("this instance was not started from a config file")?;
+        let config = Config::load(path).map_err(|e| e.to_string())?;
+        let pricing = PriceTable::load(&config.raw.pricing, &config.base_dir).map_err(|e| format!("pricing: {e}"))?;
+        let policy = BudgetPolicy::from_config(&config.raw.budget).map_err(|e| format!("budget: {}", e.join("; ")))?;
+        let running = self.config.load();
+        if config.listen != running.listen || config.admin_listen != running.admin_listen {
+            tracing::warn!(message = "listener addresses changed in the config; they take effect on restart");
+        }
+        self.budgets.set_policy(policy);
+        self.pricing.store(Arc::new(pricing));
+        self.config.store(Arc::new(config));
+        Ok(())
+    }
+
+    pub fn reject_unknown_models(&self) -> bool {
+        matches!(self.config.load().raw.pricing.unknown_model, UnknownModel::Reject)
+    }
+
+    /// Logs an unpriced model once per process.
+    pub fn note_unpriced(&self, model: &str) {
+        let mut seen = match self.unpriced_seen.lock() {
+            Ok(seen) => seen,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if seen.len() < MAX_UNPRICED_REMEMBERED && seen.insert(model.to_string()) {
+            tracing::warn!(message = "model has no price; its calls are charged zero and counted in agent_unpriced_calls_total", model = %model);
+        }
+    }
+
+    /// The expected cost of an LLM call, reserved before it goes upstream:
+    /// prompt tokens from the body size (about 4 bytes a token; JSON framing
+    /// makes this an overestimate of the text), output from the request's
+    /// limit, else `budget.expected_output_tokens` capped by the model's
+    /// maximum output. A model without a price reserves
+    /// `budget.fallback_reservation_usd`.
+    pub fn reservation_for(&self, pricing: &PriceTable, info: &RequestInfo, body_bytes: u64) -> Money {
+        let policy = self.budgets.policy();
+        let Some(found) = info.model.as_deref().and_then(|m| pricing.lookup(m)) else {
+            return policy.fallback_reservation;
+        };
+        let expected = policy.expected_output_tokens;
+        let output = info.max_output_tokens.unwrap_or_else(|| {
+            found
+                .price
+                .max_output_tokens
+                .map_or(expected, |max| expected.min(max))
+        });
+        let usage = Usage {
+            input_tokens: Some(body_bytes.div_ceil(4)),
+            output_tokens: Some(output),
+            ..Usage::default()
+        };
+        PriceTable::price_cost(found.price, &usage)
+    }
+
+    /// Copies totals kept by other components into the exported metrics.
+    pub fn refresh_gauges(&self) {
+        let totals = self.budgets.totals();
+        self.metrics.budget_reserved.set(totals.reserved_outstanding.as_usd_f64());
+        self.metrics.budget_settled.set(totals.settled);
+        self.metrics.active_runs.set(self.budgets.active_runs() as i64);
+    }
+}
+
+/// Turns each run end into the run-level metrics (SPEC §6, §7).
+fn run_end_sink(metrics: Arc<Metrics>) -> RunEndSink {
+    Arc::new(move |end| {
+        let release = metrics.release(&end.release);
+        let status = match end.status {
+            RunStatus::Ok => "ok",
+            RunStatus::Error => "error",
+        };
+        metrics
+            .run_total
+            .get_or_create(&RunLabels {
+                status: status.into(),
+                stop_reason: metrics.stop_reason(&end.stop_reason),
+                release: release.clone(),
+            })
+            .inc();
+        metrics
+            .run_cost
+            .get_or_create(&ReleaseLabel { release: release.clone() })
+            .observe(end.cost.as_usd_f64());
+        if end.breached {
+            metrics.budget_breach.get_or_create(&ReleaseLabel { release }).inc();
+        }
+        if end.evicted {
+            metrics.runs_evicted.inc();
+        }
+        tracing::info!(
+            target: "tollgate::run",
+            run_id = %end.run_id,
+            release = %end.release,
+            request_type = %end.request_type,
+            status,
+            stop_reason = %end.stop_reason,
+            cost_usd = %end.cost,
+            ceiling_usd = %end.ceiling,
+            breached = end.breached,
+            calls = end.calls,
+            "run ended"
+        );
+    })
+}

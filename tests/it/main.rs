@@ -1,0 +1,8 @@
+//! Integration tests: real sockets on 127.0.0.1:0, tollgate in-process, a
+//! scripted mock upstream.
+
+mod support;
+
+mod errors;
+mod passthrough;
+mod streaming;

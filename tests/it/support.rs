@@ -1,0 +1,306 @@
+//! Test support: an in-process tollgate on port 0, a scripted mock upstream,
+//! a client, and a `/metrics` reader.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+use tollgate::budget::{Clock, ManualClock};
+use tollgate::config::Config;
+use tollgate::{AppState, Listeners, Tollgate};
+
+pub type TestBody = BoxBody<Bytes, std::io::Error>;
+
+/// A request as the mock upstream received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// What the mock answers.
+pub struct MockReply {
+    pub status: StatusCode,
+    pub headers: Vec<(String, String)>,
+    pub body: MockBody,
+}
+
+pub enum MockBody {
+    Full(Bytes),
+    /// Chunks sent as the test pushes them; an `Err` aborts the connection.
+    Channel(mpsc::Receiver<Result<Bytes, std::io::Error>>),
+}
+
+impl MockReply {
+    pub fn json(status: u16, body: impl Into<Bytes>) -> MockReply {
+        MockReply {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: MockBody::Full(body.into()),
+        }
+    }
+
+    pub fn sse(body: impl Into<Bytes>) -> MockReply {
+        MockReply {
+            status: StatusCode::OK,
+            headers: vec![("content-type".into(), "text/event-stream".into())],
+            body: MockBody::Full(body.into()),
+        }
+    }
+
+    pub fn with_header(mut self, name: &str, value: &str) -> MockReply {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+type Handler = Arc<dyn Fn(Received) -> MockReply + Send + Sync>;
+
+/// A scripted upstream on 127.0.0.1:0.
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    pub received: Arc<Mutex<Vec<Received>>>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl MockUpstream {
+    pub async fn start(handler: impl Fn(Received) -> MockReply + Send + Sync + 'static) -> MockUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let handler: Handler = Arc::new(handler);
+        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+        let (hits2, received2) = (hits.clone(), received.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+                    _ = &mut stop_rx => break,
+                };
+                let (handler, hits, received) = (handler.clone(), hits2.clone(), received2.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let (handler, hits, received) = (handler.clone(), hits.clone(), received.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let got = Received {
+                                method: parts.method,
+                                uri: parts.uri,
+                                headers: parts.headers,
+                                body,
+                            };
+                            hits.fetch_add(1, Ordering::SeqCst);
+                            received.lock().unwrap().push(got.clone());
+                            let reply = handler(got);
+                            Ok::<_, Infallible>(into_response(reply))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        MockUpstream {
+            addr,
+            hits,
+            received,
+            _stop: stop_tx,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn last(&self) -> Received {
+        self.received.lock().unwrap().last().cloned().expect("the upstream received a request")
+    }
+}
+
+fn into_response(reply: MockReply) -> Response<TestBody> {
+    let body: TestBody = match reply.body {
+        MockBody::Full(bytes) => Full::new(bytes).map_err(|never| match never {}).boxed(),
+        MockBody::Channel(rx) => {
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|item| (item.map(Frame::data), rx))
+            });
+            StreamBody::new(stream).boxed()
+        }
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = reply.status;
+    for (k, v) in reply.headers {
+        response
+            .headers_mut()
+            .append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+    }
+    response
+}
+
+/// A running tollgate.
+pub struct Proxy {
+    pub agent: SocketAddr,
+    pub admin: SocketAddr,
+    pub state: Arc<AppState>,
+    pub clock: Arc<ManualClock>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Prices used by the integration tests, per million tokens.
+pub const TEST_PRICING: &str = "tests/fixtures/it_pricing.toml";
+
+impl Proxy {
+    /// Starts tollgate with `config` (TOML); `{upstream}` in it is replaced
+    /// by the mock's URL.
+    pub async fn start(config: &str, upstream: &str) -> Proxy {
+        let text = config.replace("{upstream}", upstream);
+        let config = Config::from_toml(&text, "test.toml", env!("CARGO_MANIFEST_DIR").into()).expect("valid test config");
+        let clock = Arc::new(ManualClock::new(1_767_225_600_000)); // 2026-01-01T00:00:00Z
+        let tollgate = Tollgate::with_clock(config, None, clock.clone() as Arc<dyn Clock>).expect("tollgate starts");
+        let agent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (agent_addr, admin_addr) = (agent.local_addr().unwrap(), admin.local_addr().unwrap());
+        let state = tollgate.state().clone();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(tollgate.run(Listeners { agent, admin }, async move {
+            let _ = stop_rx.await;
+        }));
+        Proxy {
+            agent: agent_addr,
+            admin: admin_addr,
+            state,
+            clock,
+            stop: Some(stop_tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.agent, path)
+    }
+
+    pub async fn metrics(&self) -> String {
+        let response = send(Request::get(format!("http://{}/metrics", self.admin)).body(Bytes::new()).unwrap()).await;
+        String::from_utf8(body_bytes(response).await.to_vec()).unwrap()
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+/// The standard test config: one route per provider kind to the mock.
+pub fn config_all_routes() -> String {
+    format!(
+        r#"
+[pricing]
+files = ["{TEST_PRICING}"]
+
+[[routes]]
+name = "openai"
+prefix = "/openai"
+upstream = "{{upstream}}"
+kind = "openai"
+
+[[routes]]
+name = "anthropic"
+prefix = "/anthropic"
+upstream = "{{upstream}}"
+kind = "anthropic"
+
+[[routes]]
+name = "gemini"
+prefix = "/gemini"
+upstream = "{{upstream}}"
+kind = "gemini"
+"#
+    )
+}
+
+pub fn client() -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub async fn send(request: Request<Bytes>) -> Response<Incoming> {
+    let (parts, body) = request.into_parts();
+    client()
+        .request(Request::from_parts(parts, Full::new(body)))
+        .await
+        .expect("request reaches tollgate")
+}
+
+pub async fn post_json(url: &str, headers: &[(&str, &str)], body: &str) -> Response<Incoming> {
+    let mut builder = Request::post(url).header("content-type", "application/json");
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    send(builder.body(Bytes::from(body.to_string())).unwrap()).await
+}
+
+pub async fn body_bytes(response: Response<Incoming>) -> Bytes {
+    response.into_body().collect().await.expect("body completes").to_bytes()
+}
+
+/// The value of one series in a metrics text, e.g.
+/// `metric_value(text, "agent_llm_cost_usd_total", &[("model","gpt-4.1")])`.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| label_text.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+            all.then(|| value.parse().ok()).flatten()
+        })
+}
+
+pub fn fixture(path: &str) -> Bytes {
+    Bytes::from(std::fs::read(format!("{}/tests/fixtures/providers/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap())
+}
+
+pub fn sidecar(path: &str) -> serde_json::Value {
+    let base = path.rsplit_once('.').map(|(b, _)| b).unwrap_or(path);
+    let text = std::fs::read_to_string(format!(
+        "{}/tests/fixtures/providers/{base}.expected.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
