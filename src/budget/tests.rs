@@ -31,6 +31,15 @@ fn run_state_is_small() {
 }
 
 #[test]
+fn shared_types_are_send_and_sync() {
+    fn check<T: Send + Sync + 'static>() {}
+    check::<Budgets>();
+    check::<Admission>();
+    check::<RunEnd>();
+    check::<Refusal>();
+}
+
+#[test]
 fn civil_dates_round_trip() {
     for days in [
         -1_000_000i64,
