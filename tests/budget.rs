@@ -901,3 +901,97 @@ fn restore_run_puts_back_spend() {
         (m("0.3"), m("1"), 4, now - 5_000)
     );
 }
+
+#[test]
+fn registry_stays_consistent_under_mixed_concurrent_load() {
+    // Admits, settles, drops, finish headers, the finish API and the sweep
+    // race on four run ids while the clock moves. Afterwards nothing is
+    // reserved, every started run ended exactly once and every settled cost
+    // reached the totals.
+    let runs = RunsConfig {
+        idle_timeout_secs: 1,
+        max_tracked_runs: 3,
+        ..RunsConfig::default()
+    };
+    let h = Harness::new(with_default(0.02), runs);
+    let charged = Arc::new(AtomicUsize::new(0)); // in picos
+    let start = Arc::new(Barrier::new(9));
+    let mut handles = Vec::new();
+    for t in 0..8u64 {
+        let (b, charged, start) = (
+            Arc::clone(&h.budgets),
+            Arc::clone(&charged),
+            Arc::clone(&start),
+        );
+        handles.push(thread::spawn(move || {
+            start.wait();
+            let mut x = t.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            for _ in 0..3_000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let ids = ["a", "b", "c", "d"];
+                let id = ids[(x % 4) as usize];
+                let r = Money::from_picos(1_000_000_000 * (1 + x % 5));
+                match (x >> 8) % 8 {
+                    0 => {
+                        b.finish_run(id, RunStatus::Ok, None);
+                    }
+                    1 => {
+                        b.sweep_idle();
+                    }
+                    2 => {
+                        if let Ok(a) = b.admit(&call(Some(id), r)) {
+                            charged.fetch_add(r.picos() as usize, Ordering::SeqCst);
+                            drop(a);
+                        }
+                    }
+                    n => {
+                        if let Ok(a) = b.admit(&call(Some(id), r)) {
+                            let cost = Money::from_picos(r.picos() * (x % 3) / 2);
+                            charged.fetch_add(cost.picos() as usize, Ordering::SeqCst);
+                            let end = (n == 3).then_some((RunStatus::Ok, None));
+                            a.settle(cost, CostKind::Llm, x % 7 == 0, end);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    let clock = Arc::clone(&h.clock);
+    handles.push(thread::spawn(move || {
+        start.wait();
+        for _ in 0..200 {
+            clock.advance(100);
+            thread::yield_now();
+        }
+    }));
+    for handle in handles {
+        handle.join().expect("thread");
+    }
+    for id in ["a", "b", "c", "d"] {
+        h.budgets.finish_run(id, RunStatus::Ok, None);
+    }
+    let totals = h.budgets.totals();
+    let ends = h.ends();
+    assert_eq!(totals.reserved_outstanding, Money::ZERO);
+    assert_eq!(
+        totals.settled.picos() as usize,
+        charged.load(Ordering::SeqCst)
+    );
+    assert_eq!(h.budgets.active_runs(), 0);
+    assert_eq!(totals.runs_started, totals.runs_ended);
+    assert_eq!(ends.len() as u64, totals.runs_ended);
+    // no call costs more than its reservation here, so no run may pass its
+    // ceiling whatever the interleaving
+    assert!(ends.iter().all(|e| !e.breached && e.cost <= e.ceiling));
+    let ended_cost: Money = ends.iter().map(|e| e.cost).sum();
+    assert!(ended_cost <= totals.settled);
+    println!(
+        "{} runs, {} admitted, {} refused, {} evicted",
+        ends.len(),
+        totals.admitted_calls,
+        totals.run_refusals,
+        totals.runs_evicted
+    );
+}

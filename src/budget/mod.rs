@@ -42,6 +42,8 @@
 //! the calls in flight together, when several underestimate at once). In
 //! soft mode admits are not bounded by reservations: overshoot is at most
 //! the cost of the calls admitted before `spent` reached the ceiling.
+//! Window caps are checked the same soft way (spend, no reservations), so a
+//! period can pass its limit by the calls in flight when it was reached.
 //!
 //! An admit that finds its run already `ended` (a finisher won the race
 //! between the map lookup and the lock) removes that entry and retries, so
@@ -301,7 +303,7 @@ struct Shared {
     evicting: Mutex<()>,
     /// Interned release / request-type labels, bounded.
     labels: DashSet<Arc<str>>,
-    runs_config: RunsConfig,
+    runs_config: ArcSwap<RunsConfig>,
     clock: Arc<dyn Clock>,
     sink: RunEndSink,
     counters: Counters,
@@ -360,7 +362,7 @@ impl Budgets {
                 run_count: AtomicUsize::new(0),
                 evicting: Mutex::new(()),
                 labels: DashSet::new(),
-                runs_config: runs,
+                runs_config: ArcSwap::from_pointee(runs),
                 clock,
                 sink,
                 counters: Counters::default(),
@@ -392,6 +394,17 @@ impl Budgets {
             policy: Arc::new(policy),
             windows,
         }));
+    }
+
+    /// Hot reload of `[runs]`: a new idle timeout and registry bound apply
+    /// from the next sweep / new run; a smaller body-hash history applies to
+    /// runs as they record new hashes.
+    pub fn set_runs_config(&self, runs: RunsConfig) {
+        self.shared.runs_config.store(Arc::new(runs));
+    }
+
+    pub fn runs_config(&self) -> RunsConfig {
+        RunsConfig::clone(&self.shared.runs_config.load())
     }
 
     pub fn policy(&self) -> Arc<BudgetPolicy> {
@@ -431,6 +444,7 @@ impl Budgets {
             CostKind::Llm
         };
         let key = outcome_key(call.route, call.model);
+        let hashes_per_run = shared.runs_config.load().max_body_hashes_per_run;
 
         let Some(run_id) = call.run_id else {
             if let Some(refusal) = window_refusal {
@@ -489,7 +503,7 @@ impl Budgets {
             }
             let duplicate_body = call
                 .body_hash
-                .is_some_and(|h| g.note_body(h, shared.runs_config.max_body_hashes_per_run));
+                .is_some_and(|h| g.note_body(h, hashes_per_run));
             let flags = CallFlags {
                 sdk_retry: call.sdk_retry_count.is_some_and(|n| n > 0),
                 repeat_after_failure: g.failed_before(key),
@@ -594,7 +608,11 @@ impl Budgets {
     /// refusal; status `error` when its last call failed). Returns how many.
     pub fn sweep_idle(&self) -> usize {
         let shared = &self.shared;
-        let timeout_ms = shared.runs_config.idle_timeout_secs.saturating_mul(1_000);
+        let timeout_ms = shared
+            .runs_config
+            .load()
+            .idle_timeout_secs
+            .saturating_mul(1_000);
         let now = shared.clock.now_ms();
         let candidates: Vec<Arc<RunState>> = shared
             .runs
@@ -825,7 +843,7 @@ impl Shared {
     /// of the capacity at a time so the scan is amortised. When every run is
     /// busy the new run is admitted anyway and counted.
     fn make_room(&self) {
-        let max = self.runs_config.max_tracked_runs.max(1);
+        let max = self.runs_config.load().max_tracked_runs.max(1);
         if self.run_count.load(Ordering::Acquire) < max {
             return;
         }

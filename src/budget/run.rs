@@ -128,8 +128,14 @@ impl RunInner {
     /// Records `hash` among the latest `cap` body hashes; true when it was
     /// already there.
     pub(crate) fn note_body(&mut self, hash: u64, cap: usize) -> bool {
+        let cap = cap.min(super::config::MAX_BODY_HASHES_PER_RUN);
         if cap == 0 {
             return false;
+        }
+        if self.body_hashes.len() > cap {
+            // The history was shortened by a reload.
+            self.body_hashes.truncate(cap);
+            self.body_hashes.shrink_to_fit();
         }
         let folded = fold(hash);
         let seen = self.body_hashes.contains(&folded);
