@@ -297,8 +297,9 @@ struct Shared {
     active: ArcSwap<Active>,
     reload: Mutex<()>,
     runs: DashMap<Arc<str>, Arc<RunState>>,
-    /// Entries in `runs` (kept exactly: +1 on a vacant insert, −1 on a
-    /// successful `remove_if`).
+    /// Entries in `runs`: +1 under the shard lock of a vacant insert, −1
+    /// after a successful `remove_if`: never below the true count, above it
+    /// only for the instant around an insert or a removal.
     run_count: AtomicUsize,
     evicting: Mutex<()>,
     /// Interned release / request-type labels, bounded.
@@ -807,8 +808,10 @@ impl Shared {
         match self.runs.entry(Arc::clone(&fresh.id)) {
             Entry::Occupied(existing) => Arc::clone(existing.get()),
             Entry::Vacant(slot) => {
-                slot.insert(Arc::clone(&fresh));
+                // Counted while the shard is still locked, so the removal
+                // (which needs that lock) can never be counted first.
                 self.run_count.fetch_add(1, Ordering::AcqRel);
+                slot.insert(Arc::clone(&fresh));
                 bump(&self.counters.runs_started);
                 fresh
             }
@@ -819,8 +822,8 @@ impl Shared {
         match self.runs.entry(Arc::clone(&fresh.id)) {
             Entry::Occupied(_) => false,
             Entry::Vacant(slot) => {
-                slot.insert(Arc::clone(fresh));
                 self.run_count.fetch_add(1, Ordering::AcqRel);
+                slot.insert(Arc::clone(fresh));
                 bump(&self.counters.runs_started);
                 true
             }
@@ -834,7 +837,11 @@ impl Shared {
             .remove_if(&run.id, |_, v| Arc::ptr_eq(v, run))
             .is_some()
         {
-            self.run_count.fetch_sub(1, Ordering::AcqRel);
+            let _ = self
+                .run_count
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    Some(n.saturating_sub(1))
+                });
         }
     }
 
@@ -854,7 +861,7 @@ impl Shared {
             if count < max {
                 return;
             }
-            let want = (count + 1 - max).max(max / 256).max(1);
+            let want = (count.saturating_add(1) - max).max(max / 256).max(1);
             let mut idle: Vec<(u64, Arc<RunState>)> = self
                 .runs
                 .iter()
