@@ -1,0 +1,319 @@
+//! Anthropic Messages: JSON bodies and `event:`-named SSE streams.
+//!
+//! Flow per SSE event, dispatched on the event name (which equals the JSON
+//! `type`; the JSON is read only when the name is missing):
+//! - `message_start`: model and the starting usage (`message.usage`).
+//! - `message_delta`: cumulative usage; each field present replaces the
+//!   start value (current streams repeat the input side and it can *grow*
+//!   when server tools run). A present-but-zero input-side field does not
+//!   wipe a non-zero start value: some Anthropic-compatible servers send
+//!   `input_tokens: 0` there (envoyproxy/ai-gateway#1631).
+//! - `content_block_delta`: generated text (`text`, `thinking`,
+//!   `partial_json`), measured without parsing.
+//! - `message_stop`: terminator. `error`: Failed, usage so far kept.
+//!
+//! Normalisation: input = `input_tokens + cache_creation_input_tokens +
+//! cache_read_input_tokens`; when `usage.iterations` is present (compaction)
+//! the bill is the sum over iterations, because the top-level numbers leave
+//! the compaction iterations out.
+
+use super::extract::{trim, Extractor};
+use super::wire::{add_opt, error_label, finders, string_value_bytes, Count};
+use super::Usage;
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct CacheCreation {
+    ephemeral_1h_input_tokens: Count,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct OutputDetails {
+    thinking_tokens: Count,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct Iteration {
+    input_tokens: Count,
+    cache_creation_input_tokens: Count,
+    cache_read_input_tokens: Count,
+    output_tokens: Count,
+    cache_creation: Option<CacheCreation>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct AnthUsage {
+    input_tokens: Count,
+    cache_creation_input_tokens: Count,
+    cache_read_input_tokens: Count,
+    output_tokens: Count,
+    cache_creation: Option<CacheCreation>,
+    output_tokens_details: Option<OutputDetails>,
+    iterations: Option<Vec<Iteration>>,
+}
+
+/// Summed usage of `usage.iterations`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct IterationTotals {
+    input: Option<u64>,
+    cache_creation: Option<u64>,
+    cache_read: Option<u64>,
+    output: Option<u64>,
+    cache_1h: Option<u64>,
+}
+
+/// The merged usage fields of one message.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Fields {
+    input: Option<u64>,
+    cache_creation: Option<u64>,
+    cache_read: Option<u64>,
+    output: Option<u64>,
+    cache_1h: Option<u64>,
+    thinking: Option<u64>,
+    iterations: Option<IterationTotals>,
+}
+
+fn one_hour(c: &Option<CacheCreation>) -> Option<u64> {
+    c.as_ref().and_then(|c| c.ephemeral_1h_input_tokens.get())
+}
+
+fn totals(iters: &[Iteration]) -> IterationTotals {
+    let mut t = IterationTotals::default();
+    for it in iters {
+        t.input = add_opt(t.input, it.input_tokens.get());
+        t.cache_creation = add_opt(t.cache_creation, it.cache_creation_input_tokens.get());
+        t.cache_read = add_opt(t.cache_read, it.cache_read_input_tokens.get());
+        t.output = add_opt(t.output, it.output_tokens.get());
+        t.cache_1h = add_opt(t.cache_1h, one_hour(&it.cache_creation));
+    }
+    t
+}
+
+/// Input-side replacement rule: a present zero does not erase a known
+/// non-zero value.
+fn replace_input(current: &mut Option<u64>, new: Option<u64>) {
+    match (new, *current) {
+        (Some(0), Some(c)) if c > 0 => {}
+        (Some(n), _) => *current = Some(n),
+        (None, _) => {}
+    }
+}
+
+fn replace(current: &mut Option<u64>, new: Option<u64>) {
+    if new.is_some() {
+        *current = new;
+    }
+}
+
+impl Fields {
+    /// A complete usage object (`message_start`, or a JSON body).
+    pub(crate) fn set(&mut self, u: &AnthUsage) {
+        *self = Fields::default();
+        self.merge(u);
+    }
+
+    /// `message_delta`: each field present replaces the current value.
+    pub(crate) fn merge(&mut self, u: &AnthUsage) {
+        replace_input(&mut self.input, u.input_tokens.get());
+        replace_input(
+            &mut self.cache_creation,
+            u.cache_creation_input_tokens.get(),
+        );
+        replace_input(&mut self.cache_read, u.cache_read_input_tokens.get());
+        replace_input(&mut self.cache_1h, one_hour(&u.cache_creation));
+        replace(&mut self.output, u.output_tokens.get());
+        replace(
+            &mut self.thinking,
+            u.output_tokens_details
+                .as_ref()
+                .and_then(|d| d.thinking_tokens.get()),
+        );
+        if let Some(iters) = &u.iterations {
+            if !iters.is_empty() {
+                self.iterations = Some(totals(iters));
+            }
+        }
+    }
+
+    pub(crate) fn to_usage(&self) -> Option<Usage> {
+        let (input, cache_creation, cache_read, output, cache_1h) = match &self.iterations {
+            Some(t) => (
+                t.input,
+                t.cache_creation,
+                t.cache_read,
+                t.output,
+                t.cache_1h.or(self.cache_1h),
+            ),
+            None => (
+                self.input,
+                self.cache_creation,
+                self.cache_read,
+                self.output,
+                self.cache_1h,
+            ),
+        };
+        let prompt = add_opt(add_opt(input, cache_creation), cache_read);
+        if prompt.is_none() && output.is_none() {
+            return None;
+        }
+        Some(Usage {
+            input_tokens: prompt,
+            output_tokens: output,
+            cached_input_tokens: cache_read,
+            cache_write_input_tokens: cache_creation,
+            cache_write_1h_input_tokens: cache_1h,
+            reasoning_tokens: self.thinking,
+        })
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Message {
+    model: Option<String>,
+    usage: Option<AnthUsage>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Event {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    message: Option<Message>,
+    usage: Option<AnthUsage>,
+    error: Option<Value>,
+}
+
+pub(crate) fn sse_event(ex: &mut Extractor, name: &[u8], data: &[u8], at_eof: bool) {
+    match name {
+        b"content_block_delta" => {
+            count_text(ex, data);
+            return;
+        }
+        b"message_stop" => {
+            ex.terminal = true;
+            return;
+        }
+        b"ping" | b"content_block_start" | b"content_block_stop" => return,
+        _ => {}
+    }
+    let body = trim(data);
+    if body.is_empty() {
+        if name == b"error" {
+            ex.fail(Some("error".to_owned()));
+        }
+        return;
+    }
+    let Some(ev) = ex.parse::<Event>(body, at_eof) else {
+        if name == b"error" && !at_eof {
+            ex.fail(Some("error".to_owned()));
+        }
+        return;
+    };
+    let kind = if name.is_empty() || name == b"message" {
+        ev.kind.clone().unwrap_or_default()
+    } else {
+        String::from_utf8_lossy(name).into_owned()
+    };
+    match kind.as_str() {
+        "message_start" => {
+            if let Some(m) = &ev.message {
+                ex.set_model(m.model.as_deref());
+                if let Some(u) = &m.usage {
+                    ex.anthropic.set(u);
+                    let usage = ex.anthropic.to_usage();
+                    ex.set_usage(usage);
+                }
+            }
+        }
+        "message_delta" => {
+            if let Some(u) = &ev.usage {
+                ex.anthropic.merge(u);
+                let usage = ex.anthropic.to_usage();
+                ex.set_usage(usage);
+            }
+        }
+        "message_stop" => ex.terminal = true,
+        "content_block_delta" => count_text(ex, data),
+        "error" => {
+            let label = ev
+                .error
+                .as_ref()
+                .and_then(error_label)
+                .unwrap_or_else(|| "error".to_owned());
+            ex.fail(Some(label));
+        }
+        _ => {}
+    }
+}
+
+fn count_text(ex: &mut Extractor, data: &[u8]) {
+    let n: u64 = finders()
+        .text_keys_anthropic
+        .iter()
+        .map(|k| string_value_bytes(data, k))
+        .sum();
+    ex.add_text(n);
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn au(json: &str) -> AnthUsage {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn delta_replaces_start_but_zero_input_does_not_wipe() {
+        let mut f = Fields::default();
+        f.set(&au(
+            r#"{"input_tokens":25,"cache_read_input_tokens":100,"output_tokens":1}"#,
+        ));
+        f.merge(&au(
+            r#"{"input_tokens":0,"cache_read_input_tokens":0,"output_tokens":30}"#,
+        ));
+        let u = f.to_usage().unwrap();
+        assert_eq!(u.input_tokens, Some(125));
+        assert_eq!(u.cached_input_tokens, Some(100));
+        assert_eq!(u.output_tokens, Some(30));
+        // Growth from server tools replaces.
+        f.merge(&au(r#"{"input_tokens":40}"#));
+        assert_eq!(f.to_usage().unwrap().input_tokens, Some(140));
+    }
+
+    #[test]
+    fn cache_ttl_and_thinking() {
+        let mut f = Fields::default();
+        f.set(&au(
+            r#"{"input_tokens":3,"cache_creation_input_tokens":418,"cache_read_input_tokens":1111,
+            "cache_creation":{"ephemeral_5m_input_tokens":18,"ephemeral_1h_input_tokens":400},
+            "output_tokens":33,"output_tokens_details":{"thinking_tokens":12}}"#,
+        ));
+        let u = f.to_usage().unwrap();
+        assert_eq!(u.input_tokens, Some(1532));
+        assert_eq!(u.cache_write_input_tokens, Some(418));
+        assert_eq!(u.cache_write_1h_input_tokens, Some(400));
+        assert_eq!(u.reasoning_tokens, Some(12));
+    }
+
+    #[test]
+    fn iterations_are_summed() {
+        // pydantic-ai test_anthropic_compaction_usage_with_cache_streaming.
+        let mut f = Fields::default();
+        f.set(&au(r#"{"input_tokens":181,"cache_read_input_tokens":0,"output_tokens":8,
+            "iterations":[{"type":"compaction","input_tokens":100,"cache_read_input_tokens":55096,"output_tokens":83},
+                          {"type":"message","input_tokens":181,"output_tokens":8}]}"#));
+        let u = f.to_usage().unwrap();
+        assert_eq!(u.input_tokens, Some(100 + 55096 + 181));
+        assert_eq!(u.output_tokens, Some(91));
+        assert_eq!(u.cached_input_tokens, Some(55096));
+    }
+}

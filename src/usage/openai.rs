@@ -1,0 +1,342 @@
+//! OpenAI and OpenAI-compatible streams: chat completions, completions, the
+//! Responses API, and the servers that copy them (Azure, vLLM, Ollama `/v1`,
+//! OpenRouter, DeepSeek, Groq, Mistral, xAI).
+//!
+//! Flow per SSE event:
+//! 1. `data: [DONE]` is the terminator of chat/completions streams.
+//! 2. Generated text is measured cheaply (string values of `content`,
+//!    `text`, `reasoning`… in chat chunks; `delta` of Responses `*.delta`
+//!    events) without parsing.
+//! 3. The event is deserialized only if it can matter: it has a non-null
+//!    `usage` or `error`, it is a Responses terminal or `error` event, or no
+//!    model has been seen yet. Content deltas — nearly every event — stop at
+//!    step 2.
+//! 4. Usage: the last non-null `usage` wins (never a sum: vLLM's continuous
+//!    usage stats repeat running totals), falling back to Groq's duplicate
+//!    `x_groq.usage`. Responses API usage comes only from
+//!    `response.completed` / `.incomplete` / `.failed`.
+//! 5. Errors: a chunk with a non-null `error` (OpenAI, OpenRouter — which may
+//!    also carry usage, kept), Groq's `event: error`, the Responses `error`
+//!    event (flat or nested) and `response.failed` make the outcome Failed.
+
+use super::extract::{trim, Extractor};
+use super::wire::{error_label, finders, has_non_null, string_value_bytes, Count};
+use super::Usage;
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct Details {
+    cached_tokens: Count,
+    cache_write_tokens: Count,
+    reasoning_tokens: Count,
+}
+
+/// Every usage shape of the OpenAI family (chat/completions/embeddings use
+/// `prompt_tokens`…, the Responses API `input_tokens`…).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct OaUsage {
+    prompt_tokens: Count,
+    completion_tokens: Count,
+    total_tokens: Count,
+    prompt_tokens_details: Option<Details>,
+    completion_tokens_details: Option<Details>,
+    /// DeepSeek's own name for cache reads.
+    prompt_cache_hit_tokens: Count,
+    input_tokens: Count,
+    output_tokens: Count,
+    input_tokens_details: Option<Details>,
+    output_tokens_details: Option<Details>,
+}
+
+impl OaUsage {
+    pub(crate) fn to_usage(&self) -> Option<Usage> {
+        let none = Details::default();
+        if self.prompt_tokens.get().is_some() || self.completion_tokens.get().is_some() {
+            let pd = self.prompt_tokens_details.as_ref().unwrap_or(&none);
+            let cd = self.completion_tokens_details.as_ref().unwrap_or(&none);
+            let prompt = self.prompt_tokens.get();
+            let completion = self.completion_tokens.get();
+            let reasoning = cd.reasoning_tokens.get();
+            Some(Usage {
+                input_tokens: prompt,
+                output_tokens: xai_output(prompt, completion, reasoning, self.total_tokens.get()),
+                cached_input_tokens: pd
+                    .cached_tokens
+                    .get()
+                    .or(self.prompt_cache_hit_tokens.get()),
+                cache_write_input_tokens: pd.cache_write_tokens.get(),
+                cache_write_1h_input_tokens: None,
+                reasoning_tokens: reasoning,
+            })
+        } else if self.input_tokens.get().is_some() || self.output_tokens.get().is_some() {
+            let id = self.input_tokens_details.as_ref().unwrap_or(&none);
+            let od = self.output_tokens_details.as_ref().unwrap_or(&none);
+            Some(Usage {
+                input_tokens: self.input_tokens.get(),
+                output_tokens: self.output_tokens.get(),
+                cached_input_tokens: id.cached_tokens.get(),
+                cache_write_input_tokens: id.cache_write_tokens.get(),
+                cache_write_1h_input_tokens: None,
+                reasoning_tokens: od.reasoning_tokens.get(),
+            })
+        } else {
+            None
+        }
+    }
+}
+
+/// Output tokens, reasoning included. xAI reports reasoning *outside*
+/// `completion_tokens` (but inside `total_tokens`); everyone else inside.
+/// xAI is recognised by its arithmetic rather than by name, because the route
+/// may be any OpenAI-compatible upstream: when `prompt + completion +
+/// reasoning == total` with reasoning > 0, reasoning was not part of
+/// completion (for the others `prompt + completion == total`, and both cannot
+/// hold at once when reasoning > 0).
+fn xai_output(
+    prompt: Option<u64>,
+    completion: Option<u64>,
+    reasoning: Option<u64>,
+    total: Option<u64>,
+) -> Option<u64> {
+    if let (Some(p), Some(c), Some(r), Some(t)) = (prompt, completion, reasoning, total) {
+        if r > 0 && p.checked_add(c).and_then(|s| s.checked_add(r)) == Some(t) {
+            return Some(c.saturating_add(r));
+        }
+    }
+    completion
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct XGroq {
+    usage: Option<OaUsage>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ResponseObject {
+    model: Option<String>,
+    usage: Option<OaUsage>,
+    error: Option<Value>,
+}
+
+/// One chat/completions chunk or one Responses API event.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Event {
+    model: Option<String>,
+    usage: Option<OaUsage>,
+    x_groq: Option<XGroq>,
+    error: Option<Value>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    /// Flat Responses `error` event: `{"type":"error","code",...}`.
+    code: Option<Value>,
+    response: Option<ResponseObject>,
+}
+
+pub(crate) fn sse_event(ex: &mut Extractor, name: &[u8], data: &[u8], at_eof: bool) {
+    let body = trim(data);
+    if body.starts_with(b"[DONE]") {
+        ex.terminal = true;
+        return;
+    }
+    let f = finders();
+    let responses_api = name.starts_with(b"response.");
+    if responses_api {
+        // Only deltas: the `.done` events and `response.completed` repeat the
+        // whole text. Audio deltas are base64, not text.
+        if name.ends_with(b".delta") && !contains(name, b"audio") {
+            ex.add_text(string_value_bytes(data, &f.delta_key));
+        }
+    } else if name.is_empty() || name == b"message" {
+        let n: u64 = f
+            .text_keys_openai
+            .iter()
+            .map(|k| string_value_bytes(data, k))
+            .sum();
+        ex.add_text(n);
+    }
+
+    let error_event = name == b"error";
+    let terminal_event = matches!(
+        name,
+        b"response.completed" | b"response.incomplete" | b"response.failed"
+    );
+    let wanted = error_event
+        || terminal_event
+        || ex.model.is_none()
+        || has_non_null(data, &f.usage)
+        || has_non_null(data, &f.error)
+        || (name.is_empty() && f.response_terminal.iter().any(|t| t.find(data).is_some()));
+    if !wanted {
+        return;
+    }
+    if body.is_empty() {
+        if error_event {
+            ex.fail(None);
+        }
+        return;
+    }
+    let Some(ev) = ex.parse::<Event>(body, at_eof) else {
+        if error_event && !at_eof {
+            ex.fail(None);
+        }
+        return;
+    };
+    apply(ex, name, ev);
+}
+
+fn apply(ex: &mut Extractor, name: &[u8], ev: Event) {
+    // The JSON `type` names Responses events even when a proxy dropped the
+    // `event:` line; chat chunks have no `type`.
+    let kind = ev
+        .kind
+        .as_deref()
+        .unwrap_or_else(|| std::str::from_utf8(name).unwrap_or(""));
+    ex.set_model(ev.model.as_deref());
+    if let Some(r) = &ev.response {
+        ex.set_model(r.model.as_deref());
+    }
+    match kind {
+        "response.completed" | "response.incomplete" => {
+            if let Some(u) = ev.response.as_ref().and_then(|r| r.usage.as_ref()) {
+                ex.set_usage(u.to_usage());
+            }
+            ex.terminal = true;
+        }
+        "response.failed" => {
+            let mut label = None;
+            if let Some(r) = &ev.response {
+                if let Some(u) = &r.usage {
+                    ex.set_usage(u.to_usage());
+                }
+                label = r.error.as_ref().and_then(error_code_label);
+            }
+            ex.fail(label.or_else(|| Some("response.failed".to_owned())));
+        }
+        "error" if ev.error.is_none() => {
+            // Flat Responses `error` event.
+            ex.fail(Some(
+                ev.code
+                    .as_ref()
+                    .and_then(scalar_label)
+                    .unwrap_or_else(|| "error".to_owned()),
+            ));
+        }
+        _ => {
+            let usage = ev
+                .usage
+                .as_ref()
+                .or_else(|| ev.x_groq.as_ref().and_then(|x| x.usage.as_ref()));
+            if let Some(u) = usage {
+                ex.set_usage(u.to_usage());
+            }
+            if let Some(e) = &ev.error {
+                if let Some(label) = error_label(e) {
+                    ex.fail(Some(label));
+                }
+            } else if name == b"error" {
+                ex.fail(Some("error".to_owned()));
+            }
+        }
+    }
+}
+
+/// `response.error` is `{code, message}`: prefer the code.
+fn error_code_label(v: &Value) -> Option<String> {
+    v.get("code")
+        .and_then(scalar_label)
+        .or_else(|| error_label(v))
+}
+
+fn scalar_label(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.is_empty() => Some(s.chars().take(64).collect()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    memchr::memmem::find(hay, needle).is_some()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn usage(json: &str) -> Option<Usage> {
+        serde_json::from_str::<OaUsage>(json).unwrap().to_usage()
+    }
+
+    #[test]
+    fn chat_usage_mapping() {
+        let u = usage(
+            r#"{"prompt_tokens":4020,"completion_tokens":4,"total_tokens":4024,
+            "prompt_tokens_details":{"cached_tokens":4012,"cache_write_tokens":0},
+            "completion_tokens_details":{"reasoning_tokens":0}}"#,
+        )
+        .unwrap();
+        assert_eq!(u.input_tokens, Some(4020));
+        assert_eq!(u.output_tokens, Some(4));
+        assert_eq!(u.cached_input_tokens, Some(4012));
+        assert_eq!(u.cache_write_input_tokens, Some(0));
+        assert_eq!(u.reasoning_tokens, Some(0));
+    }
+
+    #[test]
+    fn xai_reasoning_outside_completion() {
+        // docs.x.ai example: prompt 12 + completion 2 + reasoning 340 = 354.
+        let u = usage(
+            r#"{"prompt_tokens":12,"completion_tokens":2,"total_tokens":354,
+            "completion_tokens_details":{"reasoning_tokens":340}}"#,
+        )
+        .unwrap();
+        assert_eq!(u.output_tokens, Some(342));
+        assert_eq!(u.reasoning_tokens, Some(340));
+        // Groq: reasoning inside completion, total = prompt + completion.
+        let u = usage(
+            r#"{"prompt_tokens":304,"completion_tokens":49,"total_tokens":353,
+            "completion_tokens_details":{"reasoning_tokens":23}}"#,
+        )
+        .unwrap();
+        assert_eq!(u.output_tokens, Some(49));
+    }
+
+    #[test]
+    fn deepseek_cache_hit_and_embeddings() {
+        let u =
+            usage(r#"{"prompt_tokens":563,"completion_tokens":116,"prompt_cache_hit_tokens":512}"#)
+                .unwrap();
+        assert_eq!(u.cached_input_tokens, Some(512));
+        let u = usage(r#"{"prompt_tokens":12,"total_tokens":12}"#).unwrap();
+        assert_eq!(u.input_tokens, Some(12));
+        assert_eq!(u.output_tokens, None);
+        assert_eq!(usage(r#"{"total_tokens":12}"#), None);
+    }
+
+    #[test]
+    fn responses_usage_mapping() {
+        let u = usage(
+            r#"{"input_tokens":14,"input_tokens_details":{"cached_tokens":3,"cache_write_tokens":1},
+            "output_tokens":50,"output_tokens_details":{"reasoning_tokens":7},"total_tokens":64}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            u,
+            Usage {
+                input_tokens: Some(14),
+                output_tokens: Some(50),
+                cached_input_tokens: Some(3),
+                cache_write_input_tokens: Some(1),
+                cache_write_1h_input_tokens: None,
+                reasoning_tokens: Some(7),
+            }
+        );
+    }
+}
