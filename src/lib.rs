@@ -21,30 +21,22 @@
 //! [`Tollgate::run`] takes bound listeners and a shutdown future, so tests
 //! run it in-process on port 0.
 
-#[cfg(feature = "wip")]
 pub mod admin;
 pub mod budget;
 pub mod config;
 pub mod metrics;
 pub mod money;
 pub mod pricing;
-#[cfg(feature = "wip")]
 pub mod proxy;
-#[cfg(feature = "wip")]
 pub mod server;
-#[cfg(feature = "wip")]
 pub mod state;
 pub mod usage;
 
-#[cfg(feature = "wip")]
-mod instance {
-use super::*;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-#[cfg(feature = "wip")]
 use tokio::net::TcpListener;
 
 use crate::budget::{Clock, SystemClock};
@@ -70,7 +62,11 @@ impl Tollgate {
     }
 
     /// As [`Tollgate::new`], with the clock budgets and runs use.
-    pub fn with_clock(config: Config, config_path: Option<PathBuf>, clock: Arc<dyn Clock>) -> Result<Tollgate, StartError> {
+    pub fn with_clock(
+        config: Config,
+        config_path: Option<PathBuf>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Tollgate, StartError> {
         Ok(Tollgate {
             state: AppState::new(config, config_path, clock)?,
         })
@@ -123,6 +119,3 @@ impl Tollgate {
         let _ = tokio::join!(agent, admin, sweeper);
     }
 }
-}
-#[cfg(feature = "wip")]
-pub use instance::*;

@@ -45,12 +45,21 @@ pub enum StartError {
 }
 
 impl AppState {
-    pub fn new(config: Config, config_path: Option<PathBuf>, clock: Arc<dyn Clock>) -> Result<Arc<AppState>, StartError> {
+    pub fn new(
+        config: Config,
+        config_path: Option<PathBuf>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<AppState>, StartError> {
         let pricing = PriceTable::load(&config.raw.pricing, &config.base_dir)?;
         let policy = BudgetPolicy::from_config(&config.raw.budget).map_err(StartError::Budget)?;
         let metrics = Metrics::new(config.raw.metrics.max_label_values);
         let sink = run_end_sink(metrics.clone());
-        let budgets = Arc::new(Budgets::new(policy, config.raw.runs.clone(), clock.clone(), sink));
+        let budgets = Arc::new(Budgets::new(
+            policy,
+            config.raw.runs.clone(),
+            clock.clone(),
+            sink,
+        ));
         let client = build_client(config.raw.limits.upstream_connect_timeout());
         Ok(Arc::new(AppState {
             config: ArcSwap::from_pointee(config),
@@ -71,11 +80,15 @@ impl AppState {
         let label = if result.is_ok() { "ok" } else { "error" };
         self.metrics
             .config_reloads
-            .get_or_create(&ResultLabel { result: label.into() })
+            .get_or_create(&ResultLabel {
+                result: label.into(),
+            })
             .inc();
         match &result {
             Ok(()) => tracing::info!(message = "config reloaded"),
-            Err(e) => tracing::error!(message = "config reload refused; keeping the running config", error = %e),
+            Err(e) => {
+                tracing::error!(message = "config reload refused; keeping the running config", error = %e)
+            }
         }
         result
     }
@@ -86,11 +99,15 @@ impl AppState {
             .as_ref()
             .ok_or("this instance was not started from a config file")?;
         let config = Config::load(path).map_err(|e| e.to_string())?;
-        let pricing = PriceTable::load(&config.raw.pricing, &config.base_dir).map_err(|e| format!("pricing: {e}"))?;
-        let policy = BudgetPolicy::from_config(&config.raw.budget).map_err(|e| format!("budget: {}", e.join("; ")))?;
+        let pricing = PriceTable::load(&config.raw.pricing, &config.base_dir)
+            .map_err(|e| format!("pricing: {e}"))?;
+        let policy = BudgetPolicy::from_config(&config.raw.budget)
+            .map_err(|e| format!("budget: {}", e.join("; ")))?;
         let running = self.config.load();
         if config.listen != running.listen || config.admin_listen != running.admin_listen {
-            tracing::warn!(message = "listener addresses changed in the config; they take effect on restart");
+            tracing::warn!(
+                message = "listener addresses changed in the config; they take effect on restart"
+            );
         }
         self.budgets.set_policy(policy);
         self.pricing.store(Arc::new(pricing));
@@ -99,7 +116,10 @@ impl AppState {
     }
 
     pub fn reject_unknown_models(&self) -> bool {
-        matches!(self.config.load().raw.pricing.unknown_model, UnknownModel::Reject)
+        matches!(
+            self.config.load().raw.pricing.unknown_model,
+            UnknownModel::Reject
+        )
     }
 
     /// Logs an unpriced model once per process.
@@ -119,7 +139,12 @@ impl AppState {
     /// limit, else `budget.expected_output_tokens` capped by the model's
     /// maximum output. A model without a price reserves
     /// `budget.fallback_reservation_usd`.
-    pub fn reservation_for(&self, pricing: &PriceTable, info: &RequestInfo, body_bytes: u64) -> Money {
+    pub fn reservation_for(
+        &self,
+        pricing: &PriceTable,
+        info: &RequestInfo,
+        body_bytes: u64,
+    ) -> Money {
         let policy = self.budgets.policy();
         let Some(found) = info.model.as_deref().and_then(|m| pricing.lookup(m)) else {
             return policy.fallback_reservation;
@@ -142,9 +167,13 @@ impl AppState {
     /// Copies totals kept by other components into the exported metrics.
     pub fn refresh_gauges(&self) {
         let totals = self.budgets.totals();
-        self.metrics.budget_reserved.set(totals.reserved_outstanding.as_usd_f64());
+        self.metrics
+            .budget_reserved
+            .set(totals.reserved_outstanding.as_usd_f64());
         self.metrics.budget_settled.set(totals.settled);
-        self.metrics.active_runs.set(self.budgets.active_runs() as i64);
+        self.metrics
+            .active_runs
+            .set(self.budgets.active_runs() as i64);
     }
 }
 
@@ -166,10 +195,15 @@ fn run_end_sink(metrics: Arc<Metrics>) -> RunEndSink {
             .inc();
         metrics
             .run_cost
-            .get_or_create(&ReleaseLabel { release: release.clone() })
+            .get_or_create(&ReleaseLabel {
+                release: release.clone(),
+            })
             .observe(end.cost.as_usd_f64());
         if end.breached {
-            metrics.budget_breach.get_or_create(&ReleaseLabel { release }).inc();
+            metrics
+                .budget_breach
+                .get_or_create(&ReleaseLabel { release })
+                .inc();
         }
         if end.evicted {
             metrics.runs_evicted.inc();

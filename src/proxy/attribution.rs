@@ -50,14 +50,18 @@ pub struct UrlAttribution {
 impl UrlAttribution {
     /// Parses `run=ID,release=R,...` (the segment after `/@`).
     pub fn parse(segment: &str) -> Result<UrlAttribution, ProxyError> {
-        let bad = |reason: String| ProxyError::BadRequest(format!("invalid URL attribution segment: {reason}"));
+        let bad = |reason: String| {
+            ProxyError::BadRequest(format!("invalid URL attribution segment: {reason}"))
+        };
         let mut out = UrlAttribution::default();
         for pair in segment.split(',').filter(|p| !p.is_empty()) {
             let (key, value) = pair
                 .split_once('=')
                 .ok_or_else(|| bad(format!("`{pair}` is not key=value")))?;
             if !value.bytes().all(|b| is_label_byte(b)) {
-                return Err(bad(format!("value of `{key}` must be characters of [A-Za-z0-9._:-]")));
+                return Err(bad(format!(
+                    "value of `{key}` must be characters of [A-Za-z0-9._:-]"
+                )));
             }
             let slot = match key {
                 "run" => &mut out.run_id,
@@ -84,7 +88,9 @@ pub fn extract(
     names: &AttributionHeaders,
     url: Option<&UrlAttribution>,
 ) -> Result<Attribution, ProxyError> {
-    let get = |name: &http::HeaderName, from_url: Option<&String>| -> Result<Option<(String, String)>, ProxyError> {
+    let get = |name: &http::HeaderName,
+               from_url: Option<&String>|
+     -> Result<Option<(String, String)>, ProxyError> {
         let mut values = headers.get_all(name).iter();
         match (values.next(), values.next()) {
             (Some(_), Some(_)) => Err(ProxyError::BadHeader {
@@ -182,7 +188,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (k, v) in pairs {
-            map.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            map.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         map
     }
@@ -214,7 +223,10 @@ mod tests {
         .unwrap();
         assert_eq!(a.run_id.as_deref(), Some("run-1"));
         assert_eq!(a.budget, Some(Money::parse_usd("1.5").unwrap()));
-        assert_eq!(a.end_run, Some((RunStatus::Error, Some("tool_error".to_string()))));
+        assert_eq!(
+            a.end_run,
+            Some((RunStatus::Error, Some("tool_error".to_string())))
+        );
     }
 
     #[test]
@@ -232,14 +244,23 @@ mod tests {
                 other => panic!("{h}: {v} gave {other:?}"),
             }
         }
-        let err = extract(&headers(&[("x-agent-run-id", "a"), ("x-agent-run-id", "b")]), &names(), None);
+        let err = extract(
+            &headers(&[("x-agent-run-id", "a"), ("x-agent-run-id", "b")]),
+            &names(),
+            None,
+        );
         assert!(matches!(err, Err(ProxyError::BadHeader { .. })));
     }
 
     #[test]
     fn headers_win_over_url_form() {
         let url = UrlAttribution::parse("run=from-url,release=url-rel").unwrap();
-        let a = extract(&headers(&[("x-agent-release", "hdr-rel")]), &names(), Some(&url)).unwrap();
+        let a = extract(
+            &headers(&[("x-agent-release", "hdr-rel")]),
+            &names(),
+            Some(&url),
+        )
+        .unwrap();
         assert_eq!(a.run_id.as_deref(), Some("from-url"));
         assert_eq!(a.release, "hdr-rel");
     }

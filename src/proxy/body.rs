@@ -112,7 +112,10 @@ impl Body for MeteredBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         if let Some(prefix) = this.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
@@ -125,15 +128,31 @@ impl Body for MeteredBody {
                 Poll::Pending => {
                     if this.idle.as_mut().poll(cx).is_ready() {
                         *this.done = true;
-                        settle(this.meter, this.tap, this.tool_capture, this.settled, End::IdleTimeout);
+                        settle(
+                            this.meter,
+                            this.tap,
+                            this.tool_capture,
+                            this.settled,
+                            End::IdleTimeout,
+                        );
                         return Poll::Ready(Some(Err(Box::new(IdleTimeout(*this.idle_timeout)))));
                     }
                     return Poll::Pending;
                 }
                 Poll::Ready(None) => {
                     *this.done = true;
-                    let rest = this.filter.as_mut().map(UsageChunkFilter::finish).unwrap_or_default();
-                    settle(this.meter, this.tap, this.tool_capture, this.settled, End::Complete);
+                    let rest = this
+                        .filter
+                        .as_mut()
+                        .map(UsageChunkFilter::finish)
+                        .unwrap_or_default();
+                    settle(
+                        this.meter,
+                        this.tap,
+                        this.tool_capture,
+                        this.settled,
+                        End::Complete,
+                    );
                     if rest.is_empty() {
                         return Poll::Ready(None);
                     }
@@ -141,7 +160,13 @@ impl Body for MeteredBody {
                 }
                 Poll::Ready(Some(Err(error))) => {
                     *this.done = true;
-                    settle(this.meter, this.tap, this.tool_capture, this.settled, End::UpstreamError);
+                    settle(
+                        this.meter,
+                        this.tap,
+                        this.tool_capture,
+                        this.settled,
+                        End::UpstreamError,
+                    );
                     return Poll::Ready(Some(Err(Box::new(error))));
                 }
                 Poll::Ready(Some(Ok(frame))) => {
@@ -150,7 +175,9 @@ impl Body for MeteredBody {
                     let frame = match frame.into_data() {
                         Ok(data) => {
                             if let Some(meter) = this.meter.as_mut() {
-                                meter.first_byte.get_or_insert_with(|| meter.started.elapsed());
+                                meter
+                                    .first_byte
+                                    .get_or_insert_with(|| meter.started.elapsed());
                             }
                             if let Some(tap) = this.tap.as_mut() {
                                 tap.feed(&data);
@@ -176,7 +203,13 @@ impl Body for MeteredBody {
                     };
                     if this.inner.is_end_stream() && this.filter.is_none() {
                         *this.done = true;
-                        settle(this.meter, this.tap, this.tool_capture, this.settled, End::Complete);
+                        settle(
+                            this.meter,
+                            this.tap,
+                            this.tool_capture,
+                            this.settled,
+                            End::Complete,
+                        );
                     }
                     return Poll::Ready(Some(Ok(frame)));
                 }
@@ -185,7 +218,8 @@ impl Body for MeteredBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_none() && (self.done || (self.filter.is_none() && self.inner.is_end_stream()))
+        self.prefix.is_none()
+            && (self.done || (self.filter.is_none() && self.inner.is_end_stream()))
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -23,10 +23,7 @@ pub enum ProxyError {
     #[error("method CONNECT is not supported")]
     Connect,
     #[error("{message}")]
-    Budget {
-        message: String,
-        code: &'static str,
-    },
+    Budget { message: String, code: &'static str },
     #[error("model `{0}` has no price and unknown models are refused (pricing.unknown_model = \"reject\")")]
     UnpricedModel(String),
     #[error("upstream unreachable: {0}")]
@@ -112,7 +109,10 @@ impl ProxyError {
         let mut response = Response::new(crate::proxy::full_body(Bytes::from(body.to_string())));
         *response.status_mut() = status;
         let headers = response.headers_mut();
-        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         headers.insert("x-tollgate-error", HeaderValue::from_static(self.kind()));
         if matches!(self, ProxyError::Budget { .. }) {
             // The official SDKs obey this before looking at the status.
@@ -132,6 +132,8 @@ fn google_status(error: &ProxyError) -> &'static str {
         | ProxyError::Connect
         | ProxyError::BodyTooLarge { .. } => "INVALID_ARGUMENT",
         ProxyError::UpstreamTimeout(_) => "DEADLINE_EXCEEDED",
-        ProxyError::UpstreamConnect(_) | ProxyError::Upstream(_) | ProxyError::ShuttingDown => "UNAVAILABLE",
+        ProxyError::UpstreamConnect(_) | ProxyError::Upstream(_) | ProxyError::ShuttingDown => {
+            "UNAVAILABLE"
+        }
     }
 }

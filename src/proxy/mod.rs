@@ -64,7 +64,10 @@ pub struct ConnInfo {
 }
 
 /// Serves one agent request. Never fails: errors become responses.
-pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+pub async fn handle(
+    state: Arc<AppState>,
+    request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let config = state.config.load_full();
     let (parts, body) = request.into_parts();
@@ -82,11 +85,21 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<
         return Ok(ProxyError::NoRoute(path.to_string()).into_response(None));
     };
     let kind = route.kind;
-    let attribution = match attribution::extract(&parts.headers, &config.attribution, url_attribution.as_ref()) {
+    let attribution = match attribution::extract(
+        &parts.headers,
+        &config.attribution,
+        url_attribution.as_ref(),
+    ) {
         Ok(a) => a,
         Err(e) => return Ok(e.into_response(Some(kind))),
     };
-    let body = match request::read_body(body, &parts.headers, config.raw.limits.max_request_body_bytes).await {
+    let body = match request::read_body(
+        body,
+        &parts.headers,
+        config.raw.limits.max_request_body_bytes,
+    )
+    .await
+    {
         Ok(b) => b,
         Err(e) => return Ok(e.into_response(Some(kind))),
     };
@@ -114,7 +127,10 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<
         .get("x-stainless-retry-count")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u32>().ok());
-    let body_hash = attribution.run_id.as_ref().map(|_| hash_body(&route.name, &body));
+    let body_hash = attribution
+        .run_id
+        .as_ref()
+        .map(|_| hash_body(&route.name, &body));
     let admission = state.budgets.admit(&CallRequest {
         run_id: attribution.run_id.as_deref(),
         release: &attribution.release,
@@ -170,23 +186,33 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<
             };
             tracing::info!(target: "tollgate::call", run_id = refusal.run_id.as_deref().unwrap_or(""), release = %attribution.release, route = %route.name, status = 402, scope, "refused");
             let mut response = ProxyError::Budget { message, code }.into_response(Some(kind));
-            set_cost_headers(&mut response, refusal.spent, Some(refusal.ceiling.saturating_sub(refusal.spent)));
+            set_cost_headers(
+                &mut response,
+                refusal.spent,
+                Some(refusal.ceiling.saturating_sub(refusal.spent)),
+            );
             return Ok(response);
         }
     };
     let flags = admission.flags();
     let release_label = state.metrics.release(&attribution.release);
-    for (flag, kind_label) in [(flags.sdk_retry, "sdk_retry"), (flags.repeat_after_failure, "repeat_after_failure")] {
-        if flag {
-            state
-                .metrics
-                .retries
-                .get_or_create(&RetryLabels {
-                    release: release_label.clone(),
-                    kind: kind_label.into(),
-                })
-                .inc();
-        }
+    // A call counts once as a retry: an SDK retry is the more specific kind.
+    let retry_kind = if flags.sdk_retry {
+        Some("sdk_retry")
+    } else if flags.repeat_after_failure {
+        Some("repeat_after_failure")
+    } else {
+        None
+    };
+    if let Some(kind_label) = retry_kind {
+        state
+            .metrics
+            .retries
+            .get_or_create(&RetryLabels {
+                release: release_label.clone(),
+                kind: kind_label.into(),
+            })
+            .inc();
     }
     if flags.duplicate_body {
         state
@@ -205,13 +231,25 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<
     };
     let request_bytes = body.len() as u64;
     let upstream_body = rewritten.unwrap_or(body);
-    let upstream_request = match upstream::upstream_request(&parts, uri, &config.attribution, upstream_body, info.usage_injected) {
+    let upstream_request = match upstream::upstream_request(
+        &parts,
+        uri,
+        &config.attribution,
+        upstream_body,
+        info.usage_injected,
+    ) {
         Ok(r) => r,
         Err(e) => return Ok(refuse_after_admission(e, kind, admission)),
     };
     let sent = Instant::now();
     let limits = &config.raw.limits;
-    let response = match upstream::send(&state.client, upstream_request, limits.upstream_response_timeout()).await {
+    let response = match upstream::send(
+        &state.client,
+        upstream_request,
+        limits.upstream_response_timeout(),
+    )
+    .await
+    {
         Ok(response) => response,
         Err(e) => {
             tracing::warn!(message = "upstream request failed", route = %route.name, error = %e);
@@ -257,14 +295,15 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<
             },
         )
     });
-    let filter = (info.usage_injected && head.status.is_success()).then(|| UsageChunkFilter::new(limits.max_event_bytes));
+    let filter = (info.usage_injected && head.status.is_success())
+        .then(|| UsageChunkFilter::new(limits.max_event_bytes));
     if filter.is_some() {
         head.headers.remove(http::header::CONTENT_LENGTH);
     }
     let capture_tool_body = matches!(route.tool_cost, Some(ToolCost::JsonPointer(_)));
-    let is_event_stream = content_type
-        .as_deref()
-        .is_some_and(|ct| ct.starts_with("text/event-stream") || ct.contains("ndjson") || ct.contains("jsonl"));
+    let is_event_stream = content_type.as_deref().is_some_and(|ct| {
+        ct.starts_with("text/event-stream") || ct.contains("ndjson") || ct.contains("jsonl")
+    });
     let buffer_first = !info.stream && !is_event_stream;
     let meter = CallMeter {
         state: state.clone(),
@@ -284,7 +323,14 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<
         admission: Some(admission),
         tool_header_cost,
     };
-    let mut metered = MeteredBody::new(incoming, meter, tap, filter, capture_tool_body, limits.stream_idle_timeout());
+    let mut metered = MeteredBody::new(
+        incoming,
+        meter,
+        tap,
+        filter,
+        capture_tool_body,
+        limits.stream_idle_timeout(),
+    );
 
     if buffer_first {
         let mut buffered = BytesMut::new();
@@ -324,8 +370,16 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<
 
 /// A failure after admission: release the reservation without charging
 /// (nothing reached a provider that bills), then answer.
-fn refuse_after_admission(error: ProxyError, kind: RouteKind, admission: crate::budget::Admission) -> Response<ProxyBody> {
-    let cost_kind = if kind == RouteKind::Tool { CostKind::Tool } else { CostKind::Llm };
+fn refuse_after_admission(
+    error: ProxyError,
+    kind: RouteKind,
+    admission: crate::budget::Admission,
+) -> Response<ProxyBody> {
+    let cost_kind = if kind == RouteKind::Tool {
+        CostKind::Tool
+    } else {
+        CostKind::Llm
+    };
     admission.settle(Money::ZERO, cost_kind, true, None);
     error.into_response(Some(kind))
 }
@@ -347,7 +401,10 @@ fn set_cost_headers(response: &mut Response<ProxyBody>, run_cost: Money, remaini
 }
 
 fn header_str(headers: &http::HeaderMap, name: http::header::HeaderName) -> Option<String> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// Identity of a call for repeat detection: route and exact body bytes.

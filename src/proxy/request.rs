@@ -15,7 +15,11 @@ use crate::config::RouteKind;
 use crate::proxy::error::ProxyError;
 
 /// Reads the whole request body, refusing it once it passes `limit`.
-pub async fn read_body(body: Incoming, headers: &http::HeaderMap, limit: usize) -> Result<Bytes, ProxyError> {
+pub async fn read_body(
+    body: Incoming,
+    headers: &http::HeaderMap,
+    limit: usize,
+) -> Result<Bytes, ProxyError> {
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -25,10 +29,15 @@ pub async fn read_body(body: Incoming, headers: &http::HeaderMap, limit: usize) 
     }
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             Err(ProxyError::BodyTooLarge { limit })
         }
-        Err(e) => Err(ProxyError::BadRequest(format!("could not read the request body: {e}"))),
+        Err(e) => Err(ProxyError::BadRequest(format!(
+            "could not read the request body: {e}"
+        ))),
     }
 }
 
@@ -71,7 +80,12 @@ pub struct RequestInfo {
 
 /// Peeks at a request and, for an OpenAI-style stream that did not ask for
 /// usage, returns the body with `stream_options.include_usage = true`.
-pub fn inspect(kind: RouteKind, path: &str, query: Option<&str>, body: &Bytes) -> (RequestInfo, Option<Bytes>) {
+pub fn inspect(
+    kind: RouteKind,
+    path: &str,
+    query: Option<&str>,
+    body: &Bytes,
+) -> (RequestInfo, Option<Bytes>) {
     let peek: BodyPeek = if body.is_empty() {
         BodyPeek::default()
     } else {
@@ -84,7 +98,10 @@ pub fn inspect(kind: RouteKind, path: &str, query: Option<&str>, body: &Bytes) -
             .max_completion_tokens
             .or(peek.max_tokens)
             .or(peek.max_output_tokens)
-            .or(peek.generation_config.as_ref().and_then(|g| g.max_output_tokens)),
+            .or(peek
+                .generation_config
+                .as_ref()
+                .and_then(|g| g.max_output_tokens)),
         usage_injected: false,
     };
     match kind {
@@ -158,11 +175,15 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&rewritten.unwrap()).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
 
-        let asked = Bytes::from_static(br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#);
+        let asked = Bytes::from_static(
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,
+        );
         let (info, rewritten) = inspect(RouteKind::Openai, "/v1/chat/completions", None, &asked);
         assert!(!info.usage_injected && rewritten.is_none());
 
-        let asked_false = Bytes::from_static(br#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#);
+        let asked_false = Bytes::from_static(
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#,
+        );
         let (info, _) = inspect(RouteKind::Openai, "/v1/completions", None, &asked_false);
         assert!(info.usage_injected);
 
@@ -178,17 +199,28 @@ mod tests {
     #[test]
     fn reads_models_and_limits() {
         let body = Bytes::from_static(br#"{"generationConfig":{"maxOutputTokens":300}}"#);
-        let (info, _) = inspect(RouteKind::Gemini, "/v1beta/models/gemini-2.5-flash:streamGenerateContent", None, &body);
+        let (info, _) = inspect(
+            RouteKind::Gemini,
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+            None,
+            &body,
+        );
         assert_eq!(info.model.as_deref(), Some("gemini-2.5-flash"));
         assert!(info.stream);
         assert_eq!(info.max_output_tokens, Some(300));
 
         let body = Bytes::from_static(br#"{"messages":[],"max_tokens":50}"#);
-        let (info, _) = inspect(RouteKind::Openai, "/openai/deployments/my-gpt/chat/completions", None, &body);
+        let (info, _) = inspect(
+            RouteKind::Openai,
+            "/openai/deployments/my-gpt/chat/completions",
+            None,
+            &body,
+        );
         assert_eq!(info.model.as_deref(), Some("my-gpt"));
         assert_eq!(info.max_output_tokens, Some(50));
 
-        let body = Bytes::from_static(br#"{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true}"#);
+        let body =
+            Bytes::from_static(br#"{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true}"#);
         let (info, rewritten) = inspect(RouteKind::Anthropic, "/v1/messages", None, &body);
         assert_eq!(info.model.as_deref(), Some("claude-sonnet-4-5"));
         assert!(info.stream && rewritten.is_none());

@@ -12,7 +12,10 @@ use crate::proxy::error::ProxyError;
 /// host (SPEC §9): `CONNECT`, HTTP/1 absolute-form URIs naming another host,
 /// `.`/`..` segments (also percent-encoded), empty segments (`//`), encoded
 /// slashes and backslashes, and NUL bytes.
-pub fn check_target(req: &http::request::Parts, local: Option<std::net::SocketAddr>) -> Result<(), ProxyError> {
+pub fn check_target(
+    req: &http::request::Parts,
+    local: Option<std::net::SocketAddr>,
+) -> Result<(), ProxyError> {
     if req.method == http::Method::CONNECT {
         return Err(ProxyError::Connect);
     }
@@ -27,16 +30,22 @@ pub fn check_target(req: &http::request::Parts, local: Option<std::net::SocketAd
     }
     let path = req.uri.path();
     if !path.starts_with('/') {
-        return Err(ProxyError::BadRequest("request target must be an absolute path".into()));
+        return Err(ProxyError::BadRequest(
+            "request target must be an absolute path".into(),
+        ));
     }
     for (i, segment) in path.split('/').enumerate().skip(1) {
         let decoded = percent_decode_str(segment).collect::<Vec<u8>>();
         let last = i == path.split('/').count() - 1;
         if segment.is_empty() && !last {
-            return Err(ProxyError::BadRequest("empty path segment (`//`) is not allowed".into()));
+            return Err(ProxyError::BadRequest(
+                "empty path segment (`//`) is not allowed".into(),
+            ));
         }
         if decoded == b"." || decoded == b".." {
-            return Err(ProxyError::BadRequest("`.` and `..` path segments are not allowed".into()));
+            return Err(ProxyError::BadRequest(
+                "`.` and `..` path segments are not allowed".into(),
+            ));
         }
         if decoded.iter().any(|b| matches!(b, b'/' | b'\\' | 0)) {
             return Err(ProxyError::BadRequest(
@@ -47,13 +56,21 @@ pub fn check_target(req: &http::request::Parts, local: Option<std::net::SocketAd
     Ok(())
 }
 
-fn is_local_authority(authority: &http::uri::Authority, local: Option<std::net::SocketAddr>) -> bool {
+fn is_local_authority(
+    authority: &http::uri::Authority,
+    local: Option<std::net::SocketAddr>,
+) -> bool {
     let Some(local) = local else { return false };
     let port_ok = authority.port_u16().is_none_or(|p| p == local.port());
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     port_ok
         && (host.eq_ignore_ascii_case("localhost")
-            || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip == local.ip() || ip.is_loopback() && local.ip().is_loopback()))
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip == local.ip() || ip.is_loopback() && local.ip().is_loopback()))
 }
 
 /// Splits an optional leading attribution segment off the path:
@@ -98,17 +115,32 @@ mod tests {
             "/openai/a%00b",
             "http://evil.example.com/openai/v1",
         ] {
-            assert!(check_target(&parts("GET", bad), local).is_err(), "{bad} must be refused");
+            assert!(
+                check_target(&parts("GET", bad), local).is_err(),
+                "{bad} must be refused"
+            );
         }
-        assert!(matches!(check_target(&parts("CONNECT", "evil.example.com:443"), local), Err(ProxyError::Connect)));
-        for good in ["/openai/v1/chat/completions", "/openai/v1/", "http://127.0.0.1:8787/openai/v1", "http://localhost/x"] {
-            assert!(check_target(&parts("POST", good), local).is_ok(), "{good} must pass");
+        assert!(matches!(
+            check_target(&parts("CONNECT", "evil.example.com:443"), local),
+            Err(ProxyError::Connect)
+        ));
+        for good in [
+            "/openai/v1/chat/completions",
+            "/openai/v1/",
+            "http://127.0.0.1:8787/openai/v1",
+            "http://localhost/x",
+        ] {
+            assert!(
+                check_target(&parts("POST", good), local).is_ok(),
+                "{good} must pass"
+            );
         }
     }
 
     #[test]
     fn splits_url_attribution() {
-        let (attr, rest) = split_url_attribution("/@run=r-1,release=v2,type=research/openai/v1/chat").unwrap();
+        let (attr, rest) =
+            split_url_attribution("/@run=r-1,release=v2,type=research/openai/v1/chat").unwrap();
         let attr = attr.unwrap();
         assert_eq!(attr.run_id.as_deref(), Some("r-1"));
         assert_eq!(attr.release.as_deref(), Some("v2"));

@@ -13,7 +13,10 @@ use tokio::time::Instant;
 
 use crate::budget::{Admission, CostKind};
 use crate::config::{RouteKind, ToolCost};
-use crate::metrics::{CallLabels, ModelLabel, ModelRelease, ProviderLabel, RouteLabel, SegmentLabels, ToolRelease, ToolStatus};
+use crate::metrics::{
+    CallLabels, ModelLabel, ModelRelease, ProviderLabel, RouteLabel, SegmentLabels, ToolRelease,
+    ToolStatus,
+};
 use crate::money::Money;
 use crate::pricing::PriceTable;
 use crate::proxy::attribution::Attribution;
@@ -78,7 +81,12 @@ pub struct CallMeter {
 impl CallMeter {
     /// Settles the call. `observation` is the usage reader's result (LLM
     /// routes); `tool_body` the captured body (JSON-pointer tool routes).
-    pub fn settle(mut self, observation: Option<Observation>, tool_body: Option<&[u8]>, end: End) -> Settled {
+    pub fn settle(
+        mut self,
+        observation: Option<Observation>,
+        tool_body: Option<&[u8]>,
+        end: End,
+    ) -> Settled {
         let duration = self.started.elapsed();
         let release = self.attribution.release.clone();
         let metrics = self.state.metrics.clone();
@@ -93,7 +101,9 @@ impl CallMeter {
             .inc();
         metrics
             .call_duration
-            .get_or_create(&RouteLabel { route: route_label.clone() })
+            .get_or_create(&RouteLabel {
+                route: route_label.clone(),
+            })
             .observe(duration.as_secs_f64());
         if let Some(ttfb) = self.first_byte {
             metrics
@@ -102,7 +112,9 @@ impl CallMeter {
                 .observe(ttfb.as_secs_f64());
         }
         let failed = !self.status.is_success()
-            || observation.as_ref().is_some_and(|o| o.outcome == Outcome::Failed)
+            || observation
+                .as_ref()
+                .is_some_and(|o| o.outcome == Outcome::Failed)
             || end != End::Complete;
 
         let (cost, kind, record) = match self.kind {
@@ -120,9 +132,10 @@ impl CallMeter {
         let (run_cost_after, remaining_after) = match &self.admission {
             Some(admission) => {
                 let before = admission.run_spent();
-                let remaining = admission
-                    .remaining()
-                    .map(|r| r.saturating_add(admission.reservation()).saturating_sub(cost));
+                let remaining = admission.remaining().map(|r| {
+                    r.saturating_add(admission.reservation())
+                        .saturating_sub(cost)
+                });
                 (before.saturating_add(cost), remaining)
             }
             None => (cost, None),
@@ -158,14 +171,21 @@ impl CallMeter {
         }
     }
 
-    fn llm_cost(&self, observation: Option<Observation>, end: End, release: &str) -> (Money, CostKind, Record) {
+    fn llm_cost(
+        &self,
+        observation: Option<Observation>,
+        end: End,
+        release: &str,
+    ) -> (Money, CostKind, Record) {
         let metrics = &self.state.metrics;
         let provider = self.kind.as_str();
         let observation = observation.unwrap_or_else(|| empty_observation());
         if observation.parse_error {
             metrics
                 .usage_parse_errors
-                .get_or_create(&ProviderLabel { provider: provider.into() })
+                .get_or_create(&ProviderLabel {
+                    provider: provider.into(),
+                })
                 .inc();
         }
         let (usage, estimated) = resolve_usage(&observation, self.status, end, self.request_bytes);
@@ -177,11 +197,21 @@ impl CallMeter {
         if estimated {
             metrics
                 .usage_estimated
-                .get_or_create(&ProviderLabel { provider: provider.into() })
+                .get_or_create(&ProviderLabel {
+                    provider: provider.into(),
+                })
                 .inc();
         }
         let Some(usage) = usage else {
-            return (Money::ZERO, CostKind::Llm, Record { model, usage: None, estimated });
+            return (
+                Money::ZERO,
+                CostKind::Llm,
+                Record {
+                    model,
+                    usage: None,
+                    estimated,
+                },
+            );
         };
         let model_name = model.clone().unwrap_or_else(|| "unknown".to_string());
         let mut priced = self.pricing.cost(&model_name, &usage);
@@ -194,7 +224,9 @@ impl CallMeter {
         if priced.entry.is_none() {
             metrics
                 .unpriced_calls
-                .get_or_create(&ModelLabel { model: model_label.clone() })
+                .get_or_create(&ModelLabel {
+                    model: model_label.clone(),
+                })
                 .inc();
             self.state.note_unpriced(&model_name);
         }
@@ -250,7 +282,9 @@ impl CallMeter {
                     estimated = true;
                     metrics
                         .usage_estimated
-                        .get_or_create(&ProviderLabel { provider: "tool".into() })
+                        .get_or_create(&ProviderLabel {
+                            provider: "tool".into(),
+                        })
                         .inc();
                     tracing::warn!(message = "tool cost unreadable; charging the reservation", tool = %tool, reason = %reason);
                     self.admission
@@ -299,10 +333,17 @@ fn empty_observation() -> Observation {
 }
 
 /// The usage to charge and whether it is an estimate.
-pub fn resolve_usage(observation: &Observation, status: StatusCode, end: End, request_bytes: u64) -> (Option<Usage>, bool) {
+pub fn resolve_usage(
+    observation: &Observation,
+    status: StatusCode,
+    end: End,
+    request_bytes: u64,
+) -> (Option<Usage>, bool) {
     let cut = end != End::Complete || observation.outcome == Outcome::Incomplete;
     match &observation.usage {
-        Some(reported) if !cut || observation.outcome == Outcome::Failed => (Some(reported.clone()), false),
+        Some(reported) if !cut || observation.outcome == Outcome::Failed => {
+            (Some(reported.clone()), false)
+        }
         Some(reported) => {
             // Cut short: the provider bills what it generated before the cut,
             // which the partial usage may not show yet.
@@ -335,8 +376,11 @@ fn cost_at_pointer(body: Option<&[u8]>, pointer: &str, end: End) -> Result<Money
         return Err("the body did not complete".into());
     }
     let body = body.ok_or("the body was too large to read the cost from")?;
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
-    let found = value.pointer(pointer).ok_or_else(|| format!("nothing at `{pointer}`"))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
+    let found = value
+        .pointer(pointer)
+        .ok_or_else(|| format!("nothing at `{pointer}`"))?;
     let text = match found {
         serde_json::Value::Number(n) => n.to_string(),
         serde_json::Value::String(s) => s.clone(),
@@ -371,21 +415,36 @@ mod tests {
             output_tokens: Some(5),
             ..Usage::default()
         };
-        let (got, estimated) = resolve_usage(&observation(Some(u.clone()), Outcome::Completed), StatusCode::OK, End::Complete, 100);
+        let (got, estimated) = resolve_usage(
+            &observation(Some(u.clone()), Outcome::Completed),
+            StatusCode::OK,
+            End::Complete,
+            100,
+        );
         assert_eq!(got, Some(u));
         assert!(!estimated);
     }
 
     #[test]
     fn success_without_usage_is_estimated_never_zero() {
-        let (got, estimated) = resolve_usage(&observation(None, Outcome::Completed), StatusCode::OK, End::Complete, 4000);
+        let (got, estimated) = resolve_usage(
+            &observation(None, Outcome::Completed),
+            StatusCode::OK,
+            End::Complete,
+            4000,
+        );
         assert!(estimated);
         assert!(got.unwrap().input_tokens.unwrap() > 0);
     }
 
     #[test]
     fn provider_error_without_usage_costs_nothing() {
-        let (got, estimated) = resolve_usage(&observation(None, Outcome::Completed), StatusCode::TOO_MANY_REQUESTS, End::Complete, 4000);
+        let (got, estimated) = resolve_usage(
+            &observation(None, Outcome::Completed),
+            StatusCode::TOO_MANY_REQUESTS,
+            End::Complete,
+            4000,
+        );
         assert_eq!(got, None);
         assert!(!estimated);
     }
@@ -409,12 +468,21 @@ mod tests {
     #[test]
     fn cost_pointer_and_header() {
         let body = br#"{"meta":{"cost_usd":0.0125},"s":"0.5"}"#;
-        assert_eq!(cost_at_pointer(Some(body), "/meta/cost_usd", End::Complete), Ok(Money::parse_usd("0.0125").unwrap()));
-        assert_eq!(cost_at_pointer(Some(body), "/s", End::Complete), Ok(Money::parse_usd("0.5").unwrap()));
+        assert_eq!(
+            cost_at_pointer(Some(body), "/meta/cost_usd", End::Complete),
+            Ok(Money::parse_usd("0.0125").unwrap())
+        );
+        assert_eq!(
+            cost_at_pointer(Some(body), "/s", End::Complete),
+            Ok(Money::parse_usd("0.5").unwrap())
+        );
         assert!(cost_at_pointer(Some(body), "/nope", End::Complete).is_err());
         assert!(cost_at_pointer(Some(b"not json"), "/a", End::Complete).is_err());
         let v = http::HeaderValue::from_static("0.003");
-        assert_eq!(parse_cost_header(Some(&v)), Ok(Money::parse_usd("0.003").unwrap()));
+        assert_eq!(
+            parse_cost_header(Some(&v)),
+            Ok(Money::parse_usd("0.003").unwrap())
+        );
         assert!(parse_cost_header(None).is_err());
     }
 }

@@ -25,14 +25,16 @@ pub fn build_client(connect_timeout: Duration) -> UpstreamClient {
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map(|b| {
-            b.with_root_certificates(rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            })
-            .with_no_client_auth()
-        });
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map(|b| {
+        b.with_root_certificates(rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        })
+        .with_no_client_auth()
+    });
     let connector = match tls {
         Ok(tls) => hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
@@ -90,7 +92,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// The upstream URI: the route's origin and base path, the path after the
 /// route prefix, and the query unchanged.
 pub fn upstream_uri(route: &Route, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
-    let mut path_and_query = String::with_capacity(route.upstream_path.len() + rest.len() + 1 + query.map_or(0, str::len));
+    let mut path_and_query = String::with_capacity(
+        route.upstream_path.len() + rest.len() + 1 + query.map_or(0, str::len),
+    );
     path_and_query.push_str(&route.upstream_path);
     path_and_query.push_str(rest);
     if path_and_query.is_empty() {
@@ -128,7 +132,10 @@ pub fn upstream_request(
     if identity_encoding {
         // The response is edited (usage chunk removed), so it must arrive
         // uncompressed; the client accepts identity whatever it asked for.
-        headers.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        headers.insert(
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
     }
     if let Some(authority) = uri.authority() {
         let host = HeaderValue::from_str(authority.as_str())

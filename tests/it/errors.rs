@@ -27,11 +27,19 @@ async fn bad_attribution_is_400_naming_the_header() {
         ("x-agent-budget-usd", "free"),
         ("x-agent-run-status", "finished"),
     ] {
-        let response = post_json(&proxy.url("/anthropic/v1/messages"), &[(header, value)], "{}").await;
+        let response = post_json(
+            &proxy.url("/anthropic/v1/messages"),
+            &[(header, value)],
+            "{}",
+        )
+        .await;
         assert_eq!(response.status(), 400, "{header}");
         let body: serde_json::Value = serde_json::from_slice(&body_bytes(response).await).unwrap();
         assert_eq!(body["type"], "error", "anthropic shape");
-        assert!(body["error"]["message"].as_str().unwrap().contains(header), "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(header),
+            "{body}"
+        );
     }
     assert_eq!(upstream.hits(), 0);
     proxy.shutdown().await;
@@ -40,9 +48,17 @@ async fn bad_attribution_is_400_naming_the_header() {
 #[tokio::test]
 async fn oversized_body_is_413_before_any_upstream_byte() {
     let upstream = MockUpstream::start(|_| MockReply::json(200, "{}")).await;
-    let config = format!("{}\n[limits]\nmax_request_body_bytes = 1000\n", config_all_routes());
+    let config = format!(
+        "{}\n[limits]\nmax_request_body_bytes = 1000\n",
+        config_all_routes()
+    );
     let proxy = Proxy::start(&config, &upstream.url()).await;
-    let response = post_json(&proxy.url("/openai/v1/chat/completions"), &[], &"x".repeat(5000)).await;
+    let response = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[],
+        &"x".repeat(5000),
+    )
+    .await;
     assert_eq!(response.status(), 413);
     assert_eq!(upstream.hits(), 0);
     proxy.shutdown().await;
@@ -52,8 +68,18 @@ async fn oversized_body_is_413_before_any_upstream_byte() {
 async fn traversal_and_tricks_never_reach_an_upstream() {
     let upstream = MockUpstream::start(|_| MockReply::json(200, "{}")).await;
     let proxy = Proxy::start(&config_all_routes(), &upstream.url()).await;
-    for path in ["/openai/../anthropic/v1/messages", "/openai/%2e%2e/x", "/openai//v1", "/openai/a%2fb"] {
-        let response = send(http::Request::get(proxy.url(path)).body(Bytes::new()).unwrap()).await;
+    for path in [
+        "/openai/../anthropic/v1/messages",
+        "/openai/%2e%2e/x",
+        "/openai//v1",
+        "/openai/a%2fb",
+    ] {
+        let response = send(
+            http::Request::get(proxy.url(path))
+                .body(Bytes::new())
+                .unwrap(),
+        )
+        .await;
         assert_eq!(response.status(), 400, "{path}");
     }
     assert_eq!(upstream.hits(), 0);
@@ -62,14 +88,36 @@ async fn traversal_and_tricks_never_reach_an_upstream() {
 
 #[tokio::test]
 async fn upstream_errors_pass_through_untouched() {
-    let upstream = MockUpstream::start(|_| MockReply::json(500, r#"{"error":{"message":"boom","type":"server_error"}}"#)).await;
+    let upstream = MockUpstream::start(|_| {
+        MockReply::json(500, r#"{"error":{"message":"boom","type":"server_error"}}"#)
+    })
+    .await;
     let proxy = Proxy::start(&config_all_routes(), &upstream.url()).await;
-    let response = post_json(&proxy.url("/openai/v1/chat/completions"), &[], r#"{"model":"gpt-4o-mini"}"#).await;
+    let response = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[],
+        r#"{"model":"gpt-4o-mini"}"#,
+    )
+    .await;
     assert_eq!(response.status(), 500);
-    assert_eq!(body_bytes(response).await, r#"{"error":{"message":"boom","type":"server_error"}}"#);
+    assert_eq!(
+        body_bytes(response).await,
+        r#"{"error":{"message":"boom","type":"server_error"}}"#
+    );
     let metrics = proxy.metrics().await;
-    assert_eq!(metric_value(&metrics, "agent_calls_total", &[("route", "openai"), ("status", "500")]), Some(1.0));
-    assert_eq!(metric_value(&metrics, "agent_usage_estimated_total", &[]), None, "an error without usage costs nothing");
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "agent_calls_total",
+            &[("route", "openai"), ("status", "500")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "agent_usage_estimated_total", &[]),
+        None,
+        "an error without usage costs nothing"
+    );
     proxy.shutdown().await;
 }
 
@@ -80,17 +128,30 @@ async fn unreachable_upstream_is_502_in_each_provider_shape() {
     drop(closed);
     let proxy = Proxy::start(&config_all_routes(), &dead).await;
 
-    let response = post_json(&proxy.url("/openai/v1/chat/completions"), &[], r#"{"model":"gpt-4o-mini"}"#).await;
+    let response = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[],
+        r#"{"model":"gpt-4o-mini"}"#,
+    )
+    .await;
     assert_eq!(response.status(), 502);
     let body: serde_json::Value = serde_json::from_slice(&body_bytes(response).await).unwrap();
-    assert!(body["error"]["message"].is_string() && body["error"]["type"].is_string(), "{body}");
+    assert!(
+        body["error"]["message"].is_string() && body["error"]["type"].is_string(),
+        "{body}"
+    );
 
     let response = post_json(&proxy.url("/anthropic/v1/messages"), &[], "{}").await;
     assert_eq!(response.status(), 502);
     let body: serde_json::Value = serde_json::from_slice(&body_bytes(response).await).unwrap();
     assert_eq!(body["type"], "error");
 
-    let response = post_json(&proxy.url("/gemini/v1beta/models/gemini-2.0-flash:generateContent"), &[], "{}").await;
+    let response = post_json(
+        &proxy.url("/gemini/v1beta/models/gemini-2.0-flash:generateContent"),
+        &[],
+        "{}",
+    )
+    .await;
     assert_eq!(response.status(), 502);
     let body: serde_json::Value = serde_json::from_slice(&body_bytes(response).await).unwrap();
     assert_eq!(body["error"]["status"], "UNAVAILABLE");
@@ -107,9 +168,17 @@ async fn slow_upstream_headers_are_504() {
             held.push(socket);
         }
     });
-    let config = format!("{}\n[limits]\nupstream_response_timeout_ms = 200\n", config_all_routes());
+    let config = format!(
+        "{}\n[limits]\nupstream_response_timeout_ms = 200\n",
+        config_all_routes()
+    );
     let proxy = Proxy::start(&config, &url).await;
-    let response = post_json(&proxy.url("/openai/v1/chat/completions"), &[], r#"{"model":"gpt-4o-mini"}"#).await;
+    let response = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[],
+        r#"{"model":"gpt-4o-mini"}"#,
+    )
+    .await;
     assert_eq!(response.status(), 504);
     proxy.shutdown().await;
     hold.abort();

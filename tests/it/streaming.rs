@@ -15,7 +15,10 @@ const USAGE_EVENT: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chu
 const DONE: &str = "data: [DONE]\n\n";
 
 /// A mock whose SSE body the test feeds; returns the sender.
-async fn channel_upstream() -> (MockUpstream, mpsc::Receiver<mpsc::Sender<Result<Bytes, std::io::Error>>>) {
+async fn channel_upstream() -> (
+    MockUpstream,
+    mpsc::Receiver<mpsc::Sender<Result<Bytes, std::io::Error>>>,
+) {
     let (senders_tx, senders_rx) = mpsc::channel(4);
     let upstream = MockUpstream::start(move |_| {
         let (tx, rx) = mpsc::channel(16);
@@ -51,7 +54,7 @@ async fn each_event_reaches_the_client_before_the_next_is_sent() {
     let (upstream, mut senders) = channel_upstream().await;
     let proxy = Proxy::start(&config_all_routes(), &upstream.url()).await;
     let request = post_json(
-        &proxy.url("/openai/v1/chat/completions"),
+        proxy.url("/openai/v1/chat/completions"),
         &[],
         r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true}}"#,
     );
@@ -69,7 +72,11 @@ async fn each_event_reaches_the_client_before_the_next_is_sent() {
     assert_eq!(rest, format!("{USAGE_EVENT}{DONE}"));
     let metrics = proxy.metrics().await;
     assert_eq!(
-        metric_value(&metrics, "agent_token_usage_total", &[("model", "gpt-4o-mini"), ("token_type", "completion")]),
+        metric_value(
+            &metrics,
+            "agent_token_usage_total",
+            &[("model", "gpt-4o-mini"), ("token_type", "completion")]
+        ),
         Some(2.0)
     );
     proxy.shutdown().await;
@@ -87,16 +94,27 @@ async fn usage_is_requested_and_the_extra_chunk_removed() {
     )
     .await;
     let body = body_bytes(response).await;
-    assert_eq!(body, format!("{EVENT_1}{EVENT_2}{DONE}"), "the client gets exactly the stream it asked for");
+    assert_eq!(
+        body,
+        format!("{EVENT_1}{EVENT_2}{DONE}"),
+        "the client gets exactly the stream it asked for"
+    );
     let sent: serde_json::Value = serde_json::from_slice(&upstream.last().body).unwrap();
     assert_eq!(sent["stream_options"]["include_usage"], true);
     assert_eq!(upstream.last().headers["accept-encoding"], "identity");
     let metrics = proxy.metrics().await;
     assert_eq!(
-        metric_value(&metrics, "agent_token_usage_total", &[("model", "gpt-4o-mini"), ("token_type", "prompt")]),
+        metric_value(
+            &metrics,
+            "agent_token_usage_total",
+            &[("model", "gpt-4o-mini"), ("token_type", "prompt")]
+        ),
         Some(9.0)
     );
-    assert_eq!(metric_value(&metrics, "agent_usage_estimated_total", &[]), None);
+    assert_eq!(
+        metric_value(&metrics, "agent_usage_estimated_total", &[]),
+        None
+    );
     proxy.shutdown().await;
 }
 
@@ -105,7 +123,7 @@ async fn upstream_reset_mid_stream_ends_the_client_stream_and_charges_an_estimat
     let (upstream, mut senders) = channel_upstream().await;
     let proxy = Proxy::start(&config_all_routes(), &upstream.url()).await;
     let request = post_json(
-        &proxy.url("/openai/v1/chat/completions"),
+        proxy.url("/openai/v1/chat/completions"),
         &[("x-agent-release", "cut")],
         r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"a long question"}]}"#,
     );
@@ -116,9 +134,19 @@ async fn upstream_reset_mid_stream_ends_the_client_stream_and_charges_an_estimat
     tx.send(Err(std::io::Error::other("reset"))).await.unwrap();
     // The client sees the stream end abnormally, not a clean end.
     let end = body.collect().await;
-    assert!(end.is_err(), "a cut upstream must not look like a complete stream");
+    assert!(
+        end.is_err(),
+        "a cut upstream must not look like a complete stream"
+    );
     let metrics = proxy.metrics().await;
-    assert_eq!(metric_value(&metrics, "agent_usage_estimated_total", &[("provider", "openai")]), Some(1.0));
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "agent_usage_estimated_total",
+            &[("provider", "openai")]
+        ),
+        Some(1.0)
+    );
     let cost = metric_value(&metrics, "agent_llm_cost_usd_total", &[("release", "cut")]).unwrap();
     assert!(cost > 0.0, "an estimate, never a silent zero");
     proxy.shutdown().await;
@@ -129,7 +157,7 @@ async fn client_disconnect_cancels_upstream_and_meters_the_call() {
     let (upstream, mut senders) = channel_upstream().await;
     let proxy = Proxy::start(&config_all_routes(), &upstream.url()).await;
     let request = post_json(
-        &proxy.url("/openai/v1/chat/completions"),
+        proxy.url("/openai/v1/chat/completions"),
         &[("x-agent-release", "gone")],
         r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true}}"#,
     );
@@ -144,19 +172,38 @@ async fn client_disconnect_cancels_upstream_and_meters_the_call() {
         .await
         .expect("upstream request cancelled");
     let metrics = proxy.metrics().await;
-    assert_eq!(metric_value(&metrics, "agent_calls_total", &[("route", "openai"), ("status", "200")]), Some(1.0));
-    assert_eq!(metric_value(&metrics, "agent_usage_estimated_total", &[("provider", "openai")]), Some(1.0));
-    assert!(metric_value(&metrics, "agent_llm_cost_usd_total", &[("release", "gone")]).unwrap() > 0.0);
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "agent_calls_total",
+            &[("route", "openai"), ("status", "200")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "agent_usage_estimated_total",
+            &[("provider", "openai")]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        metric_value(&metrics, "agent_llm_cost_usd_total", &[("release", "gone")]).unwrap() > 0.0
+    );
     proxy.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_stalled_stream_is_ended_by_the_idle_timeout() {
     let (upstream, mut senders) = channel_upstream().await;
-    let config = format!("{}\n[limits]\nstream_idle_timeout_ms = 300\n", config_all_routes());
+    let config = format!(
+        "{}\n[limits]\nstream_idle_timeout_ms = 300\n",
+        config_all_routes()
+    );
     let proxy = Proxy::start(&config, &upstream.url()).await;
     let request = post_json(
-        &proxy.url("/openai/v1/chat/completions"),
+        proxy.url("/openai/v1/chat/completions"),
         &[],
         r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true}}"#,
     );
@@ -170,20 +217,47 @@ async fn a_stalled_stream_is_ended_by_the_idle_timeout() {
         .await
         .expect("upstream released");
     let metrics = proxy.metrics().await;
-    assert_eq!(metric_value(&metrics, "agent_usage_estimated_total", &[("provider", "openai")]), Some(1.0));
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "agent_usage_estimated_total",
+            &[("provider", "openai")]
+        ),
+        Some(1.0)
+    );
     proxy.shutdown().await;
 }
 
 #[tokio::test]
 async fn malformed_json_is_passed_through_and_estimated() {
-    let upstream = MockUpstream::start(|_| MockReply::json(200, "{\"id\": \"x\", \"usage\": {\"prompt_tokens\": oops")).await;
+    let upstream = MockUpstream::start(|_| {
+        MockReply::json(200, "{\"id\": \"x\", \"usage\": {\"prompt_tokens\": oops")
+    })
+    .await;
     let proxy = Proxy::start(&config_all_routes(), &upstream.url()).await;
-    let response = post_json(&proxy.url("/openai/v1/chat/completions"), &[("x-agent-release", "bad")], r#"{"model":"gpt-4o-mini"}"#).await;
+    let response = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("x-agent-release", "bad")],
+        r#"{"model":"gpt-4o-mini"}"#,
+    )
+    .await;
     assert_eq!(response.status(), 200);
-    assert_eq!(body_bytes(response).await, "{\"id\": \"x\", \"usage\": {\"prompt_tokens\": oops");
+    assert_eq!(
+        body_bytes(response).await,
+        "{\"id\": \"x\", \"usage\": {\"prompt_tokens\": oops"
+    );
     let metrics = proxy.metrics().await;
-    assert_eq!(metric_value(&metrics, "agent_usage_estimated_total", &[("provider", "openai")]), Some(1.0));
-    assert!(metric_value(&metrics, "agent_llm_cost_usd_total", &[("release", "bad")]).unwrap() > 0.0);
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "agent_usage_estimated_total",
+            &[("provider", "openai")]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        metric_value(&metrics, "agent_llm_cost_usd_total", &[("release", "bad")]).unwrap() > 0.0
+    );
     proxy.shutdown().await;
 }
 
@@ -195,7 +269,10 @@ async fn gzip_responses_reach_the_client_compressed_and_are_metered() {
     encoder.write_all(&plain).unwrap();
     let compressed = Bytes::from(encoder.finish().unwrap());
     let reply = compressed.clone();
-    let upstream = MockUpstream::start(move |_| MockReply::sse(reply.clone()).with_header("content-encoding", "gzip")).await;
+    let upstream = MockUpstream::start(move |_| {
+        MockReply::sse(reply.clone()).with_header("content-encoding", "gzip")
+    })
+    .await;
     let proxy = Proxy::start(&config_all_routes(), &upstream.url()).await;
     let response = post_json(
         &proxy.url("/anthropic/v1/messages"),
@@ -207,7 +284,14 @@ async fn gzip_responses_reach_the_client_compressed_and_are_metered() {
     assert_eq!(body_bytes(response).await, compressed);
     let metrics = proxy.metrics().await;
     assert_eq!(
-        metric_value(&metrics, "agent_token_usage_total", &[("model", "claude-3-opus-latest"), ("token_type", "completion")]),
+        metric_value(
+            &metrics,
+            "agent_token_usage_total",
+            &[
+                ("model", "claude-3-opus-latest"),
+                ("token_type", "completion")
+            ]
+        ),
         Some(6.0)
     );
     proxy.shutdown().await;

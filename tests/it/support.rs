@@ -80,7 +80,9 @@ pub struct MockUpstream {
 }
 
 impl MockUpstream {
-    pub async fn start(handler: impl Fn(Received) -> MockReply + Send + Sync + 'static) -> MockUpstream {
+    pub async fn start(
+        handler: impl Fn(Received) -> MockReply + Send + Sync + 'static,
+    ) -> MockUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
@@ -97,10 +99,15 @@ impl MockUpstream {
                 let (handler, hits, received) = (handler.clone(), hits2.clone(), received2.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
-                        let (handler, hits, received) = (handler.clone(), hits.clone(), received.clone());
+                        let (handler, hits, received) =
+                            (handler.clone(), hits.clone(), received.clone());
                         async move {
                             let (parts, body) = req.into_parts();
-                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
                             let got = Received {
                                 method: parts.method,
                                 uri: parts.uri,
@@ -136,7 +143,12 @@ impl MockUpstream {
     }
 
     pub fn last(&self) -> Received {
-        self.received.lock().unwrap().last().cloned().expect("the upstream received a request")
+        self.received
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the upstream received a request")
     }
 }
 
@@ -153,9 +165,10 @@ fn into_response(reply: MockReply) -> Response<TestBody> {
     let mut response = Response::new(body);
     *response.status_mut() = reply.status;
     for (k, v) in reply.headers {
-        response
-            .headers_mut()
-            .append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        response.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
     }
     response
 }
@@ -178,9 +191,11 @@ impl Proxy {
     /// by the mock's URL.
     pub async fn start(config: &str, upstream: &str) -> Proxy {
         let text = config.replace("{upstream}", upstream);
-        let config = Config::from_toml(&text, "test.toml", env!("CARGO_MANIFEST_DIR").into()).expect("valid test config");
+        let config = Config::from_toml(&text, "test.toml", env!("CARGO_MANIFEST_DIR").into())
+            .expect("valid test config");
         let clock = Arc::new(ManualClock::new(1_767_225_600_000)); // 2026-01-01T00:00:00Z
-        let tollgate = Tollgate::with_clock(config, None, clock.clone() as Arc<dyn Clock>).expect("tollgate starts");
+        let tollgate = Tollgate::with_clock(config, None, clock.clone() as Arc<dyn Clock>)
+            .expect("tollgate starts");
         let agent = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (agent_addr, admin_addr) = (agent.local_addr().unwrap(), admin.local_addr().unwrap());
@@ -204,7 +219,12 @@ impl Proxy {
     }
 
     pub async fn metrics(&self) -> String {
-        let response = send(Request::get(format!("http://{}/metrics", self.admin)).body(Bytes::new()).unwrap()).await;
+        let response = send(
+            Request::get(format!("http://{}/metrics", self.admin))
+                .body(Bytes::new())
+                .unwrap(),
+        )
+        .await;
         String::from_utf8(body_bytes(response).await.to_vec()).unwrap()
     }
 
@@ -246,7 +266,10 @@ kind = "gemini"
     )
 }
 
-pub fn client() -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+pub fn client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+> {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
 }
 
@@ -258,8 +281,8 @@ pub async fn send(request: Request<Bytes>) -> Response<Incoming> {
         .expect("request reaches tollgate")
 }
 
-pub async fn post_json(url: &str, headers: &[(&str, &str)], body: &str) -> Response<Incoming> {
-    let mut builder = Request::post(url).header("content-type", "application/json");
+pub async fn post_json(url: impl AsRef<str>, headers: &[(&str, &str)], body: &str) -> Response<Incoming> {
+    let mut builder = Request::post(url.as_ref()).header("content-type", "application/json");
     for (k, v) in headers {
         builder = builder.header(*k, *v);
     }
@@ -267,7 +290,12 @@ pub async fn post_json(url: &str, headers: &[(&str, &str)], body: &str) -> Respo
 }
 
 pub async fn body_bytes(response: Response<Incoming>) -> Bytes {
-    response.into_body().collect().await.expect("body completes").to_bytes()
+    response
+        .into_body()
+        .collect()
+        .await
+        .expect("body completes")
+        .to_bytes()
 }
 
 /// The value of one series in a metrics text, e.g.
@@ -284,15 +312,23 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
             if metric != name {
                 return None;
             }
-            let all = labels
-                .iter()
-                .all(|(k, v)| label_text.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+            let all = labels.iter().all(|(k, v)| {
+                label_text
+                    .split(',')
+                    .any(|pair| pair == format!("{k}=\"{v}\""))
+            });
             all.then(|| value.parse().ok()).flatten()
         })
 }
 
 pub fn fixture(path: &str) -> Bytes {
-    Bytes::from(std::fs::read(format!("{}/tests/fixtures/providers/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap())
+    Bytes::from(
+        std::fs::read(format!(
+            "{}/tests/fixtures/providers/{path}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
 }
 
 pub fn sidecar(path: &str) -> serde_json::Value {
