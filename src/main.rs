@@ -11,13 +11,27 @@ use tollgate::config::Config;
 use tollgate::{Listeners, Tollgate};
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "A metering reverse proxy for AI agents")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "A metering reverse proxy for AI agents"
+)]
 struct Cli {
     /// Config file to serve with.
-    #[arg(long, env = "TOLLGATE_CONFIG", default_value = "config/tollgate.toml", global = true)]
+    #[arg(
+        long,
+        env = "TOLLGATE_CONFIG",
+        default_value = "config/tollgate.toml",
+        global = true
+    )]
     config: PathBuf,
     /// Log format: json (one object per line) or text.
-    #[arg(long, env = "TOLLGATE_LOG_FORMAT", default_value = "json", global = true)]
+    #[arg(
+        long,
+        env = "TOLLGATE_LOG_FORMAT",
+        default_value = "json",
+        global = true
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
@@ -52,7 +66,10 @@ fn main() -> ExitCode {
 }
 
 fn run_async(future: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tollgate: cannot start the async runtime: {e}");
@@ -89,15 +106,19 @@ async fn serve(path: PathBuf) -> Result<(), String> {
     let agent = TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {} (server.listen): {e}", config.listen))?;
-    let admin = TcpListener::bind(config.admin_listen)
-        .await
-        .map_err(|e| format!("cannot listen on {} (admin.listen): {e}", config.admin_listen))?;
+    let admin = TcpListener::bind(config.admin_listen).await.map_err(|e| {
+        format!(
+            "cannot listen on {} (admin.listen): {e}",
+            config.admin_listen
+        )
+    })?;
     let tollgate = Tollgate::new(config.clone(), Some(path)).map_err(|e| e.to_string())?;
     let state = tollgate.state().clone();
+    let bound = |l: &TcpListener, configured| l.local_addr().unwrap_or(configured);
     tracing::info!(
         message = "tollgate listening",
-        agent = %config.listen,
-        admin = %config.admin_listen,
+        agent = %bound(&agent, config.listen),
+        admin = %bound(&admin, config.admin_listen),
         routes = config.routes.len()
     );
     spawn_reload_on_sighup(state)?;
@@ -110,7 +131,8 @@ async fn serve(path: PathBuf) -> Result<(), String> {
 #[cfg(unix)]
 fn spawn_reload_on_sighup(state: std::sync::Arc<tollgate::AppState>) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut hangup = signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
+    let mut hangup =
+        signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
             let _ = state.reload();
@@ -149,9 +171,15 @@ async fn shutdown_signal() {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
         LogFormat::Text => builder.init(),
     }
 }
