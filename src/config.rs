@@ -383,7 +383,8 @@ impl Config {
     pub fn route_for<'a, 'p>(&'a self, path: &'p str) -> Option<(&'a Route, &'p str)> {
         self.routes.iter().find_map(|route| {
             let rest = path.strip_prefix(route.prefix.as_str())?;
-            (rest.is_empty() || rest.starts_with('/') || route.prefix == "/").then_some((route, rest))
+            (rest.is_empty() || rest.starts_with('/') || route.prefix == "/")
+                .then_some((route, rest))
         })
     }
 }
@@ -421,37 +422,57 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
     for (i, route) in raw.routes.iter().enumerate() {
         let key = |field: &str| format!("routes[{i}].{field}");
         if route.name.is_empty() || !route.name.bytes().all(is_label_byte) {
-            push(&key("name"), "must be 1+ characters of [A-Za-z0-9._:-]".into());
+            push(
+                &key("name"),
+                "must be 1+ characters of [A-Za-z0-9._:-]".into(),
+            );
         } else if !names.insert(route.name.clone()) {
-            push(&key("name"), format!("duplicate route name `{}`", route.name));
+            push(
+                &key("name"),
+                format!("duplicate route name `{}`", route.name),
+            );
         }
         let prefix = route.prefix.trim_end_matches('/');
         let prefix = if prefix.is_empty() { "/" } else { prefix };
         if !route.prefix.starts_with('/') {
             push(&key("prefix"), "must start with `/`".into());
         } else if prefix.contains("//") || prefix.split('/').any(|s| s == ".." || s == ".") {
-            push(&key("prefix"), "must not contain `//`, `.` or `..` segments".into());
+            push(
+                &key("prefix"),
+                "must not contain `//`, `.` or `..` segments".into(),
+            );
         } else if !prefixes.insert(prefix.to_string()) {
             push(&key("prefix"), format!("duplicate prefix `{prefix}`"));
         }
         let upstream = match route.upstream.parse::<http::Uri>() {
             Ok(uri) => match (uri.scheme(), uri.authority()) {
                 (Some(scheme), Some(authority))
-                    if (scheme == &http::uri::Scheme::HTTP || scheme == &http::uri::Scheme::HTTPS)
+                    if (scheme == &http::uri::Scheme::HTTP
+                        || scheme == &http::uri::Scheme::HTTPS)
                         && uri.query().is_none() =>
                 {
-                    Some((scheme.clone(), authority.clone(), uri.path().trim_end_matches('/').to_string()))
+                    Some((
+                        scheme.clone(),
+                        authority.clone(),
+                        uri.path().trim_end_matches('/').to_string(),
+                    ))
                 }
                 _ => {
                     push(
                         &key("upstream"),
-                        format!("`{}` must be an http:// or https:// URL without a query", route.upstream),
+                        format!(
+                            "`{}` must be an http:// or https:// URL without a query",
+                            route.upstream
+                        ),
                     );
                     None
                 }
             },
             Err(e) => {
-                push(&key("upstream"), format!("`{}` is not a URL: {e}", route.upstream));
+                push(
+                    &key("upstream"),
+                    format!("`{}` is not a URL: {e}", route.upstream),
+                );
                 None
             }
         };
@@ -476,7 +497,10 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
                 match Money::from_usd_f64(usd) {
                     Ok(m) => Some(ToolCost::Fixed(m)),
                     Err(e) => {
-                        push(&key("cost_per_call_usd"), format!("must be a non-negative USD amount: {e}"));
+                        push(
+                            &key("cost_per_call_usd"),
+                            format!("must be a non-negative USD amount: {e}"),
+                        );
                         None
                     }
                 }
@@ -484,7 +508,10 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
                 match http::HeaderName::from_bytes(header.as_bytes()) {
                     Ok(h) => Some(ToolCost::Header(h)),
                     Err(_) => {
-                        push(&key("cost_header"), format!("`{header}` is not a valid header name"));
+                        push(
+                            &key("cost_header"),
+                            format!("`{header}` is not a valid header name"),
+                        );
                         None
                     }
                 }
@@ -492,7 +519,10 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
                 if pointer.is_empty() || pointer.starts_with('/') {
                     Some(ToolCost::JsonPointer(pointer.clone()))
                 } else {
-                    push(&key("cost_json_pointer"), "a JSON pointer starts with `/`".into());
+                    push(
+                        &key("cost_json_pointer"),
+                        "a JSON pointer starts with `/`".into(),
+                    );
                     None
                 }
             } else {
@@ -506,7 +536,10 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
                 ("cost_json_pointer", route.cost_json_pointer.is_some()),
             ] {
                 if set {
-                    push(&key(field), "only tool routes (kind = \"tool\") take this key".into());
+                    push(
+                        &key(field),
+                        "only tool routes (kind = \"tool\") take this key".into(),
+                    );
                 }
             }
             None
@@ -526,7 +559,7 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
             });
         }
     }
-    routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+    routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
 
     for message in raw.budget.validate("budget") {
         problems.push(split_key_message(message));
@@ -536,7 +569,8 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
     }
 
     let attr = &raw.attribution;
-    let mut header = |field: &str, value: &str| match http::HeaderName::from_bytes(value.as_bytes()) {
+    let mut header = |field: &str, value: &str| match http::HeaderName::from_bytes(value.as_bytes())
+    {
         Ok(h) => Some(h),
         Err(_) => {
             problems.push((
@@ -557,12 +591,21 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
 
     let limits = &raw.limits;
     for (field, value) in [
-        ("max_request_body_bytes", limits.max_request_body_bytes as u64),
+        (
+            "max_request_body_bytes",
+            limits.max_request_body_bytes as u64,
+        ),
         ("max_header_bytes", limits.max_header_bytes as u64),
         ("max_headers", limits.max_headers as u64),
         ("header_read_timeout_ms", limits.header_read_timeout_ms),
-        ("upstream_connect_timeout_ms", limits.upstream_connect_timeout_ms),
-        ("upstream_response_timeout_ms", limits.upstream_response_timeout_ms),
+        (
+            "upstream_connect_timeout_ms",
+            limits.upstream_connect_timeout_ms,
+        ),
+        (
+            "upstream_response_timeout_ms",
+            limits.upstream_response_timeout_ms,
+        ),
         ("stream_idle_timeout_ms", limits.stream_idle_timeout_ms),
         ("max_event_bytes", limits.max_event_bytes as u64),
     ] {
@@ -577,28 +620,34 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
         ));
     }
     if raw.metrics.max_label_values == 0 {
-        problems.push(("metrics.max_label_values".into(), "must be greater than 0".into()));
+        problems.push((
+            "metrics.max_label_values".into(),
+            "must be greater than 0".into(),
+        ));
     }
 
     match (listen, admin_listen, attribution, problems.is_empty()) {
-        (Some(listen), Some(admin_listen), (Some(a), Some(b), Some(c), Some(d), Some(e), Some(f)), true) => {
-            Ok(Config {
-                listen,
-                admin_listen,
-                routes,
-                admin_token,
-                attribution: AttributionHeaders {
-                    run_id: a,
-                    release: b,
-                    request_type: c,
-                    budget: d,
-                    run_status: e,
-                    stop_reason: f,
-                },
-                base_dir,
-                raw,
-            })
-        }
+        (
+            Some(listen),
+            Some(admin_listen),
+            (Some(a), Some(b), Some(c), Some(d), Some(e), Some(f)),
+            true,
+        ) => Ok(Config {
+            listen,
+            admin_listen,
+            routes,
+            admin_token,
+            attribution: AttributionHeaders {
+                run_id: a,
+                release: b,
+                request_type: c,
+                budget: d,
+                run_status: e,
+                stop_reason: f,
+            },
+            base_dir,
+            raw,
+        }),
         _ => Err(problems),
     }
 }
@@ -709,7 +758,10 @@ kind = "openai"
         )
         .unwrap();
         let (route, rest) = config.route_for("/openai/v1/chat/completions").unwrap();
-        assert_eq!((route.name.as_str(), rest), ("openai", "/v1/chat/completions"));
+        assert_eq!(
+            (route.name.as_str(), rest),
+            ("openai", "/v1/chat/completions")
+        );
         let (route, rest) = config.route_for("/openai/eu/v1/x").unwrap();
         assert_eq!((route.name.as_str(), rest), ("openai-eu", "/v1/x"));
         assert_eq!(route.upstream_path, "/base");
@@ -735,7 +787,9 @@ kind = "openai"
         assert_eq!(err.issues.len(), 1);
         assert_eq!(err.issues[0].key, "routes[0].upstream");
         assert_eq!(err.issues[0].line, Some(8));
-        assert!(err.to_string().contains("test.toml: routes[0].upstream (line 8)"));
+        assert!(err
+            .to_string()
+            .contains("test.toml: routes[0].upstream (line 8)"));
     }
 
     #[test]
@@ -774,7 +828,10 @@ cost_per_call_usd = 0.005
         .unwrap();
         let route = &config.routes[0];
         assert_eq!(route.tool.as_deref(), Some("web_search"));
-        assert_eq!(route.tool_cost, Some(ToolCost::Fixed(Money::parse_usd("0.005").unwrap())));
+        assert_eq!(
+            route.tool_cost,
+            Some(ToolCost::Fixed(Money::parse_usd("0.005").unwrap()))
+        );
     }
 
     #[test]
@@ -791,6 +848,9 @@ max_headers = 0
         )
         .unwrap_err();
         let keys: Vec<_> = err.issues.iter().map(|i| i.key.as_str()).collect();
-        assert_eq!(keys, ["server.listen", "admin.listen", "limits.max_headers"]);
+        assert_eq!(
+            keys,
+            ["server.listen", "admin.listen", "limits.max_headers"]
+        );
     }
 }

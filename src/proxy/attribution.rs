@@ -58,7 +58,7 @@ impl UrlAttribution {
             let (key, value) = pair
                 .split_once('=')
                 .ok_or_else(|| bad(format!("`{pair}` is not key=value")))?;
-            if !value.bytes().all(|b| is_label_byte(b)) {
+            if !value.bytes().all(is_label_byte) {
                 return Err(bad(format!(
                     "value of `{key}` must be characters of [A-Za-z0-9._:-]"
                 )));

@@ -16,6 +16,7 @@
 pub mod attribution;
 pub mod body;
 pub mod error;
+pub mod guards;
 pub mod request;
 pub mod route;
 pub mod settle;
@@ -26,7 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -51,6 +52,8 @@ const MAX_BUFFERED_RESPONSE: usize = 4 * 1024 * 1024;
 
 pub const RUN_COST_HEADER: &str = "x-agent-run-cost-usd";
 pub const BUDGET_REMAINING_HEADER: &str = "x-agent-budget-remaining-usd";
+/// Set when `budget.clamp_max_tokens` lowered the call's output limit.
+pub const MAX_TOKENS_CLAMPED_HEADER: &str = "x-agent-max-tokens-clamped";
 
 pub fn full_body(bytes: Bytes) -> ProxyBody {
     Full::new(bytes).map_err(|never| match never {}).boxed()
@@ -131,18 +134,49 @@ pub async fn handle(
         .run_id
         .as_ref()
         .map(|_| hash_body(&route.name, &body));
-    let admission = state.budgets.admit(&CallRequest {
+    let request_bytes = body.len() as u64;
+    let mut info = info;
+    let mut upstream_body = rewritten.unwrap_or(body);
+    let mut reservation = reservation;
+    let mut clamped_to = None;
+    let model = info.model.clone();
+    let call = |reservation| CallRequest {
         run_id: attribution.run_id.as_deref(),
         release: &attribution.release,
         request_type: &attribution.request_type,
-        model: info.model.as_deref(),
+        model: model.as_deref(),
         tool: route.tool.as_deref(),
         route: &route.name,
         budget_header: attribution.budget,
         reservation,
         sdk_retry_count: retry_count,
         body_hash,
-    });
+    };
+    if policy.clamp_max_tokens && kind != RouteKind::Tool {
+        // Lower the output limit to what the run can still pay for, rather
+        // than refuse the call (an opt-in guard).
+        if let (Some(headroom), Some(model)) =
+            (state.budgets.headroom(&call(reservation)), model.clone())
+        {
+            if reservation > headroom {
+                let prompt_tokens = request_bytes.div_ceil(4);
+                let affordable =
+                    guards::affordable_output_tokens(&pricing, &model, prompt_tokens, headroom)
+                        .filter(|t| *t >= guards::MIN_CLAMPED_OUTPUT_TOKENS);
+                if let Some(limit) = affordable {
+                    if let Some(clamped) =
+                        guards::with_output_limit(kind, rest, &upstream_body, limit)
+                    {
+                        upstream_body = clamped;
+                        info.max_output_tokens = Some(limit);
+                        reservation = state.reservation_for(&pricing, &info, request_bytes);
+                        clamped_to = Some(limit);
+                    }
+                }
+            }
+        }
+    }
+    let admission = state.budgets.admit(&call(reservation));
     let admission = match admission {
         Ok(admission) => admission,
         Err(refusal) => {
@@ -229,8 +263,6 @@ pub async fn handle(
         Ok(uri) => uri,
         Err(e) => return Ok(refuse_after_admission(e, kind, admission)),
     };
-    let request_bytes = body.len() as u64;
-    let upstream_body = rewritten.unwrap_or(body);
     let upstream_request = match upstream::upstream_request(
         &parts,
         uri,
@@ -359,12 +391,14 @@ pub async fn handle(
             head.headers.remove(http::header::CONTENT_LENGTH);
             let mut response = Response::from_parts(head, full_body(buffered.freeze()));
             apply_settled(&mut response, settled);
+            note_clamp(&mut response, clamped_to);
             return Ok(response);
         }
         metered.set_prefix(buffered.freeze());
     }
     let mut response = Response::from_parts(head, metered.boxed());
     set_cost_headers(&mut response, spent_before, remaining_before);
+    note_clamp(&mut response, clamped_to);
     Ok(response)
 }
 
@@ -400,6 +434,15 @@ fn set_cost_headers(response: &mut Response<ProxyBody>, run_cost: Money, remaini
     }
 }
 
+/// Tells the client its output limit was lowered by the budget guard.
+fn note_clamp(response: &mut Response<ProxyBody>, clamped_to: Option<u64>) {
+    if let Some(limit) = clamped_to {
+        response
+            .headers_mut()
+            .insert(MAX_TOKENS_CLAMPED_HEADER, HeaderValue::from(limit));
+    }
+}
+
 fn header_str(headers: &http::HeaderMap, name: http::header::HeaderName) -> Option<String> {
     headers
         .get(name)
@@ -414,13 +457,4 @@ fn hash_body(route: &str, body: &Bytes) -> u64 {
     route.hash(&mut hasher);
     body.hash(&mut hasher);
     hasher.finish()
-}
-
-/// 404 for anything else on the agent listener is produced by routing; this
-/// helper answers a request the server could not parse into one.
-pub fn status_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
-    let body = serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "code": null, "param": null}});
-    let mut response = Response::new(full_body(Bytes::from(body.to_string())));
-    *response.status_mut() = status;
-    response
 }

@@ -132,10 +132,8 @@ impl CallMeter {
         let (run_cost_after, remaining_after) = match &self.admission {
             Some(admission) => {
                 let before = admission.run_spent();
-                let remaining = admission.remaining().map(|r| {
-                    r.saturating_add(admission.reservation())
-                        .saturating_sub(cost)
-                });
+                // `remaining` already leaves out this call's own reservation.
+                let remaining = admission.remaining().map(|r| r.saturating_sub(cost));
                 (before.saturating_add(cost), remaining)
             }
             None => (cost, None),
@@ -179,7 +177,7 @@ impl CallMeter {
     ) -> (Money, CostKind, Record) {
         let metrics = &self.state.metrics;
         let provider = self.kind.as_str();
-        let observation = observation.unwrap_or_else(|| empty_observation());
+        let observation = observation.unwrap_or_else(empty_observation);
         if observation.parse_error {
             metrics
                 .usage_parse_errors

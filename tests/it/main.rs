@@ -3,6 +3,7 @@
 
 mod support;
 
+mod budget;
 mod errors;
 mod passthrough;
 mod sdk;

@@ -281,7 +281,11 @@ pub async fn send(request: Request<Bytes>) -> Response<Incoming> {
         .expect("request reaches tollgate")
 }
 
-pub async fn post_json(url: impl AsRef<str>, headers: &[(&str, &str)], body: &str) -> Response<Incoming> {
+pub async fn post_json(
+    url: impl AsRef<str>,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Response<Incoming> {
     let mut builder = Request::post(url.as_ref()).header("content-type", "application/json");
     for (k, v) in headers {
         builder = builder.header(*k, *v);
