@@ -41,7 +41,9 @@ impl MoneyCounter {
         // 18 million USD) stays at its maximum instead of wrapping.
         let _ = self
             .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(amount.picos())));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_add(amount.picos()))
+            });
     }
 
     pub fn get(&self) -> Money {
@@ -55,7 +57,10 @@ impl TypedMetric for MoneyCounter {
 
 impl EncodeMetric for MoneyCounter {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        encoder.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&self.get().as_usd_f64(), None)
+        encoder.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(
+            &self.get().as_usd_f64(),
+            None,
+        )
     }
 
     fn metric_type(&self) -> MetricType {
@@ -265,16 +270,36 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("agent_token_usage", "Tokens used, by model, token type and release", m.token_usage.clone());
-        r.register("agent_llm_cost_usd", "LLM spend in USD, by model and release", m.llm_cost.clone());
-        r.register("agent_tool_cost_usd", "Paid tool spend in USD, by tool and release", m.tool_cost.clone());
+        r.register(
+            "agent_token_usage",
+            "Tokens used, by model, token type and release",
+            m.token_usage.clone(),
+        );
+        r.register(
+            "agent_llm_cost_usd",
+            "LLM spend in USD, by model and release",
+            m.llm_cost.clone(),
+        );
+        r.register(
+            "agent_tool_cost_usd",
+            "Paid tool spend in USD, by tool and release",
+            m.tool_cost.clone(),
+        );
         r.register(
             "agent_segment_cost_usd",
             "All spend (LLM and tool) in USD, by release and request type",
             m.segment_cost.clone(),
         );
-        r.register("agent_run", "Runs ended, by status, stop reason and release", m.run_total.clone());
-        r.register("agent_run_cost_usd", "Total cost of each ended run in USD", m.run_cost.clone());
+        r.register(
+            "agent_run",
+            "Runs ended, by status, stop reason and release",
+            m.run_total.clone(),
+        );
+        r.register(
+            "agent_run_cost_usd",
+            "Total cost of each ended run in USD",
+            m.run_cost.clone(),
+        );
         r.register(
             "agent_budget_breach",
             "Runs that ended with a cost above their ceiling",
@@ -285,8 +310,16 @@ impl Metrics {
             "Calls refused for budget, by release and scope (run, window)",
             m.budget_rejections.clone(),
         );
-        r.register("agent_calls", "Calls proxied, by route and response status", m.calls.clone());
-        r.register("agent_tool_calls", "Tool calls, by tool and response status", m.tool_calls.clone());
+        r.register(
+            "agent_calls",
+            "Calls proxied, by route and response status",
+            m.calls.clone(),
+        );
+        r.register(
+            "agent_tool_calls",
+            "Tool calls, by tool and response status",
+            m.tool_calls.clone(),
+        );
         r.register(
             "agent_usage_estimated",
             "Calls charged an estimate because usage could not be read",
@@ -302,7 +335,11 @@ impl Metrics {
             "Calls of a model the price table does not know (charged zero)",
             m.unpriced_calls.clone(),
         );
-        r.register("agent_retries", "Calls recognised as retries, by kind", m.retries.clone());
+        r.register(
+            "agent_retries",
+            "Calls recognised as retries, by kind",
+            m.retries.clone(),
+        );
         r.register(
             "agent_repeated_calls",
             "Calls whose request body repeats an earlier call of the same run",
@@ -333,13 +370,21 @@ impl Metrics {
             "Spend settled against budgets, in USD",
             m.budget_settled.clone(),
         );
-        r.register("agent_active_runs", "Runs currently tracked", m.active_runs.clone());
+        r.register(
+            "agent_active_runs",
+            "Runs currently tracked",
+            m.active_runs.clone(),
+        );
         r.register(
             "agent_runs_evicted",
             "Runs ended early because the run table was full",
             m.runs_evicted.clone(),
         );
-        r.register("agent_config_reloads", "Config reloads, by result", m.config_reloads.clone());
+        r.register(
+            "agent_config_reloads",
+            "Config reloads, by result",
+            m.config_reloads.clone(),
+        );
         let mut m = m;
         m.registry = registry;
         Arc::new(m)
@@ -422,5 +467,94 @@ impl EncodeMetric for SharedMoneyCounter {
     }
     fn metric_type(&self) -> MetricType {
         MetricType::Counter
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_overflow_to_other() {
+        let cap = LabelCap::new(2);
+        assert_eq!(cap.get("a"), "a");
+        assert_eq!(cap.get("b"), "b");
+        assert_eq!(cap.get("c"), "other");
+        assert_eq!(cap.get("a"), "a");
+    }
+
+    #[test]
+    fn contract_metrics_have_their_names_types_and_buckets() {
+        let m = Metrics::new(200);
+        m.record_tokens(
+            "gpt-4.1",
+            "r1",
+            &Usage {
+                input_tokens: Some(10),
+                output_tokens: Some(3),
+                ..Usage::default()
+            },
+        );
+        m.llm_cost
+            .get_or_create(&ModelRelease {
+                model: "gpt-4.1".into(),
+                release: "r1".into(),
+            })
+            .add(Money::parse_usd("0.000123").unwrap());
+        m.tool_cost
+            .get_or_create(&ToolRelease {
+                tool: "search".into(),
+                release: "r1".into(),
+            })
+            .add(Money::parse_usd("0.005").unwrap());
+        m.run_total
+            .get_or_create(&RunLabels {
+                status: "ok".into(),
+                stop_reason: "completed".into(),
+                release: "r1".into(),
+            })
+            .inc();
+        m.run_cost
+            .get_or_create(&ReleaseLabel {
+                release: "r1".into(),
+            })
+            .observe(0.02);
+        m.budget_breach
+            .get_or_create(&ReleaseLabel {
+                release: "r1".into(),
+            })
+            .inc();
+        let text = m.render();
+        for line in [
+            "# TYPE agent_run counter",
+            "agent_run_total{status=\"ok\",stop_reason=\"completed\",release=\"r1\"} 1",
+            "# TYPE agent_llm_cost_usd counter",
+            "agent_llm_cost_usd_total{model=\"gpt-4.1\",release=\"r1\"} 0.000123",
+            "# TYPE agent_tool_cost_usd counter",
+            "agent_tool_cost_usd_total{tool=\"search\",release=\"r1\"} 0.005",
+            "# TYPE agent_token_usage counter",
+            "agent_token_usage_total{model=\"gpt-4.1\",token_type=\"prompt\",release=\"r1\"} 10",
+            "agent_token_usage_total{model=\"gpt-4.1\",token_type=\"completion\",release=\"r1\"} 3",
+            "# TYPE agent_run_cost_usd histogram",
+            "agent_run_cost_usd_bucket{le=\"0.001\",release=\"r1\"} 0",
+            "agent_run_cost_usd_bucket{le=\"0.03\",release=\"r1\"} 1",
+            "agent_run_cost_usd_bucket{le=\"3.0\",release=\"r1\"} 1",
+            "# TYPE agent_budget_breach counter",
+            "agent_budget_breach_total{release=\"r1\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in\n{text}"
+            );
+        }
+        let buckets = text
+            .lines()
+            .filter(|l| l.starts_with("agent_run_cost_usd_bucket"))
+            .count();
+        assert_eq!(
+            buckets,
+            RUN_COST_BUCKETS.len() + 1,
+            "the contract's 8 buckets and +Inf"
+        );
     }
 }

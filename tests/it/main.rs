@@ -6,5 +6,6 @@ mod support;
 mod budget;
 mod errors;
 mod passthrough;
+mod reload;
 mod sdk;
 mod streaming;
