@@ -18,7 +18,7 @@
 //! the compaction iterations out.
 
 use super::extract::{trim, Extractor};
-use super::wire::{add_opt, error_label, finders, string_value_bytes, Count};
+use super::wire::{add_opt, error_label, for_each_member, string_at, Count};
 use super::Usage;
 use serde::Deserialize;
 use serde_json::Value;
@@ -254,11 +254,15 @@ pub(crate) fn sse_event(ex: &mut Extractor, name: &[u8], data: &[u8], at_eof: bo
 }
 
 fn count_text(ex: &mut Extractor, data: &[u8]) {
-    let n: u64 = finders()
-        .text_keys_anthropic
-        .iter()
-        .map(|k| string_value_bytes(data, k))
-        .sum();
+    let mut n = 0u64;
+    for_each_member(data, |k, v| {
+        if matches!(k, b"text" | b"thinking" | b"partial_json") {
+            let (len, next) = string_at(data, v)?;
+            n = n.saturating_add(len);
+            return Some(next);
+        }
+        None
+    });
     ex.add_text(n);
 }
 

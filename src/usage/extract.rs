@@ -36,6 +36,9 @@ pub(crate) struct Extractor {
     pub(crate) gemini_finished: bool,
     pub(crate) anthropic: anthropic::Fields,
     pub(crate) stray: gemini::Stray,
+    /// Raw bytes of the latest Gemini `usageMetadata` seen in a stream,
+    /// decoded by [`Extractor::settle`].
+    gemini_usage: Option<Vec<u8>>,
 }
 
 impl Extractor {
@@ -53,6 +56,23 @@ impl Extractor {
             gemini_finished: false,
             anthropic: anthropic::Fields::default(),
             stray: gemini::Stray::new(max_stray_bytes),
+            gemini_usage: None,
+        }
+    }
+
+    /// Keeps the raw latest Gemini `usageMetadata` (see `gemini`).
+    pub(crate) fn keep_gemini_usage(&mut self, raw: &[u8]) {
+        let buf = self.gemini_usage.get_or_insert_with(Vec::new);
+        buf.clear();
+        buf.extend_from_slice(raw);
+    }
+
+    /// End of body: decodes state kept raw during the stream.
+    pub(crate) fn settle(&mut self) {
+        if let Some(raw) = self.gemini_usage.take() {
+            if let Some(Some(u)) = self.parse::<Option<gemini::GemUsage>>(&raw, false) {
+                self.set_usage(u.to_usage());
+            }
         }
     }
 
@@ -196,6 +216,13 @@ impl JsonSink for Extractor {
 
     fn malformed(&mut self) {
         self.parse_error = true;
+    }
+
+    fn wants(&self, key: Key) -> bool {
+        match key {
+            Key::Model | Key::ModelVersion => self.model.is_none(),
+            _ => true,
+        }
     }
 }
 

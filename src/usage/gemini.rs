@@ -2,10 +2,10 @@
 //!
 //! Flow per SSE event (`data: {...}\r\n\r\n`, no names, no terminator): every
 //! chunk repeats the running `usageMetadata`, so the last one wins. Gemini
-//! chunks are mostly text, so instead of deserializing each chunk we locate
-//! the top-level `usageMetadata` and `modelVersion` values by substring
-//! search and bracket matching (`wire::value_of`) and deserialize only those
-//! few bytes. A chunk with a non-null `error` is parsed in full.
+//! chunks are mostly text, so instead of deserializing each chunk we walk its
+//! members once (`wire::for_each_member`), skipping over text, keep the raw
+//! bytes of the latest `usageMetadata` and decode only that one at the end.
+//! A chunk with a non-null `error` is parsed in full.
 //!
 //! Terminal: Gemini streams simply end. Since the tap's `finish` also runs
 //! when a client aborts, an end of stream counts as Completed only if it came
@@ -24,7 +24,7 @@
 use super::extract::{trim, Extractor};
 use super::openai;
 use super::wire::{
-    add_opt, error_label, finders, has_non_null, string_value_bytes, value_of, Count,
+    add_opt, error_label, finders, for_each_member, non_null_at, string_at, value_end, Count,
 };
 use super::Usage;
 use serde::Deserialize;
@@ -72,34 +72,63 @@ struct ErrorEnvelope {
 
 pub(crate) fn sse_event(ex: &mut Extractor, name: &[u8], data: &[u8], at_eof: bool) {
     let body = trim(data);
-    let f = finders();
     // Gemini's OpenAI-compatible endpoint speaks OpenAI's stream format.
     if body.starts_with(b"[DONE]") {
         ex.terminal = true;
         return;
     }
-    let meta = value_of(body, &f.usage_metadata);
-    if meta.is_none() && has_non_null(body, &f.usage) {
+    let want_model = ex.model.is_none();
+    let mut text = 0u64;
+    let mut meta = None;
+    let mut model = None;
+    let mut finished = false;
+    let mut error = false;
+    let mut usage = false;
+    for_each_member(body, |k, v| {
+        match k {
+            b"text" => {
+                let (n, next) = string_at(body, v)?;
+                text = text.saturating_add(n);
+                return Some(next);
+            }
+            b"usageMetadata" => {
+                let end = value_end(body, v)?;
+                meta = Some((v, end));
+                return Some(end);
+            }
+            b"modelVersion" => {
+                let end = value_end(body, v)?;
+                if want_model {
+                    model = Some((v, end));
+                }
+                return Some(end);
+            }
+            b"finishReason" | b"blockReason" => finished = true,
+            b"error" => error |= non_null_at(body, v),
+            b"usage" => usage |= non_null_at(body, v),
+            _ => {}
+        }
+        None
+    });
+    if meta.is_none() && usage {
         openai::sse_event(ex, name, data, at_eof);
         return;
     }
-    ex.add_text(string_value_bytes(body, &f.text_key_text));
-    if f.finish_reason.find(body).is_some() || f.block_reason.find(body).is_some() {
+    ex.add_text(text);
+    if finished {
         ex.gemini_finished = true;
     }
-    if let Some(raw) = meta {
-        if let Some(Some(u)) = ex.parse::<Option<GemUsage>>(raw, at_eof) {
-            ex.set_usage(u.to_usage());
+    if let Some(raw) = meta.and_then(|(a, b)| body.get(a..b)) {
+        // Running totals: only the last one matters, so it is kept raw and
+        // decoded once at the end (`Extractor::settle`).
+        ex.keep_gemini_usage(raw);
+    }
+    if let Some(raw) = model.and_then(|(a, b)| body.get(a..b)) {
+        if let Some(m) = ex.parse::<Option<String>>(raw, at_eof) {
+            ex.set_model(m.as_deref());
         }
     }
-    if ex.model.is_none() {
-        if let Some(raw) = value_of(body, &f.model_version) {
-            if let Some(m) = ex.parse::<Option<String>>(raw, at_eof) {
-                ex.set_model(m.as_deref());
-            }
-        }
-    }
-    if name == b"error" || has_non_null(body, &f.error) {
+    if name == b"error" || error {
         read_error(ex, body, at_eof);
     }
 }

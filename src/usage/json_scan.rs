@@ -99,6 +99,11 @@ pub(crate) trait JsonSink {
     /// Something is structurally wrong (stray bracket, broken record,
     /// captured value over the cap).
     fn malformed(&mut self);
+    /// Whether a captured key is still of interest (a model already known
+    /// need not be copied out of every NDJSON record again).
+    fn wants(&self, _key: Key) -> bool {
+        true
+    }
 }
 
 /// Bytes that matter when skipping deep, uninteresting structure.
@@ -208,11 +213,7 @@ impl JsonScanner {
                     continue;
                 }
                 let rest = buf.get(i..).unwrap_or_default();
-                let found = if self.lines {
-                    memchr3(b'"', b'\\', b'\n', rest)
-                } else {
-                    memchr2(b'"', b'\\', rest)
-                };
+                let found = self.string_stop(rest);
                 let Some(p) = found else {
                     self.string_piece(rest, sink);
                     break;
@@ -267,7 +268,7 @@ impl JsonScanner {
                     }
                 }
                 b'"' => {
-                    self.start_value(i, &mut cap_from);
+                    self.start_value(i, &mut cap_from, sink);
                     self.in_string = true;
                     self.string_is_key = self.expect_key && self.in_object();
                     self.reading_key =
@@ -283,7 +284,7 @@ impl JsonScanner {
                     }
                 }
                 b'{' | b'[' => {
-                    self.start_value(i, &mut cap_from);
+                    self.start_value(i, &mut cap_from, sink);
                     if self.depth == 0 {
                         self.member_depth = if b == b'[' { 2 } else { 1 };
                     }
@@ -334,7 +335,7 @@ impl JsonScanner {
                         }
                     } else if self.depth == self.member_depth && self.pending.is_some() {
                         // A scalar member value starts.
-                        self.start_value(i, &mut cap_from);
+                        self.start_value(i, &mut cap_from, sink);
                         if self.capture.is_some() {
                             self.capture_scalar = true;
                         }
@@ -396,12 +397,12 @@ impl JsonScanner {
 
     /// A value begins at `buf[i]`: if it is the value of a member just read,
     /// start capturing or text accounting.
-    fn start_value(&mut self, i: usize, cap_from: &mut Option<usize>) {
+    fn start_value<S: JsonSink>(&mut self, i: usize, cap_from: &mut Option<usize>, sink: &S) {
         if self.depth != self.member_depth {
             return;
         }
         match self.pending.take() {
-            Some(KeyKind::Capture(k)) => {
+            Some(KeyKind::Capture(k)) if sink.wants(k) => {
                 self.capture = Some(k);
                 self.captured.clear();
                 self.capture_over = false;
@@ -412,8 +413,26 @@ impl JsonScanner {
                 self.text = true;
                 self.text_key = false;
             }
-            Some(KeyKind::Other) | None => {}
+            Some(KeyKind::Capture(_)) | Some(KeyKind::Other) | None => {}
         }
+    }
+
+    /// Next byte that ends or escapes a string (or a raw newline in NDJSON).
+    /// Most strings in provider JSON are short keys and ids, for which a
+    /// plain loop beats setting up a vectorised search.
+    fn string_stop(&self, rest: &[u8]) -> Option<usize> {
+        let stop = |b: &u8| *b == b'"' || *b == b'\\' || (self.lines && *b == b'\n');
+        let head = rest.get(..rest.len().min(24)).unwrap_or_default();
+        if let Some(p) = head.iter().position(stop) {
+            return Some(p);
+        }
+        let tail = rest.get(head.len()..)?;
+        let p = if self.lines {
+            memchr3(b'"', b'\\', b'\n', tail)
+        } else {
+            memchr2(b'"', b'\\', tail)
+        }?;
+        Some(head.len() + p)
     }
 
     /// A scalar member value ends before `buf[i]` (delimiter or whitespace).

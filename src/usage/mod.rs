@@ -267,6 +267,7 @@ impl Body {
             Parser::Json(s) => s.at_rest(),
         };
         gemini::finish_stray(&mut self.ex);
+        self.ex.settle();
         let ex = &self.ex;
         let completed = match self.format {
             Some(BodyFormat::Sse) => {

@@ -20,7 +20,7 @@
 //!    event (flat or nested) and `response.failed` make the outcome Failed.
 
 use super::extract::{trim, Extractor};
-use super::wire::{error_label, finders, has_non_null, string_value_bytes, Count};
+use super::wire::{error_label, for_each_member, non_null_at, string_at, Count};
 use super::Usage;
 use serde::Deserialize;
 use serde_json::Value;
@@ -138,28 +138,72 @@ struct Event {
     response: Option<ResponseObject>,
 }
 
+/// Keys whose string values are generated text in chat/completions chunks.
+fn chat_text_key(k: &[u8]) -> bool {
+    matches!(
+        k,
+        b"content" | b"text" | b"reasoning" | b"reasoning_content" | b"arguments" | b"refusal"
+    )
+}
+
+/// What one pass over an event's members found.
+#[derive(Default)]
+struct Scan {
+    text: u64,
+    usage: bool,
+    error: bool,
+    /// A `"type"` naming a Responses terminal or error event.
+    terminal_type: bool,
+}
+
+fn scan(data: &[u8], text_key: fn(&[u8]) -> bool) -> Scan {
+    let mut s = Scan::default();
+    for_each_member(data, |k, v| {
+        match k {
+            b"usage" => s.usage |= non_null_at(data, v),
+            b"error" => s.error |= non_null_at(data, v),
+            b"type" => {
+                let end = string_at(data, v)?.1;
+                let value = data.get(v + 1..end - 1)?;
+                s.terminal_type |= matches!(
+                    value,
+                    b"response.completed" | b"response.incomplete" | b"response.failed" | b"error"
+                );
+                return Some(end);
+            }
+            k if text_key(k) => {
+                let (n, next) = string_at(data, v)?;
+                s.text = s.text.saturating_add(n);
+                return Some(next);
+            }
+            _ => {}
+        }
+        None
+    });
+    s
+}
+
 pub(crate) fn sse_event(ex: &mut Extractor, name: &[u8], data: &[u8], at_eof: bool) {
     let body = trim(data);
     if body.starts_with(b"[DONE]") {
         ex.terminal = true;
         return;
     }
-    let f = finders();
-    let responses_api = name.starts_with(b"response.");
-    if responses_api {
-        // Only deltas: the `.done` events and `response.completed` repeat the
-        // whole text. Audio deltas are base64, not text.
+    let text_key: fn(&[u8]) -> bool = if name.starts_with(b"response.") {
+        // Only deltas count: the `.done` events and `response.completed`
+        // repeat the whole text. Audio deltas are base64, not text.
         if name.ends_with(b".delta") && !contains(name, b"audio") {
-            ex.add_text(string_value_bytes(data, &f.delta_key));
+            |k| k == b"delta"
+        } else {
+            |_| false
         }
     } else if name.is_empty() || name == b"message" {
-        let n: u64 = f
-            .text_keys_openai
-            .iter()
-            .map(|k| string_value_bytes(data, k))
-            .sum();
-        ex.add_text(n);
-    }
+        chat_text_key
+    } else {
+        |_| false
+    };
+    let s = scan(body, text_key);
+    ex.add_text(s.text);
 
     let error_event = name == b"error";
     let terminal_event = matches!(
@@ -169,9 +213,9 @@ pub(crate) fn sse_event(ex: &mut Extractor, name: &[u8], data: &[u8], at_eof: bo
     let wanted = error_event
         || terminal_event
         || ex.model.is_none()
-        || has_non_null(data, &f.usage)
-        || has_non_null(data, &f.error)
-        || (name.is_empty() && f.response_terminal.iter().any(|t| t.find(data).is_some()));
+        || s.usage
+        || s.error
+        || (name.is_empty() && s.terminal_type);
     if !wanted {
         return;
     }

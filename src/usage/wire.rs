@@ -138,20 +138,11 @@ fn truncate_label(mut s: String) -> String {
     s
 }
 
-/// Precompiled substring searchers used by the event pre-filters. Built once
-/// per process: building a `Finder` costs more than searching a short event.
+/// Precompiled substring searchers. Built once per process: building a
+/// `Finder` costs more than searching a short event.
 pub(crate) struct Finders {
     pub(crate) usage: Finder<'static>,
     pub(crate) error: Finder<'static>,
-    pub(crate) usage_metadata: Finder<'static>,
-    pub(crate) model_version: Finder<'static>,
-    pub(crate) finish_reason: Finder<'static>,
-    pub(crate) block_reason: Finder<'static>,
-    pub(crate) response_terminal: [Finder<'static>; 3],
-    pub(crate) text_keys_openai: [Finder<'static>; 6],
-    pub(crate) text_keys_anthropic: [Finder<'static>; 3],
-    pub(crate) text_key_text: Finder<'static>,
-    pub(crate) delta_key: Finder<'static>,
 }
 
 pub(crate) fn finders() -> &'static Finders {
@@ -159,30 +150,6 @@ pub(crate) fn finders() -> &'static Finders {
     F.get_or_init(|| Finders {
         usage: Finder::new(b"\"usage\""),
         error: Finder::new(b"\"error\""),
-        usage_metadata: Finder::new(b"\"usageMetadata\""),
-        model_version: Finder::new(b"\"modelVersion\""),
-        finish_reason: Finder::new(b"\"finishReason\""),
-        block_reason: Finder::new(b"\"blockReason\""),
-        response_terminal: [
-            Finder::new(b"\"response.completed\""),
-            Finder::new(b"\"response.incomplete\""),
-            Finder::new(b"\"response.failed\""),
-        ],
-        text_keys_openai: [
-            Finder::new(b"\"content\""),
-            Finder::new(b"\"text\""),
-            Finder::new(b"\"reasoning\""),
-            Finder::new(b"\"reasoning_content\""),
-            Finder::new(b"\"arguments\""),
-            Finder::new(b"\"refusal\""),
-        ],
-        text_keys_anthropic: [
-            Finder::new(b"\"text\""),
-            Finder::new(b"\"thinking\""),
-            Finder::new(b"\"partial_json\""),
-        ],
-        text_key_text: Finder::new(b"\"text\""),
-        delta_key: Finder::new(b"\"delta\""),
     })
 }
 
@@ -218,22 +185,9 @@ pub(crate) fn has_non_null(buf: &[u8], key: &Finder<'_>) -> bool {
         })
 }
 
-/// The raw bytes of the first value of `"key"` in `buf` (object, array,
-/// string or scalar), found without parsing the rest of the document. Only
-/// used for keys that occur at one place in a provider's schema (Gemini's
-/// top-level `usageMetadata` / `modelVersion`).
-pub(crate) fn value_of<'b>(buf: &'b [u8], key: &Finder<'_>) -> Option<&'b [u8]> {
-    let klen = key.needle().len();
-    key.find_iter(buf).find_map(|at| {
-        let start = value_start(buf, at + klen)?;
-        let end = value_end(buf, start)?;
-        buf.get(start..end)
-    })
-}
-
 /// End (exclusive) of the JSON value starting at `start`, by bracket and
 /// string matching; `None` if it does not end inside `buf`.
-fn value_end(buf: &[u8], start: usize) -> Option<usize> {
+pub(crate) fn value_end(buf: &[u8], start: usize) -> Option<usize> {
     let first = *buf.get(start)?;
     match first {
         b'"' => string_end(buf, start + 1).map(|e| e + 1),
@@ -270,10 +224,16 @@ fn value_end(buf: &[u8], start: usize) -> Option<usize> {
 }
 
 /// Index of the closing quote of a JSON string whose content starts at `i`.
-fn string_end(buf: &[u8], mut i: usize) -> Option<usize> {
+/// Most strings in provider JSON are short keys and ids, for which a plain
+/// loop beats setting up a vectorised search; long ones go to `memchr2`.
+pub(crate) fn string_end(buf: &[u8], mut i: usize) -> Option<usize> {
     loop {
         let rest = buf.get(i..)?;
-        let p = memchr::memchr2(b'"', b'\\', rest)?;
+        let head = rest.get(..rest.len().min(16)).unwrap_or_default();
+        let p = match head.iter().position(|&b| b == b'"' || b == b'\\') {
+            Some(p) => p,
+            None => head.len() + memchr::memchr2(b'"', b'\\', rest.get(head.len()..)?)?,
+        };
         match rest.get(p) {
             Some(b'"') => return Some(i + p),
             _ => i += p + 2,
@@ -281,26 +241,71 @@ fn string_end(buf: &[u8], mut i: usize) -> Option<usize> {
     }
 }
 
-/// Bytes of the string values of `"key"` in `buf` (raw, escapes included).
-/// This is the cheap text measure behind `output_text_bytes`: it counts
-/// escape sequences as written (`\n` is two bytes, `\u00e9` six), which
-/// overestimates non-ASCII and code text a little; non-string values
-/// (`"content":null`, `"delta":{...}`) count nothing.
-pub(crate) fn string_value_bytes(buf: &[u8], key: &Finder<'_>) -> u64 {
-    let klen = key.needle().len();
-    let mut total = 0u64;
-    for at in key.find_iter(buf) {
-        let Some(v) = value_start(buf, at + klen) else {
-            continue;
-        };
-        if buf.get(v) != Some(&b'"') {
-            continue;
+/// Walks the `"key": value` pairs of a JSON document in one pass, without
+/// parsing it: a small string-aware tokenizer remembers the last string it
+/// closed, and a `:` right after it (whitespace aside) makes that string a
+/// key. `f` gets the key (raw, escapes as written) and the index of the
+/// value's first byte, and returns where to resume (past a value it consumed,
+/// so nothing inside that value is visited) or `None` to go on after the
+/// colon. Keys at every depth are reported; callers match on the few names
+/// they care about.
+///
+/// This is the pre-filter of the SSE extractors: one pass per event instead
+/// of one substring search per key of interest, and no deserialization for
+/// the events that turn out not to matter. It never reads outside `buf`; an
+/// unterminated string simply ends the walk.
+pub(crate) fn for_each_member<F>(buf: &[u8], mut f: F)
+where
+    F: FnMut(&[u8], usize) -> Option<usize>,
+{
+    let mut i = 0;
+    let mut last_string: Option<(usize, usize)> = None;
+    while let Some(&b) = buf.get(i) {
+        match b {
+            b'"' => {
+                let Some(end) = string_end(buf, i + 1) else {
+                    return;
+                };
+                last_string = Some((i + 1, end));
+                i = end + 1;
+                continue;
+            }
+            b' ' | b'\t' | b'\r' | b'\n' => {}
+            b':' => {
+                if let Some((a, e)) = last_string.take() {
+                    let v = skip_ws(buf, i + 1);
+                    let key = buf.get(a..e).unwrap_or_default();
+                    if let Some(resume) = f(key, v) {
+                        if resume > i {
+                            i = resume;
+                            continue;
+                        }
+                    }
+                }
+            }
+            _ => last_string = None,
         }
-        if let Some(end) = string_end(buf, v + 1) {
-            total = total.saturating_add((end - v - 1) as u64);
-        }
+        i += 1;
     }
-    total
+}
+
+/// For [`for_each_member`] callbacks: the value at `v` is present and not
+/// `null`.
+pub(crate) fn non_null_at(buf: &[u8], v: usize) -> bool {
+    match buf.get(v..) {
+        Some(r) => !r.is_empty() && !r.starts_with(b"null"),
+        None => false,
+    }
+}
+
+/// For [`for_each_member`] callbacks: if the value at `v` is a string, its
+/// raw length and the index just past it.
+pub(crate) fn string_at(buf: &[u8], v: usize) -> Option<(u64, usize)> {
+    if buf.get(v) != Some(&b'"') {
+        return None;
+    }
+    let end = string_end(buf, v + 1)?;
+    Some(((end - v - 1) as u64, end + 1))
 }
 
 #[cfg(test)]
@@ -333,25 +338,38 @@ mod tests {
     }
 
     #[test]
-    fn value_extraction() {
-        let f = finders();
-        let doc = br#"{"a":"}","usageMetadata": {"p": [1,{"q":"]}"}]}, "modelVersion": "g-2"}"#;
-        assert_eq!(
-            value_of(doc, &f.usage_metadata),
-            Some(&br#"{"p": [1,{"q":"]}"}]}"#[..])
-        );
-        assert_eq!(value_of(doc, &f.model_version), Some(&br#""g-2""#[..]));
-        assert_eq!(
-            value_of(br#"{"usageMetadata": {"p":1"#, &f.usage_metadata),
-            None
-        );
+    fn value_end_matches_brackets_and_strings() {
+        let doc = br#"{"p": [1,{"q":"]}"}], "m": "g-2", "n": 12}"#;
+        assert_eq!(value_end(doc, 0), Some(doc.len()));
+        assert_eq!(value_end(doc, 6), Some(20));
+        assert_eq!(value_end(br#""a\"b" x"#, 0), Some(6));
+        assert_eq!(value_end(b"12}", 0), Some(2));
+        assert_eq!(value_end(br#"{"p": [1"#, 0), None);
     }
 
     #[test]
-    fn text_bytes() {
-        let f = finders();
-        let doc = br#"{"text": "ab\"c", "x": {"text":"de"}, "text":null}"#;
-        assert_eq!(string_value_bytes(doc, &f.text_key_text), 5 + 2);
+    fn member_walk() {
+        let doc = br#"{"id":"a:b","usage" : null,"choices":[{"delta":{"content":"x: \"y\": z"}}],"error":{"t":1}}"#;
+        let mut seen = Vec::new();
+        for_each_member(doc, |k, v| {
+            seen.push(String::from_utf8_lossy(k).into_owned());
+            if k == b"content" {
+                let (n, next) = string_at(doc, v)?;
+                assert_eq!(n, 11);
+                return Some(next);
+            }
+            if k == b"usage" {
+                assert!(!non_null_at(doc, v));
+            }
+            if k == b"error" {
+                assert!(non_null_at(doc, v));
+            }
+            None
+        });
+        assert_eq!(
+            seen,
+            ["id", "usage", "choices", "delta", "content", "error", "t"]
+        );
     }
 
     #[test]
