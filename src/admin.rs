@@ -21,18 +21,27 @@ use crate::state::AppState;
 /// Largest body accepted on admin endpoints.
 const MAX_ADMIN_BODY: usize = 64 * 1024;
 
-pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+pub async fn handle(
+    state: Arc<AppState>,
+    request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
     let path = request.uri().path().to_string();
     let method = request.method().clone();
     let config = state.config.load_full();
-    let needs_token = path.starts_with("/api/") || path == "/api" || (path == "/metrics" && config.raw.admin.protect_metrics);
+    let needs_token = path.starts_with("/api/")
+        || path == "/api"
+        || (path == "/metrics" && config.raw.admin.protect_metrics);
     if needs_token {
         if let Some(token) = &config.admin_token {
             if !bearer_matches(request.headers(), token) {
-                let mut response = json(StatusCode::UNAUTHORIZED, &serde_json::json!({"error": "missing or wrong bearer token"}));
-                response
-                    .headers_mut()
-                    .insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                let mut response = json(
+                    StatusCode::UNAUTHORIZED,
+                    &serde_json::json!({"error": "missing or wrong bearer token"}),
+                );
+                response.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer"),
+                );
                 return Ok(response);
             }
         }
@@ -43,21 +52,32 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<
             let mut response = Response::new(full_body(Bytes::from(state.metrics.render())));
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
-                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             response
         }
         (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         (&Method::GET, "/readyz") => {
             let routes = config.routes.len();
-            json(StatusCode::OK, &serde_json::json!({"status": "ready", "routes": routes}))
+            json(
+                StatusCode::OK,
+                &serde_json::json!({"status": "ready", "routes": routes}),
+            )
         }
         (&Method::POST, "/api/reload") => match state.reload() {
             Ok(()) => json(StatusCode::OK, &serde_json::json!({"reloaded": true})),
-            Err(e) => json(StatusCode::UNPROCESSABLE_ENTITY, &serde_json::json!({"reloaded": false, "error": e})),
+            Err(e) => json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &serde_json::json!({"reloaded": false, "error": e}),
+            ),
         },
         (_, p) if p.starts_with("/api/runs/") => runs(&state, method, p, request).await,
-        _ => json(StatusCode::NOT_FOUND, &serde_json::json!({"error": format!("no admin endpoint {method} {path}")})),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": format!("no admin endpoint {method} {path}")}),
+        ),
     };
     Ok(response)
 }
@@ -69,14 +89,23 @@ struct FinishBody {
     stop_reason: Option<String>,
 }
 
-async fn runs(state: &AppState, method: Method, path: &str, request: Request<Incoming>) -> Response<ProxyBody> {
+async fn runs(
+    state: &AppState,
+    method: Method,
+    path: &str,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
     let rest = &path["/api/runs/".len()..];
     let (run_id, action) = match rest.split_once('/') {
         Some((id, action)) => (id, Some(action)),
         None => (rest, None),
     };
-    if run_id.is_empty() || run_id.len() > 128 || !run_id.bytes().all(crate::config::is_label_byte) {
-        return json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": "run id must be 1 to 128 characters of [A-Za-z0-9._:-]"}));
+    if run_id.is_empty() || run_id.len() > 128 || !run_id.bytes().all(crate::config::is_label_byte)
+    {
+        return json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"error": "run id must be 1 to 128 characters of [A-Za-z0-9._:-]"}),
+        );
     }
     match (method, action) {
         (Method::GET, None) => match state.budgets.run_snapshot(run_id) {
@@ -101,12 +130,23 @@ async fn runs(state: &AppState, method: Method, path: &str, request: Request<Inc
                     "last_seen_ms": run.last_seen_ms,
                 }),
             ),
-            None => json(StatusCode::NOT_FOUND, &serde_json::json!({"error": format!("no active run `{run_id}`")})),
+            None => json(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"error": format!("no active run `{run_id}`")}),
+            ),
         },
         (Method::POST, Some("finish")) => {
-            let body = match http_body_util::Limited::new(request.into_body(), MAX_ADMIN_BODY).collect().await {
+            let body = match http_body_util::Limited::new(request.into_body(), MAX_ADMIN_BODY)
+                .collect()
+                .await
+            {
                 Ok(b) => b.to_bytes(),
-                Err(_) => return json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": "body unreadable or over 64 KiB"})),
+                Err(_) => {
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        &serde_json::json!({"error": "body unreadable or over 64 KiB"}),
+                    )
+                }
             };
             let finish: FinishBody = match serde_json::from_slice(&body) {
                 Ok(f) => f,
@@ -120,20 +160,40 @@ async fn runs(state: &AppState, method: Method, path: &str, request: Request<Inc
             let status = match finish.status.as_str() {
                 "completed" | "ok" => RunStatus::Ok,
                 "error" => RunStatus::Error,
-                other => return json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": format!("status `{other}` must be completed, ok or error")})),
+                other => {
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        &serde_json::json!({"error": format!("status `{other}` must be completed, ok or error")}),
+                    )
+                }
             };
             if let Some(reason) = finish.stop_reason.as_deref() {
                 if !STOP_REASONS.contains(&reason) {
-                    return json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": format!("stop_reason `{reason}` is not one of {}", STOP_REASONS.join(", "))}));
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        &serde_json::json!({"error": format!("stop_reason `{reason}` is not one of {}", STOP_REASONS.join(", "))}),
+                    );
                 }
             }
-            if state.budgets.finish_run(run_id, status, finish.stop_reason.as_deref()) {
-                json(StatusCode::OK, &serde_json::json!({"finished": true, "run_id": run_id}))
+            if state
+                .budgets
+                .finish_run(run_id, status, finish.stop_reason.as_deref())
+            {
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"finished": true, "run_id": run_id}),
+                )
             } else {
-                json(StatusCode::NOT_FOUND, &serde_json::json!({"error": format!("no active run `{run_id}`")}))
+                json(
+                    StatusCode::NOT_FOUND,
+                    &serde_json::json!({"error": format!("no active run `{run_id}`")}),
+                )
             }
         }
-        _ => json(StatusCode::NOT_FOUND, &serde_json::json!({"error": "unknown runs endpoint"})),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "unknown runs endpoint"}),
+        ),
     }
 }
 
@@ -151,8 +211,9 @@ fn bearer_matches(headers: &http::HeaderMap, token: &str) -> bool {
 pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
     let mut response = Response::new(full_body(Bytes::from(value.to_string())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }

@@ -143,7 +143,9 @@ pub fn parse_decimal_scaled(text: &str, scale: u32) -> Result<u64, DecimalError>
     if int_part.is_empty() && frac_part.is_empty() {
         return Err(DecimalError::NotDecimal);
     }
-    if !int_part.bytes().all(|b| b.is_ascii_digit()) || !frac_part.bytes().all(|b| b.is_ascii_digit()) {
+    if !int_part.bytes().all(|b| b.is_ascii_digit())
+        || !frac_part.bytes().all(|b| b.is_ascii_digit())
+    {
         return Err(DecimalError::NotDecimal);
     }
     // value = digits * 10^(exponent - frac_len); scaled = digits * 10^(exponent - frac_len + scale)
@@ -174,7 +176,9 @@ pub fn parse_decimal_scaled(text: &str, scale: u32) -> Result<u64, DecimalError>
             .ok_or(DecimalError::TooLarge)?;
     }
     if shift > 0 {
-        let factor = 10u64.checked_pow(shift as u32).ok_or(DecimalError::TooLarge)?;
+        let factor = 10u64
+            .checked_pow(shift as u32)
+            .ok_or(DecimalError::TooLarge)?;
         value = value.checked_mul(factor).ok_or(DecimalError::TooLarge)?;
     }
     Ok(value)
@@ -196,11 +200,26 @@ mod tests {
 
     #[test]
     fn rejects_bad_text() {
-        assert!(matches!(Money::parse_usd("-1"), Err(MoneyError::NotDecimal(_))));
-        assert!(matches!(Money::parse_usd("abc"), Err(MoneyError::NotDecimal(_))));
-        assert!(matches!(Money::parse_usd("."), Err(MoneyError::NotDecimal(_))));
-        assert!(matches!(Money::parse_usd("1e-13"), Err(MoneyError::TooPrecise(_))));
-        assert!(matches!(Money::parse_usd("1e30"), Err(MoneyError::TooLarge(_))));
+        assert!(matches!(
+            Money::parse_usd("-1"),
+            Err(MoneyError::NotDecimal(_))
+        ));
+        assert!(matches!(
+            Money::parse_usd("abc"),
+            Err(MoneyError::NotDecimal(_))
+        ));
+        assert!(matches!(
+            Money::parse_usd("."),
+            Err(MoneyError::NotDecimal(_))
+        ));
+        assert!(matches!(
+            Money::parse_usd("1e-13"),
+            Err(MoneyError::TooPrecise(_))
+        ));
+        assert!(matches!(
+            Money::parse_usd("1e30"),
+            Err(MoneyError::TooLarge(_))
+        ));
         assert!(Money::from_usd_f64(f64::NAN).is_err());
     }
 

@@ -35,7 +35,10 @@ pub async fn serve<H, Fut>(
         .header_read_timeout(limits.header_read_timeout())
         .max_buf_size(limits.max_header_bytes)
         .max_headers(limits.max_headers);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes as u32);
     let graceful = GracefulShutdown::new();
     let local = listener.local_addr().ok();
     tokio::pin!(shutdown);
@@ -62,7 +65,9 @@ pub async fn serve<H, Fut>(
             }
             handler(request)
         });
-        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -71,7 +76,10 @@ pub async fn serve<H, Fut>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.shutdown_drain(), graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(limits.shutdown_drain(), graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(message = "shutdown drain time passed; closing the remaining connections");
     }
 }
