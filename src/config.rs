@@ -120,15 +120,40 @@ pub struct RouteConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LedgerConfig {
-    /// Path of the embedded ledger database.
+    /// Write the ledger at all.
+    pub enabled: bool,
+    /// Path of the embedded ledger database (SQLite, WAL mode).
     pub path: String,
+    /// Records are committed at most this long after their call ends: the
+    /// most a SIGKILL can lose.
+    pub flush_interval_ms: u64,
+    /// Records waiting for the writer before callers wait (backpressure).
+    pub queue_capacity: usize,
+    /// Calls and runs older than this are deleted.
+    pub retention_days: u64,
 }
 
 impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
+            enabled: true,
             path: "data/tollgate.db".into(),
+            flush_interval_ms: 200,
+            queue_capacity: 65_536,
+            retention_days: 30,
         }
+    }
+}
+
+impl LedgerConfig {
+    /// Settings with the path resolved against `base_dir`; `None` when off.
+    pub fn settings(&self, base_dir: &Path) -> Option<crate::ledger::LedgerSettings> {
+        self.enabled.then(|| crate::ledger::LedgerSettings {
+            path: base_dir.join(&self.path),
+            flush_interval: Duration::from_millis(self.flush_interval_ms),
+            queue_capacity: self.queue_capacity,
+            retention_days: self.retention_days,
+        })
     }
 }
 
@@ -618,6 +643,26 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
             "limits.max_header_bytes".into(),
             "must be at least 8192 (hyper's smallest read buffer)".into(),
         ));
+    }
+    if raw.ledger.enabled {
+        if raw.ledger.path.is_empty() {
+            problems.push((
+                "ledger.path".into(),
+                "must not be empty (set ledger.enabled = false to turn the ledger off)".into(),
+            ));
+        }
+        if raw.ledger.flush_interval_ms == 0 {
+            problems.push((
+                "ledger.flush_interval_ms".into(),
+                "must be greater than 0".into(),
+            ));
+        }
+        if raw.ledger.queue_capacity == 0 {
+            problems.push((
+                "ledger.queue_capacity".into(),
+                "must be greater than 0".into(),
+            ));
+        }
     }
     if raw.metrics.max_label_values == 0 {
         problems.push((

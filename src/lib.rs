@@ -24,6 +24,7 @@
 pub mod admin;
 pub mod budget;
 pub mod config;
+pub mod ledger;
 pub mod metrics;
 pub mod money;
 pub mod pricing;
@@ -117,5 +118,10 @@ impl Tollgate {
         tracing::info!(message = "shutting down: no new connections, draining in-flight calls");
         let _ = stop_tx.send(true);
         let _ = tokio::join!(agent, admin, sweeper);
+        if let Some(ledger) = &state.ledger {
+            // Commit every record of the calls that just drained.
+            let ledger = ledger.clone();
+            let _ = tokio::task::spawn_blocking(move || ledger.close()).await;
+        }
     }
 }

@@ -220,6 +220,11 @@ pub struct Metrics {
     pub active_runs: Gauge,
     pub runs_evicted: Counter,
     pub config_reloads: Family<ResultLabel, Counter>,
+    /// Ledger figures the writer keeps, copied in at scrape time.
+    pub ledger_written: Gauge,
+    pub ledger_queue: Gauge,
+    pub ledger_write_errors: Gauge,
+    pub ledger_backpressure: Gauge,
 }
 
 /// One [`LabelCap`] per label name.
@@ -267,6 +272,10 @@ impl Metrics {
             active_runs: Gauge::default(),
             runs_evicted: Counter::default(),
             config_reloads: Family::default(),
+            ledger_written: Gauge::default(),
+            ledger_queue: Gauge::default(),
+            ledger_write_errors: Gauge::default(),
+            ledger_backpressure: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -384,6 +393,26 @@ impl Metrics {
             "agent_config_reloads",
             "Config reloads, by result",
             m.config_reloads.clone(),
+        );
+        r.register(
+            "agent_ledger_records_written",
+            "Ledger records committed since start (a running total)",
+            m.ledger_written.clone(),
+        );
+        r.register(
+            "agent_ledger_queue_depth",
+            "Ledger records waiting for the writer",
+            m.ledger_queue.clone(),
+        );
+        r.register(
+            "agent_ledger_write_errors",
+            "Ledger writes that failed since start (retried; a running total)",
+            m.ledger_write_errors.clone(),
+        );
+        r.register(
+            "agent_ledger_backpressure_waits",
+            "Times a call waited for room in the ledger queue since start (a running total)",
+            m.ledger_backpressure.clone(),
         );
         let mut m = m;
         m.registry = registry;

@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 
 use crate::budget::{BudgetPolicy, Budgets, Clock, RunEndSink, RunStatus};
 use crate::config::Config;
+use crate::ledger::{Ledger, RunRecord};
 use crate::metrics::{Metrics, ReleaseLabel, ResultLabel, RunLabels};
 use crate::money::Money;
 use crate::pricing::{PriceTable, UnknownModel};
@@ -26,6 +27,8 @@ pub struct AppState {
     pub pricing: ArcSwap<PriceTable>,
     pub budgets: Arc<Budgets>,
     pub metrics: Arc<Metrics>,
+    /// The ledger; `None` with `ledger.enabled = false`.
+    pub ledger: Option<Arc<Ledger>>,
     pub client: UpstreamClient,
     pub clock: Arc<dyn Clock>,
     /// The file the config came from, for reloads.
@@ -42,6 +45,8 @@ pub enum StartError {
     Pricing(#[from] crate::pricing::PricingError),
     #[error("budget: {}", .0.join("; "))]
     Budget(Vec<String>),
+    #[error("{0}")]
+    Ledger(#[from] crate::ledger::LedgerError),
 }
 
 impl AppState {
@@ -53,19 +58,39 @@ impl AppState {
         let pricing = PriceTable::load(&config.raw.pricing, &config.base_dir)?;
         let policy = BudgetPolicy::from_config(&config.raw.budget).map_err(StartError::Budget)?;
         let metrics = Metrics::new(config.raw.metrics.max_label_values);
-        let sink = run_end_sink(metrics.clone());
+        let ledger = match config.raw.ledger.settings(&config.base_dir) {
+            Some(settings) => Some(Arc::new(Ledger::open(&settings)?)),
+            None => None,
+        };
+        let sink = run_end_sink(metrics.clone(), ledger.clone());
         let budgets = Arc::new(Budgets::new(
             policy,
             config.raw.runs.clone(),
             clock.clone(),
             sink,
         ));
+        if let Some(ledger) = &ledger {
+            // A run cannot escape its ceiling by a restart: live runs get
+            // their spend back from the ledger.
+            let idle_ms = config.raw.runs.idle_timeout_secs.saturating_mul(1000);
+            let runs = ledger.runs_to_restore(clock.now_ms(), idle_ms)?;
+            if !runs.is_empty() {
+                tracing::info!(
+                    message = "restored live runs from the ledger",
+                    runs = runs.len()
+                );
+            }
+            for run in runs {
+                budgets.restore_run(run);
+            }
+        }
         let client = build_client(config.raw.limits.upstream_connect_timeout());
         Ok(Arc::new(AppState {
             config: ArcSwap::from_pointee(config),
             pricing: ArcSwap::from_pointee(pricing),
             budgets,
             metrics,
+            ledger,
             client,
             clock,
             config_path,
@@ -178,8 +203,11 @@ impl AppState {
 }
 
 /// Turns each run end into the run-level metrics (SPEC §6, §7).
-fn run_end_sink(metrics: Arc<Metrics>) -> RunEndSink {
+fn run_end_sink(metrics: Arc<Metrics>, ledger: Option<Arc<Ledger>>) -> RunEndSink {
     Arc::new(move |end| {
+        if let Some(ledger) = &ledger {
+            ledger.record_run(RunRecord::from(&end));
+        }
         let release = metrics.release(&end.release);
         let status = match end.status {
             RunStatus::Ok => "ok",

@@ -33,8 +33,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::budget::{CallRequest, CostKind, RefusalScope};
+use crate::budget::{CallFlags, CallRequest, CostKind, RefusalScope};
 use crate::config::{RouteKind, ToolCost};
+use crate::ledger::CallRecord;
 use crate::metrics::{RejectionLabels, ReleaseLabel, RetryLabels};
 use crate::money::Money;
 use crate::proxy::body::{BoxError, MeteredBody};
@@ -72,6 +73,7 @@ pub async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
+    let started_ms = state.clock.now_ms();
     let config = state.config.load_full();
     let (parts, body) = request.into_parts();
     let local = parts.extensions.get::<ConnInfo>().map(|c| c.local);
@@ -219,6 +221,23 @@ pub async fn handle(
                 ),
             };
             tracing::info!(target: "tollgate::call", run_id = refusal.run_id.as_deref().unwrap_or(""), release = %attribution.release, route = %route.name, status = 402, scope, "refused");
+            record_unmetered(
+                &state,
+                Unmetered {
+                    started_ms,
+                    started,
+                    attribution: &attribution,
+                    route: &route.name,
+                    kind,
+                    model: info.model.clone(),
+                    tool: route.tool.clone(),
+                    status: 402,
+                    outcome: "refused",
+                    flags: CallFlags::default(),
+                    run_ceiling: Some(refusal.ceiling)
+                        .filter(|_| refusal.scope == RefusalScope::Run),
+                },
+            );
             let mut response = ProxyError::Budget { message, code }.into_response(Some(kind));
             set_cost_headers(
                 &mut response,
@@ -293,6 +312,22 @@ pub async fn handle(
                     status: e.status().as_u16().to_string(),
                 })
                 .inc();
+            record_unmetered(
+                &state,
+                Unmetered {
+                    started_ms,
+                    started,
+                    attribution: &attribution,
+                    route: &route.name,
+                    kind,
+                    model: info.model.clone(),
+                    tool: route.tool.clone(),
+                    status: e.status().as_u16(),
+                    outcome: e.kind(),
+                    flags,
+                    run_ceiling: admission.ceiling(),
+                },
+            );
             return Ok(refuse_after_admission(e, kind, admission));
         }
     };
@@ -354,6 +389,8 @@ pub async fn handle(
         first_byte: None,
         admission: Some(admission),
         tool_header_cost,
+        started_ms,
+        flags,
     };
     let mut metered = MeteredBody::new(
         incoming,
@@ -416,6 +453,45 @@ fn refuse_after_admission(
     };
     admission.settle(Money::ZERO, cost_kind, true, None);
     error.into_response(Some(kind))
+}
+
+/// A call that ended before any response body: refused, or the upstream
+/// could not be reached. It costs nothing but belongs to the run's record.
+struct Unmetered<'a> {
+    started_ms: u64,
+    started: Instant,
+    attribution: &'a attribution::Attribution,
+    route: &'a str,
+    kind: RouteKind,
+    model: Option<String>,
+    tool: Option<String>,
+    status: u16,
+    outcome: &'static str,
+    flags: CallFlags,
+    run_ceiling: Option<Money>,
+}
+
+fn record_unmetered(state: &AppState, call: Unmetered<'_>) {
+    let Some(ledger) = &state.ledger else { return };
+    ledger.record_call(CallRecord {
+        ts_ms: call.started_ms,
+        run_id: call.attribution.run_id.clone(),
+        release: call.attribution.release.clone(),
+        request_type: call.attribution.request_type.clone(),
+        route: call.route.to_string(),
+        provider: call.kind.as_str().to_string(),
+        model: call.model,
+        tool: call.tool,
+        status: call.status,
+        outcome: call.outcome.to_string(),
+        latency_ms: call.started.elapsed().as_millis() as u64,
+        sdk_retry: call.flags.sdk_retry,
+        repeat_after_failure: call.flags.repeat_after_failure,
+        duplicate_body: call.flags.duplicate_body,
+        run_ceiling: call.run_ceiling,
+        price_version: state.pricing.load().version().to_string(),
+        ..CallRecord::default()
+    });
 }
 
 fn apply_settled(response: &mut Response<ProxyBody>, settled: Settled) {

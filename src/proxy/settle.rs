@@ -11,8 +11,9 @@ use std::time::Duration;
 use http::StatusCode;
 use tokio::time::Instant;
 
-use crate::budget::{Admission, CostKind};
+use crate::budget::{Admission, CallFlags, CostKind};
 use crate::config::{RouteKind, ToolCost};
+use crate::ledger::CallRecord;
 use crate::metrics::{
     CallLabels, ModelLabel, ModelRelease, ProviderLabel, RouteLabel, SegmentLabels, ToolRelease,
     ToolStatus,
@@ -76,6 +77,9 @@ pub struct CallMeter {
     pub admission: Option<Admission>,
     /// Tool cost read from the response header, if the route uses one.
     pub tool_header_cost: Option<Result<Money, String>>,
+    /// Wall-clock start of the call, unix milliseconds (the ledger's time).
+    pub started_ms: u64,
+    pub flags: CallFlags,
 }
 
 impl CallMeter {
@@ -138,6 +142,7 @@ impl CallMeter {
             }
             None => (cost, None),
         };
+        let run_ceiling = self.admission.as_ref().and_then(Admission::ceiling);
         if let Some(admission) = self.admission.take() {
             admission.settle(cost, kind, failed, self.attribution.end_run.clone());
         }
@@ -162,6 +167,37 @@ impl CallMeter {
             upstream_ms = self.upstream_latency.as_millis() as u64,
             "call"
         );
+        if let Some(ledger) = &self.state.ledger {
+            let usage = record.usage.unwrap_or_default();
+            ledger.record_call(CallRecord {
+                ts_ms: self.started_ms,
+                run_id: self.attribution.run_id.clone(),
+                release,
+                request_type: self.attribution.request_type.clone(),
+                route: self.route.clone(),
+                provider: self.kind.as_str().to_string(),
+                model: record.model,
+                price_entry: record.price_entry,
+                tool: self.tool.clone(),
+                status: self.status.as_u16(),
+                outcome: end.as_str().to_string(),
+                prompt_tokens: usage.input_tokens,
+                cached_tokens: usage.cached_input_tokens,
+                cache_write_tokens: usage.cache_write_input_tokens,
+                completion_tokens: usage.output_tokens,
+                reasoning_tokens: usage.reasoning_tokens,
+                cost,
+                latency_ms: duration.as_millis() as u64,
+                ttfb_ms: self.first_byte.map(|d| d.as_millis() as u64),
+                streamed: self.request.stream,
+                estimated: record.estimated,
+                sdk_retry: self.flags.sdk_retry,
+                repeat_after_failure: self.flags.repeat_after_failure,
+                duplicate_body: self.flags.duplicate_body,
+                run_ceiling,
+                price_version: self.pricing.version().to_string(),
+            });
+        }
         Settled {
             cost,
             run_cost_after,
@@ -208,6 +244,7 @@ impl CallMeter {
                     model,
                     usage: None,
                     estimated,
+                    price_entry: None,
                 },
             );
         };
@@ -243,6 +280,7 @@ impl CallMeter {
                 model,
                 usage: Some(usage),
                 estimated,
+                price_entry: priced.entry,
             },
         )
     }
@@ -306,6 +344,7 @@ impl CallMeter {
                 model: None,
                 usage: None,
                 estimated,
+                price_entry: None,
             },
         )
     }
@@ -316,6 +355,7 @@ struct Record {
     model: Option<String>,
     usage: Option<Usage>,
     estimated: bool,
+    price_entry: Option<String>,
 }
 
 fn empty_observation() -> Observation {

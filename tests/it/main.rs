@@ -5,6 +5,7 @@ mod support;
 
 mod budget;
 mod errors;
+mod ledger;
 mod passthrough;
 mod reload;
 mod sdk;

@@ -8,8 +8,11 @@ use tollgate::{Listeners, Tollgate};
 use crate::support::*;
 
 fn config_text(upstream: &str, prices: &str) -> String {
+    let ledger = std::path::Path::new(prices).with_file_name("ledger.db");
     format!(
         r#"
+[ledger]
+path = "{}"
 [server]
 listen = "127.0.0.1:0"
 [admin]
@@ -21,7 +24,8 @@ name = "openai"
 prefix = "/openai"
 upstream = "{upstream}"
 kind = "openai"
-"#
+"#,
+        ledger.display()
     )
 }
 

@@ -181,6 +181,8 @@ pub struct Proxy {
     pub clock: Arc<ManualClock>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// Holds the ledger file for the proxy's lifetime.
+    pub ledger_dir: tempfile::TempDir,
 }
 
 /// Prices used by the integration tests, per million tokens.
@@ -190,10 +192,23 @@ impl Proxy {
     /// Starts tollgate with `config` (TOML); `{upstream}` in it is replaced
     /// by the mock's URL.
     pub async fn start(config: &str, upstream: &str) -> Proxy {
-        let text = config.replace("{upstream}", upstream);
+        let ledger_dir = tempfile::tempdir().unwrap();
+        let mut text = config.replace("{upstream}", upstream);
+        if !text.contains("[ledger]") {
+            text.push_str(&format!(
+                "\n[ledger]\npath = \"{}\"\nflush_interval_ms = 20\n",
+                ledger_dir.path().join("ledger.db").display()
+            ));
+        }
         let config = Config::from_toml(&text, "test.toml", env!("CARGO_MANIFEST_DIR").into())
             .expect("valid test config");
-        let clock = Arc::new(ManualClock::new(1_767_225_600_000)); // 2026-01-01T00:00:00Z
+        // One hour into today (UTC): recent enough for the ledger's
+        // retention, far from a day boundary for the window tests.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let clock = Arc::new(ManualClock::new(now_ms - now_ms % 86_400_000 + 3_600_000));
         let tollgate = Tollgate::with_clock(config, None, clock.clone() as Arc<dyn Clock>)
             .expect("tollgate starts");
         let agent = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -211,6 +226,7 @@ impl Proxy {
             clock,
             stop: Some(stop_tx),
             task: Some(task),
+            ledger_dir,
         }
     }
 

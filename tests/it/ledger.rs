@@ -1,0 +1,330 @@
+//! The ledger: one record per call, also under concurrent load; run spend
+//! survives a restart; durability after SIGTERM (nothing lost) and SIGKILL
+//! (at most the last flush interval lost), with the real binary.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tollgate::money::Money;
+
+use crate::support::*;
+
+const USAGE_BODY: &str = r#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":25,"completion_tokens":50,"total_tokens":75}}"#;
+
+fn open_db(path: &std::path::Path) -> rusqlite::Connection {
+    rusqlite::Connection::open(path).unwrap()
+}
+
+fn count_and_sum(conn: &rusqlite::Connection, filter: &str) -> (i64, i64) {
+    conn.query_row(
+        &format!("SELECT COUNT(*), COALESCE(SUM(cost_pico), 0) FROM calls WHERE {filter}"),
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_is_one_record_under_concurrent_load() {
+    let upstream = MockUpstream::start(|request| match request.uri.path() {
+        "/v1/chat/completions" => MockReply::json(200, USAGE_BODY),
+        _ => MockReply::json(200, "{}"),
+    })
+    .await;
+    let config = format!(
+        "{}\n[[routes]]\nname = \"search\"\nprefix = \"/tools/search\"\nupstream = \"{{upstream}}\"\nkind = \"tool\"\ncost_per_call_usd = 0.001\n",
+        config_all_routes()
+    );
+    let proxy = Proxy::start(&config, &upstream.url()).await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let (url, run) = if i % 4 == 0 {
+            (proxy.url("/tools/search"), format!("load-{}", i % 10))
+        } else {
+            (
+                proxy.url("/openai/v1/chat/completions"),
+                format!("load-{}", i % 10),
+            )
+        };
+        tasks.push(tokio::spawn(async move {
+            let response = post_json(
+                url,
+                &[("x-agent-run-id", &run), ("x-agent-release", "load")],
+                r#"{"model":"gpt-4o-mini"}"#,
+            )
+            .await;
+            let status = response.status();
+            let _ = body_bytes(response).await;
+            status
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    let ledger = proxy.state.ledger.clone().unwrap();
+    ledger.flush();
+    let conn = open_db(ledger.path());
+    let (calls, picos) = count_and_sum(&conn, "release = 'load'");
+    assert_eq!(calls, 200);
+    let llm = 150 * (25 * 2_000_000 + 50 * 6_000_000);
+    let tools = 50 * 1_000_000_000;
+    assert_eq!(picos, llm + tools, "ledger sums equal the calls' costs");
+    let metrics = proxy.metrics().await;
+    let metric_total = metric_value(
+        &metrics,
+        "agent_segment_cost_usd_total",
+        &[("release", "load")],
+    )
+    .unwrap();
+    assert_eq!(
+        metric_total,
+        Money::from_picos(picos as u64).as_usd_f64(),
+        "ledger and metrics agree"
+    );
+    let (prompt, version): (i64, String) = conn
+        .query_row(
+            "SELECT SUM(prompt_tokens), MIN(price_version) FROM calls WHERE release = 'load' AND provider = 'openai'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(prompt, 150 * 25);
+    assert_eq!(version, proxy.state.pricing.load().version());
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn refusals_and_run_ends_are_recorded() {
+    let upstream = MockUpstream::start(|_| MockReply::json(200, USAGE_BODY)).await;
+    let proxy = Proxy::start(&config_all_routes(), &upstream.url()).await;
+    let url = proxy.url("/openai/v1/chat/completions");
+    let _ = body_bytes(
+        post_json(
+            &url,
+            &[("x-agent-run-id", "rec"), ("x-agent-budget-usd", "0.0004")],
+            r#"{"model":"gpt-4o-mini","max_tokens":10}"#,
+        )
+        .await,
+    )
+    .await;
+    let refused = post_json(
+        &url,
+        &[("x-agent-run-id", "rec"), ("x-agent-budget-usd", "0.0004")],
+        r#"{"model":"gpt-4o-mini","max_tokens":10}"#,
+    )
+    .await;
+    assert_eq!(refused.status(), 402);
+    let finish = post_json(
+        format!("http://{}/api/runs/rec/finish", proxy.admin),
+        &[],
+        r#"{"status":"ok"}"#,
+    )
+    .await;
+    assert_eq!(finish.status(), 200);
+    let ledger = proxy.state.ledger.clone().unwrap();
+    ledger.flush();
+    let conn = open_db(ledger.path());
+    let outcomes: Vec<String> = conn
+        .prepare("SELECT outcome FROM calls WHERE run_id = 'rec' ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(outcomes, ["complete", "refused"]);
+    let (stop_reason, cost, refusals): (String, i64, i64) = conn
+        .query_row(
+            "SELECT stop_reason, cost_pico, refusals FROM runs WHERE run_id = 'rec'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(stop_reason, "budget_exceeded");
+    assert_eq!(cost, 25 * 2_000_000 + 50 * 6_000_000);
+    assert_eq!(refusals, 1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restart_keeps_a_live_runs_spend_and_ceiling() {
+    let upstream = MockUpstream::start(|_| MockReply::json(200, USAGE_BODY)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[ledger]\npath = \"{}\"\nflush_interval_ms = 20\n",
+        config_all_routes(),
+        dir.path().join("ledger.db").display()
+    );
+    // $0.00075 pays for two calls of $0.00035, not a third reservation.
+    let headers = [
+        ("x-agent-run-id", "survivor"),
+        ("x-agent-budget-usd", "0.00075"),
+    ];
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":10}"#;
+    let first = Proxy::start(&config, &upstream.url()).await;
+    assert_eq!(
+        post_json(first.url("/openai/v1/chat/completions"), &headers, body)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        post_json(first.url("/openai/v1/chat/completions"), &headers, body)
+            .await
+            .status(),
+        200
+    );
+    first.shutdown().await;
+
+    let second = Proxy::start(&config, &upstream.url()).await;
+    let run = second
+        .state
+        .budgets
+        .run_snapshot("survivor")
+        .expect("the live run is restored");
+    assert_eq!(
+        run.spent,
+        Money::from_picos(2 * (25 * 2_000_000 + 50 * 6_000_000))
+    );
+    assert_eq!(run.ceiling, Money::parse_usd("0.00075").unwrap());
+    // Without the header the restored ceiling still holds.
+    let response = post_json(
+        second.url("/openai/v1/chat/completions"),
+        &[("x-agent-run-id", "survivor")],
+        body,
+    )
+    .await;
+    assert_eq!(response.status(), 402);
+    assert_eq!(upstream.hits(), 2);
+    second.shutdown().await;
+}
+
+/// The real binary on port 0, its agent address read from its log line.
+struct Process {
+    child: std::process::Child,
+    agent: String,
+}
+
+fn start_binary(config_path: &std::path::Path) -> Process {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["--config", config_path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let agent = loop {
+        let line = lines.next().expect("tollgate logs its listeners").unwrap();
+        if line.contains("tollgate listening") {
+            let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+            break value["agent"].as_str().unwrap().to_string();
+        }
+    };
+    // Keep draining stdout so the process never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Process { child, agent }
+}
+
+fn binary_config(dir: &std::path::Path, upstream: &str, flush_ms: u64) -> std::path::PathBuf {
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[ledger]\npath = \"{}\"\nflush_interval_ms = {flush_ms}\n{}",
+        dir.join("ledger.db").display(),
+        config_all_routes().replace(
+            TEST_PRICING,
+            &format!("{}/{TEST_PRICING}", env!("CARGO_MANIFEST_DIR"))
+        )
+    )
+    .replace("{upstream}", upstream);
+    let path = dir.join("tollgate.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+async fn send_calls(agent: &str, release: &str, n: usize) -> Vec<Instant> {
+    let mut done = Vec::new();
+    for _ in 0..n {
+        let response = post_json(
+            format!("http://{agent}/openai/v1/chat/completions"),
+            &[("x-agent-release", release)],
+            r#"{"model":"gpt-4o-mini"}"#,
+        )
+        .await;
+        let _ = body_bytes(response).await;
+        done.push(Instant::now());
+    }
+    done
+}
+
+#[tokio::test]
+async fn sigterm_loses_nothing() {
+    let upstream = MockUpstream::start(|_| MockReply::json(200, USAGE_BODY)).await;
+    let dir = tempfile::tempdir().unwrap();
+    // A long flush interval: only the drain at shutdown can write these.
+    let config = binary_config(dir.path(), &upstream.url(), 60_000);
+    let mut process = start_binary(&config);
+    send_calls(&process.agent, "term", 40).await;
+    let pid = process.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = process.child.wait().unwrap();
+    assert!(status.success(), "exit 0 on SIGTERM, got {status}");
+    let (calls, _) = count_and_sum(&open_db(&dir.path().join("ledger.db")), "release = 'term'");
+    assert_eq!(calls, 40);
+}
+
+#[tokio::test]
+async fn sigkill_loses_at_most_the_last_flush_interval() {
+    let upstream = MockUpstream::start(|_| MockReply::json(200, USAGE_BODY)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let flush = Duration::from_millis(100);
+    let config = binary_config(dir.path(), &upstream.url(), flush.as_millis() as u64);
+    let mut process = start_binary(&config);
+    let done = send_calls(&process.agent, "kill", 300).await;
+    process.child.kill().unwrap(); // SIGKILL
+    let killed = Instant::now();
+    let _ = process.child.wait();
+    let (calls, _) = count_and_sum(&open_db(&dir.path().join("ledger.db")), "release = 'kill'");
+    // Calls that ended more than the flush interval (plus a generous second
+    // for the writer thread on a loaded machine) before the kill are on disk.
+    let bound = flush + Duration::from_secs(1);
+    let must_have = done
+        .iter()
+        .filter(|t| killed.duration_since(**t) > bound)
+        .count() as i64;
+    assert!(
+        calls >= must_have,
+        "{calls} records on disk, {must_have} calls ended more than {bound:?} before SIGKILL"
+    );
+    let lost = 300 - calls;
+    eprintln!("SIGKILL: {lost} of 300 records lost (flush interval {flush:?})");
+}
+
+#[tokio::test]
+async fn a_second_instance_on_a_taken_port_exits_with_one_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = binary_config(dir.path(), "http://127.0.0.1:9", 100);
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{}\"", taken.local_addr().unwrap()),
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("server.listen") && stderr.contains("cannot listen"),
+        "{stderr}"
+    );
+    let _ = Bytes::new();
+}
