@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use tollgate::budget::{BudgetConfig, BudgetPolicy, Budgets, CallRequest, CostKind, RunsConfig, SystemClock};
+use tollgate::budget::{
+    BudgetConfig, BudgetPolicy, Budgets, CallRequest, CostKind, RunsConfig, SystemClock,
+};
 use tollgate::money::Money;
 
 fn rss_kib() -> Option<u64> {
