@@ -6,7 +6,7 @@
 //! fixed cost of creating a tap. The stream is fed in 16 KiB reads, roughly
 //! what hyper hands the proxy per frame.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use std::hint::black_box;
 use std::path::Path;
 use tollgate::usage::{Dialect, TapLimits, UsageTap};
@@ -182,4 +182,46 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+/// `USAGE_BENCH_ONLY=<case> USAGE_BENCH_ITERS=<n>` runs one case `n` times
+/// and exits, without criterion: on a shared machine, wrap that in
+/// `perf stat -e task-clock` and divide bytes by CPU time instead of trusting
+/// wall-clock figures.
+fn fixed_run() -> bool {
+    let (Ok(only), Ok(iters)) = (
+        std::env::var("USAGE_BENCH_ONLY"),
+        std::env::var("USAGE_BENCH_ITERS"),
+    ) else {
+        return false;
+    };
+    let iters: usize = iters.parse().unwrap_or(100);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/providers");
+    for case in CASES.iter().filter(|c| c.name == only) {
+        let Ok(raw) = std::fs::read(root.join(case.path)) else {
+            continue;
+        };
+        let body = inflate(&raw, case.content_type.contains("ndjson"));
+        for _ in 0..iters {
+            let mut tap = UsageTap::new(
+                case.dialect,
+                Some(case.content_type),
+                None,
+                TapLimits::default(),
+            );
+            for chunk in body.chunks(READ) {
+                tap.feed(black_box(chunk));
+            }
+            black_box(tap.finish());
+        }
+        println!("{} bytes x {iters}", body.len());
+    }
+    true
+}
+
+fn main() {
+    if fixed_run() {
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -118,6 +118,14 @@ static DEEP_STOP: [bool; 256] = {
     t
 };
 
+/// Bytes that matter inside a container when no scalar is being captured.
+static MEMBER_STOP: [bool; 256] = {
+    let mut t = DEEP_STOP;
+    t[b',' as usize] = true;
+    t[b':' as usize] = true;
+    t
+};
+
 #[derive(Debug)]
 pub(crate) struct JsonScanner {
     lines: bool,
@@ -240,13 +248,19 @@ impl JsonScanner {
                 continue;
             }
 
-            // Deep inside a value nobody wants: skip to the next byte that
-            // changes depth or opens a string.
-            if self.depth > self.member_depth && !self.text {
+            // Skip bytes that cannot change anything: deep inside a value
+            // nobody wants, everything but brackets and quotes; elsewhere
+            // inside a container, uncaptured numbers and literals too.
+            if self.depth > 0 && !self.capture_scalar && self.pending.is_none() {
+                let table = if self.depth > self.member_depth && !self.text {
+                    &DEEP_STOP
+                } else {
+                    &MEMBER_STOP
+                };
                 let rest = buf.get(i..).unwrap_or_default();
                 let skip = rest
                     .iter()
-                    .position(|&b| DEEP_STOP[b as usize])
+                    .position(|&b| table[b as usize])
                     .unwrap_or(rest.len());
                 i += skip;
                 if i >= buf.len() {

@@ -379,6 +379,14 @@ impl UsageTap {
         }
     }
 
+    /// What the body has shown so far, without finishing it: the usage
+    /// reported up to now and the bytes of generated text seen. For a
+    /// running cost while a stream is still open.
+    pub fn progress(&mut self) -> (Option<Usage>, u64) {
+        let ex = &self.decoder.sink().ex;
+        (ex.usage.clone(), ex.text_bytes)
+    }
+
     /// The observation of the whole body. Call once at the end of the body or
     /// on abort; later calls return the same observation.
     pub fn finish(&mut self) -> Observation {
