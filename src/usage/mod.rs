@@ -20,7 +20,7 @@
 //! incomplete SSE event or one captured JSON value (both capped by
 //! [`TapLimits`]) plus the decoder's window. It never panics on input; what
 //! it cannot read it reports through `parse_error` and the proxy falls back to
-//! [`estimate`].
+//! [`estimate()`].
 //!
 //! [`UsageChunkFilter`] is the one piece that changes bytes: it removes the
 //! usage-only chunk the proxy asked an OpenAI upstream for when the client did
