@@ -204,6 +204,7 @@ pub struct Metrics {
     pub run_total: Family<RunLabels, Counter>,
     pub run_cost: Family<ReleaseLabel, Histogram, fn() -> Histogram>,
     pub budget_breach: Family<ReleaseLabel, Counter>,
+    pub budget_stream_stops: Family<ReleaseLabel, Counter>,
     pub budget_rejections: Family<RejectionLabels, Counter>,
     pub calls: Family<CallLabels, Counter>,
     pub tool_calls: Family<ToolStatus, Counter>,
@@ -256,6 +257,7 @@ impl Metrics {
             run_total: Family::default(),
             run_cost: Family::new_with_constructor(run_cost_histogram),
             budget_breach: Family::default(),
+            budget_stream_stops: Family::default(),
             budget_rejections: Family::default(),
             calls: Family::default(),
             tool_calls: Family::default(),
@@ -313,6 +315,11 @@ impl Metrics {
             "agent_budget_breach",
             "Runs that ended with a cost above their ceiling",
             m.budget_breach.clone(),
+        );
+        r.register(
+            "agent_budget_stream_stops",
+            "Streams tollgate ended because their running cost passed the run's budget",
+            m.budget_stream_stops.clone(),
         );
         r.register(
             "agent_budget_rejections",

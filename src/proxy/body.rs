@@ -21,8 +21,10 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
+use crate::money::Money;
+use crate::pricing::{ModelPrice, PriceTable};
 use crate::proxy::settle::{CallMeter, End, Settled};
-use crate::usage::{UsageChunkFilter, UsageTap};
+use crate::usage::{Usage, UsageChunkFilter, UsageTap};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -35,8 +37,7 @@ pub struct IdleTimeout(Duration);
 
 pin_project! {
     pub struct MeteredBody {
-        #[pin]
-        inner: Incoming,
+        inner: Option<Incoming>,
         idle: Pin<Box<Sleep>>,
         idle_timeout: Duration,
         tap: Option<UsageTap>,
@@ -45,6 +46,7 @@ pin_project! {
         prefix: Option<Bytes>,
         meter: Option<CallMeter>,
         settled: Option<Settled>,
+        cutoff: Option<StreamCutoff>,
         done: bool,
     }
 
@@ -68,7 +70,7 @@ impl MeteredBody {
         idle_timeout: Duration,
     ) -> MeteredBody {
         MeteredBody {
-            inner,
+            inner: Some(inner),
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             idle_timeout,
             tap,
@@ -77,8 +79,15 @@ impl MeteredBody {
             prefix: None,
             meter: Some(meter),
             settled: None,
+            cutoff: None,
             done: false,
         }
+    }
+
+    /// Ends the stream once its running cost passes what the run has left
+    /// (`budget.stop_streams_over_budget`).
+    pub fn set_cutoff(&mut self, cutoff: StreamCutoff) {
+        self.cutoff = Some(cutoff);
     }
 
     /// Bytes already read (and metered) to be sent before the rest.
@@ -92,6 +101,59 @@ impl MeteredBody {
     pub fn settled(&self) -> Option<Settled> {
         self.settled
     }
+}
+
+/// The opt-in guard that ends a stream whose running cost passes the run's
+/// remaining budget. The running cost is the usage reported so far, or the
+/// prompt estimate and the generated text seen (about 4 bytes a token),
+/// priced with the requested model's prices. It is checked only where the
+/// bytes forwarded so far end on an event boundary, so the client's stream
+/// stays well-formed: the guard appends the provider's end of stream
+/// (`terminator`) and stops.
+pub struct StreamCutoff {
+    pub price: ModelPrice,
+    pub prompt_tokens: u64,
+    pub terminator: Bytes,
+}
+
+impl StreamCutoff {
+    fn running_cost(&self, tap: &mut UsageTap) -> Money {
+        let (reported, text_bytes) = tap.progress();
+        let reported = reported.unwrap_or_default();
+        let usage = Usage {
+            input_tokens: Some(reported.input_tokens.unwrap_or(self.prompt_tokens)),
+            output_tokens: Some(
+                reported
+                    .output_tokens
+                    .unwrap_or(0)
+                    .max(text_bytes.div_ceil(4)),
+            ),
+            cached_input_tokens: reported.cached_input_tokens,
+            cache_write_input_tokens: reported.cache_write_input_tokens,
+            cache_write_1h_input_tokens: reported.cache_write_1h_input_tokens,
+            reasoning_tokens: reported.reasoning_tokens,
+        };
+        PriceTable::price_cost(&self.price, &usage)
+    }
+}
+
+/// The end-of-stream marker a client of this provider and endpoint expects.
+pub fn stream_terminator(kind: crate::config::RouteKind, path: &str) -> Bytes {
+    use crate::config::RouteKind;
+    match kind {
+        RouteKind::Openai if path.ends_with("/chat/completions") || path.ends_with("/completions") => {
+            Bytes::from_static(b"data: [DONE]\n\n")
+        }
+        RouteKind::Anthropic => Bytes::from_static(
+            b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"max_tokens\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":0}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        ),
+        // Gemini streams and the Responses API end at EOF.
+        _ => Bytes::new(),
+    }
+}
+
+fn ends_on_event_boundary(data: &[u8]) -> bool {
+    data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n") || data.ends_with(b"\r\r")
 }
 
 fn settle(
@@ -116,7 +178,7 @@ impl Body for MeteredBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
+        let this = self.project();
         if let Some(prefix) = this.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
         }
@@ -124,7 +186,10 @@ impl Body for MeteredBody {
             return Poll::Ready(None);
         }
         loop {
-            match this.inner.as_mut().poll_frame(cx) {
+            let Some(inner) = this.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Pending => {
                     if this.idle.as_mut().poll(cx).is_ready() {
                         *this.done = true;
@@ -193,7 +258,7 @@ impl Body for MeteredBody {
                                 Some(filter) => filter.push(data),
                                 None => data,
                             };
-                            if data.is_empty() && !this.inner.is_end_stream() {
+                            if data.is_empty() && !inner.is_end_stream() {
                                 // Everything so far was held back or removed.
                                 continue;
                             }
@@ -201,7 +266,38 @@ impl Body for MeteredBody {
                         }
                         Err(frame) => frame,
                     };
-                    if this.inner.is_end_stream() && this.filter.is_none() {
+                    if let (Some(cutoff), Some(tap), Some(meter)) =
+                        (this.cutoff.as_ref(), this.tap.as_mut(), this.meter.as_ref())
+                    {
+                        let at_boundary =
+                            frame.data_ref().is_some_and(|d| ends_on_event_boundary(d));
+                        let over = at_boundary
+                            && meter
+                                .admission
+                                .as_ref()
+                                .is_some_and(|a| a.over_budget(cutoff.running_cost(tap)));
+                        if over {
+                            *this.done = true;
+                            let terminator = cutoff.terminator.clone();
+                            settle(
+                                this.meter,
+                                this.tap,
+                                this.tool_capture,
+                                this.settled,
+                                End::BudgetStop,
+                            );
+                            let mut data = frame.into_data().unwrap_or_default();
+                            if !terminator.is_empty() {
+                                let mut joined =
+                                    BytesMut::with_capacity(data.len() + terminator.len());
+                                joined.extend_from_slice(&data);
+                                joined.extend_from_slice(&terminator);
+                                data = joined.freeze();
+                            }
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                    }
+                    if inner.is_end_stream() && this.filter.is_none() {
                         *this.done = true;
                         settle(
                             this.meter,
@@ -219,14 +315,15 @@ impl Body for MeteredBody {
 
     fn is_end_stream(&self) -> bool {
         self.prefix.is_none()
-            && (self.done || (self.filter.is_none() && self.inner.is_end_stream()))
+            && (self.done
+                || (self.filter.is_none() && self.inner.as_ref().is_none_or(Body::is_end_stream)))
     }
 
     fn size_hint(&self) -> SizeHint {
         if self.filter.is_some() {
             return SizeHint::default();
         }
-        let mut hint = self.inner.size_hint();
+        let mut hint = self.inner.as_ref().map(Body::size_hint).unwrap_or_default();
         if let Some(prefix) = &self.prefix {
             let extra = prefix.len() as u64;
             hint.set_lower(hint.lower() + extra);

@@ -401,6 +401,26 @@ pub async fn handle(
         limits.stream_idle_timeout(),
     );
 
+    if policy.stop_streams_over_budget
+        && is_event_stream
+        && head.status.is_success()
+        && kind != RouteKind::Tool
+    {
+        let price = model.as_deref().and_then(|m| {
+            state
+                .pricing
+                .load()
+                .lookup(m)
+                .map(|found| found.price.clone())
+        });
+        if let Some(price) = price {
+            metered.set_cutoff(body::StreamCutoff {
+                price,
+                prompt_tokens: request_bytes.div_ceil(4),
+                terminator: body::stream_terminator(kind, rest),
+            });
+        }
+    }
     if buffer_first {
         let mut buffered = BytesMut::new();
         let mut trailers = None;

@@ -36,6 +36,8 @@ pub enum End {
     ClientGone,
     /// The upstream was silent longer than the stream idle timeout.
     IdleTimeout,
+    /// tollgate ended the stream: its running cost passed the run's budget.
+    BudgetStop,
 }
 
 impl End {
@@ -45,6 +47,7 @@ impl End {
             End::UpstreamError => "upstream_error",
             End::ClientGone => "client_gone",
             End::IdleTimeout => "idle_timeout",
+            End::BudgetStop => "budget_stop",
         }
     }
 }
@@ -114,6 +117,14 @@ impl CallMeter {
                 .time_to_first_byte
                 .get_or_create(&RouteLabel { route: route_label })
                 .observe(ttfb.as_secs_f64());
+        }
+        if end == End::BudgetStop {
+            metrics
+                .budget_stream_stops
+                .get_or_create(&crate::metrics::ReleaseLabel {
+                    release: release_label.clone(),
+                })
+                .inc();
         }
         let failed = !self.status.is_success()
             || observation

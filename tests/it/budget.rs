@@ -89,7 +89,9 @@ async fn concurrent_calls(
     // Wait until every call was either refused or is held upstream.
     loop {
         let refused = proxy.state.budgets.totals().run_refusals as usize;
-        if refused + upstream.hits() == calls {
+        // Count held senders, not upstream hits: the mock registers a
+        // sender just after it counts the hit.
+        if refused + held.lock().unwrap().len() == calls {
             break;
         }
         tokio::task::yield_now().await;
@@ -574,5 +576,82 @@ async fn clamp_guard_lowers_the_output_limit_instead_of_refusing() {
     assert_eq!(response.headers()["x-agent-max-tokens-clamped"], "50");
     let sent: serde_json::Value = serde_json::from_slice(&upstream.last().body).unwrap();
     assert_eq!(sent["max_tokens"], 50);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_guard_ends_an_over_budget_stream_cleanly() {
+    let (senders_tx, mut senders_rx) = mpsc::unbounded_channel();
+    let upstream = MockUpstream::start(move |_| {
+        let (tx, rx) = mpsc::channel(4);
+        senders_tx.send(tx).unwrap();
+        MockReply {
+            status: http::StatusCode::OK,
+            headers: vec![("content-type".into(), "text/event-stream".into())],
+            body: MockBody::Channel(rx),
+        }
+    })
+    .await;
+    let config = format!(
+        "{}\n[budget]\nstop_streams_over_budget = true\n",
+        config_all_routes()
+    );
+    let proxy = Proxy::start(&config, &upstream.url()).await;
+    let request = post_json(
+        proxy.url(CHAT),
+        &[
+            ("x-agent-run-id", "chatty"),
+            ("x-agent-budget-usd", "0.001"),
+        ],
+        r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":10,"stream_options":{"include_usage":true}}"#,
+    );
+    let feeder = tokio::spawn(async move {
+        let tx: mpsc::Sender<Result<Bytes, std::io::Error>> = senders_rx.recv().await.unwrap();
+        // 200 events of 40 characters (~10 tokens, $0.00006 at $6/M each):
+        // far more than $0.001 pays for.
+        let event = format!(
+            "data: {{\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
+            "x".repeat(40)
+        );
+        for _ in 0..200 {
+            if tx.send(Ok(Bytes::from(event.clone()))).await.is_err() {
+                break;
+            }
+        }
+        // The mock keeps its stream open: only tollgate dropping the call
+        // upstream closes it.
+        tokio::time::timeout(std::time::Duration::from_secs(10), tx.closed())
+            .await
+            .is_ok()
+    });
+    let response = request.await;
+    assert_eq!(response.status(), 200);
+    let body = body_bytes(response).await;
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(
+        text.ends_with("data: [DONE]\n\n"),
+        "a well-formed end of stream"
+    );
+    let events = text.matches("chat.completion.chunk").count();
+    assert!(
+        events < 200,
+        "the stream was stopped early ({events} events)"
+    );
+    assert!(feeder.await.unwrap(), "the upstream call was cancelled");
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "agent_budget_stream_stops_total", &[]),
+        Some(1.0)
+    );
+    let run = proxy.state.budgets.run_snapshot("chatty").unwrap();
+    assert!(
+        run.spent >= Money::parse_usd("0.001").unwrap(),
+        "charged what streamed: {}",
+        run.spent
+    );
+    eprintln!(
+        "stream guard: {events} of 200 events forwarded, run charged ${}",
+        run.spent
+    );
     proxy.shutdown().await;
 }
