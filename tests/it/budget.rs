@@ -36,10 +36,10 @@ fn reservation(proxy: &Proxy) -> Money {
 /// The upstream answers each call with a usage of 25 prompt and 50
 /// completion tokens, but holds the body open until the test releases it,
 /// so every admitted call stays in flight.
-async fn held_upstream() -> (
-    MockUpstream,
-    Arc<Mutex<Vec<mpsc::Sender<Result<Bytes, std::io::Error>>>>>,
-) {
+/// Senders of the bodies the upstream holds open.
+type Held = Arc<Mutex<Vec<mpsc::Sender<Result<Bytes, std::io::Error>>>>>;
+
+async fn held_upstream() -> (MockUpstream, Held) {
     let held = Arc::new(Mutex::new(Vec::new()));
     let senders = held.clone();
     let upstream = MockUpstream::start(move |_| {
@@ -64,8 +64,7 @@ fn call_cost() -> Money {
 
 async fn concurrent_calls(
     proxy: &Proxy,
-    upstream: &MockUpstream,
-    held: &Arc<Mutex<Vec<mpsc::Sender<Result<Bytes, std::io::Error>>>>>,
+    held: &Held,
     ceiling: Money,
     calls: usize,
 ) -> (usize, usize) {
@@ -118,7 +117,7 @@ async fn reserve_mode_holds_the_ceiling_under_50_concurrent_calls() {
     let reserve = reservation(&proxy);
     // A ceiling worth 5.5 reservations.
     let ceiling = Money::from_picos(reserve.picos() * 11 / 2);
-    let (ok, refused) = concurrent_calls(&proxy, &upstream, &held, ceiling, 50).await;
+    let (ok, refused) = concurrent_calls(&proxy, &held, ceiling, 50).await;
     assert_eq!(ok, 5, "exactly ceiling-worth of calls reach the upstream");
     assert_eq!(refused, 45);
     assert_eq!(upstream.hits(), 5);
@@ -140,7 +139,7 @@ async fn soft_mode_overshoot_is_bounded_by_the_calls_in_flight() {
     let config = format!("{}\n[budget]\nmode = \"soft\"\n", config_all_routes());
     let proxy = Proxy::start(&config, &upstream.url()).await;
     let ceiling = Money::from_picos(call_cost().picos() * 5);
-    let (ok, _) = concurrent_calls(&proxy, &upstream, &held, ceiling, 50).await;
+    let (ok, _) = concurrent_calls(&proxy, &held, ceiling, 50).await;
     // Soft mode checks spend only: all 50 were in flight before any settled.
     assert_eq!(ok, 50);
     let run = proxy.state.budgets.run_snapshot("crowd").unwrap();
