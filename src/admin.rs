@@ -58,6 +58,7 @@ pub async fn handle(
             );
             response
         }
+        (&Method::GET, p) if p == "/ui" || p.starts_with("/ui/") => crate::ui::serve(p),
         (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         (&Method::GET, "/readyz") => {
             let routes = config.routes.len();

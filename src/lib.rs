@@ -17,6 +17,7 @@
 //! - [`metrics`]: the Prometheus registry.
 //! - [`admin`]: `/metrics`, health, `/api`.
 //! - [`money`]: exact amounts (integer pico-dollars).
+//! - [`ui`]: the `/ui` dashboard (embedded static page over the `/api`).
 //!
 //! [`Tollgate::run`] takes bound listeners and a shutdown future, so tests
 //! run it in-process on port 0.
@@ -31,6 +32,7 @@ pub mod pricing;
 pub mod proxy;
 pub mod server;
 pub mod state;
+pub mod ui;
 pub mod usage;
 
 use std::future::Future;
