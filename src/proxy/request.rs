@@ -124,12 +124,38 @@ pub fn inspect(
         && (path.ends_with("/chat/completions") || path.ends_with("/completions"))
         && peek.stream_options.as_ref().and_then(|o| o.include_usage) != Some(true);
     if wants_usage_injection {
-        if let Some(rewritten) = with_include_usage(body) {
+        let rewritten = if peek.stream_options.is_none() {
+            prepend_stream_options(body)
+        } else {
+            with_include_usage(body)
+        };
+        if let Some(rewritten) = rewritten {
             info.usage_injected = true;
             return (info, Some(rewritten));
         }
     }
     (info, None)
+}
+
+/// When the body has no `stream_options` at all, the member is inserted
+/// after the opening brace: the rest of the body stays byte for byte, with
+/// no parse and re-serialisation of the whole request.
+fn prepend_stream_options(body: &Bytes) -> Option<Bytes> {
+    const MEMBER: &[u8] = br#""stream_options":{"include_usage":true}"#;
+    let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[start] != b'{' {
+        return None;
+    }
+    let rest = &body[start + 1..];
+    let empty_object = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+    let mut out = Vec::with_capacity(body.len() + MEMBER.len() + 1);
+    out.push(b'{');
+    out.extend_from_slice(MEMBER);
+    if !empty_object {
+        out.push(b',');
+    }
+    out.extend_from_slice(rest);
+    Some(Bytes::from(out))
 }
 
 /// The body with `stream_options.include_usage` set; `None` when the body is
@@ -194,6 +220,21 @@ mod tests {
         let not_json = Bytes::from_static(b"garbage");
         let (info, rewritten) = inspect(RouteKind::Openai, "/v1/chat/completions", None, &not_json);
         assert!(!info.stream && rewritten.is_none());
+    }
+
+    #[test]
+    fn injection_keeps_the_rest_of_the_body_byte_for_byte() {
+        let body = Bytes::from_static(
+            br#"  {"model":"m", "stream":true, "messages":[{"content":"a  b"}]}"#,
+        );
+        let (_, rewritten) = inspect(RouteKind::Openai, "/v1/chat/completions", None, &body);
+        assert_eq!(
+            rewritten.unwrap(),
+            r#"{"stream_options":{"include_usage":true},"model":"m", "stream":true, "messages":[{"content":"a  b"}]}"#
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&with_include_usage(&body).unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
     }
 
     #[test]
