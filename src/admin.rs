@@ -1,7 +1,8 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, and the `/api`
-//! (reload, live runs, finishing a run). When `admin.token_env` is set,
-//! `/api/*` (and `/metrics` with `admin.protect_metrics`) require
-//! `Authorization: Bearer <token>`, compared in constant time.
+//! (reload, finishing a run, and the investigation API in [`crate::api`]).
+//! When `admin.token_env` is set, `/api/*` (and `/metrics` with
+//! `admin.protect_metrics`) require `Authorization: Bearer <token>`,
+//! compared in constant time.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -74,6 +75,11 @@ pub async fn handle(
                 &serde_json::json!({"reloaded": false, "error": e}),
             ),
         },
+        (&Method::GET, "/api/runs") => crate::api::runs(&state, request.uri().query()).await,
+        (&Method::GET, "/api/segments") => {
+            crate::api::segments(&state, request.uri().query()).await
+        }
+        (&Method::GET, "/api/compare") => crate::api::compare(&state, request.uri().query()).await,
         (_, p) if p.starts_with("/api/runs/") => runs(&state, method, p, request).await,
         _ => json(
             StatusCode::NOT_FOUND,
@@ -109,33 +115,7 @@ async fn runs(
         );
     }
     match (method, action) {
-        (Method::GET, None) => match state.budgets.run_snapshot(run_id) {
-            Some(run) => json(
-                StatusCode::OK,
-                &serde_json::json!({
-                    "run_id": run.run_id,
-                    "release": run.release,
-                    "request_type": run.request_type,
-                    "status": "active",
-                    "spent_usd": run.spent.as_usd_f64(),
-                    "llm_cost_usd": run.llm_cost.as_usd_f64(),
-                    "tool_cost_usd": run.tool_cost.as_usd_f64(),
-                    "reserved_usd": run.reserved.as_usd_f64(),
-                    "ceiling_usd": run.ceiling.as_usd_f64(),
-                    "calls": run.calls,
-                    "refusals": run.refusals,
-                    "retries": run.retries,
-                    "repeated_calls": run.repeated_calls,
-                    "in_flight": run.in_flight,
-                    "started_ms": run.started_ms,
-                    "last_seen_ms": run.last_seen_ms,
-                }),
-            ),
-            None => json(
-                StatusCode::NOT_FOUND,
-                &serde_json::json!({"error": format!("no active run `{run_id}`")}),
-            ),
-        },
+        (Method::GET, None) => crate::api::run(state, run_id, request.uri().query()).await,
         (Method::POST, Some("finish")) => {
             let body = match http_body_util::Limited::new(request.into_body(), MAX_ADMIN_BODY)
                 .collect()

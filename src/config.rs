@@ -29,6 +29,8 @@ pub struct RawConfig {
     pub limits: LimitsConfig,
     pub attribution: AttributionConfig,
     pub metrics: MetricsConfig,
+    pub segments: crate::api::SegmentsConfig,
+    pub compare: crate::api::CompareConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -23,6 +23,7 @@
 //! run it in-process on port 0.
 
 pub mod admin;
+pub mod api;
 pub mod budget;
 pub mod config;
 pub mod ledger;

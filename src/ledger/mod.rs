@@ -22,6 +22,8 @@
 //! A write that fails (disk full, file removed) is retried with the batch
 //! kept; each failure is logged and counted, never silent.
 
+pub mod query;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};

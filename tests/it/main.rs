@@ -3,6 +3,7 @@
 
 mod support;
 
+mod api;
 mod budget;
 mod errors;
 mod ledger;
