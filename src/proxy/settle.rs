@@ -395,8 +395,13 @@ pub fn resolve_usage(
         }
         Some(reported) => {
             // Cut short: the provider bills what it generated before the cut,
-            // which the partial usage may not show yet.
-            let estimate = usage::estimate(request_bytes, observation);
+            // which the partial usage may not show yet: compare with an
+            // estimate from the sizes alone.
+            let sizes_only = Observation {
+                usage: None,
+                ..observation.clone()
+            };
+            let estimate = usage::estimate(request_bytes, &sizes_only);
             (Some(max_usage(reported, &estimate)), true)
         }
         None if status.is_success() => (Some(usage::estimate(request_bytes, observation)), true),
