@@ -293,6 +293,7 @@
   async function settle(target, promise) {
     try {
       const content = await promise;
+      target.classList.remove('loading');
       target.replaceChildren(...[content].flat());
     } catch (e) {
       target.replaceChildren(errorBox(e));
@@ -350,8 +351,8 @@
     if (gen !== generation) return;
     app().replaceChildren(...page);
 
-    const byRelease = api('/api/segments', Object.assign({ by: 'release' }, range));
-    const segments = by === 'release' ? byRelease : api('/api/segments', Object.assign({ by }, range));
+    const byRelease = api('/api/segments', Object.assign({ by: 'release', limit: 1000 }, range));
+    const segments = by === 'release' ? byRelease : api('/api/segments', Object.assign({ by, limit: 1000 }, range));
     await Promise.all([
       settle(segBox, segments.then((d) => segmentsTable(d, by, range))),
       settle(kpiBox, byRelease.then(kpis)),
@@ -491,7 +492,7 @@
     const step = win.ms / win.buckets;
     const starts = Array.from({ length: win.buckets }, (_, i) => end - win.ms + i * step);
     const answers = await pool(
-      starts.map((s) => () => api('/api/segments', { by: 'release', since: iso(s), until: iso(s + step) })),
+      starts.map((s) => () => api('/api/segments', { by: 'release', limit: 1000, since: iso(s), until: iso(s + step) })),
       6,
     );
     const series = new Map();
@@ -688,7 +689,7 @@
   // ---------- compare ----------
 
   async function compareView(gen, base, head, since) {
-    const rel = await api('/api/segments', { by: 'release', since });
+    const rel = await api('/api/segments', { by: 'release', limit: 1000, since });
     const releases = (rel.segments || []).map((s) => s.key && s.key.release).filter((r) => r !== null && r !== undefined);
     releases.sort();
     if (!head && releases.length) head = releases[releases.length - 1];
