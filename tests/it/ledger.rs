@@ -2,8 +2,7 @@
 //! survives a restart; durability after SIGTERM (nothing lost) and SIGKILL
 //! (at most the last flush interval lost), with the real binary.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -198,48 +197,6 @@ async fn a_restart_keeps_a_live_runs_spend_and_ceiling() {
     assert_eq!(response.status(), 402);
     assert_eq!(upstream.hits(), 2);
     second.shutdown().await;
-}
-
-/// The real binary on port 0, its agent address read from its log line.
-struct Process {
-    child: std::process::Child,
-    agent: String,
-}
-
-fn start_binary(config_path: &std::path::Path) -> Process {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["--config", config_path.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let agent = loop {
-        let line = lines.next().expect("tollgate logs its listeners").unwrap();
-        if line.contains("tollgate listening") {
-            let value: serde_json::Value = serde_json::from_str(&line).unwrap();
-            break value["agent"].as_str().unwrap().to_string();
-        }
-    };
-    // Keep draining stdout so the process never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Process { child, agent }
-}
-
-fn binary_config(dir: &std::path::Path, upstream: &str, flush_ms: u64) -> std::path::PathBuf {
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[ledger]\npath = \"{}\"\nflush_interval_ms = {flush_ms}\n{}",
-        dir.join("ledger.db").display(),
-        config_all_routes().replace(
-            TEST_PRICING,
-            &format!("{}/{TEST_PRICING}", env!("CARGO_MANIFEST_DIR"))
-        )
-    )
-    .replace("{upstream}", upstream);
-    let path = dir.join("tollgate.toml");
-    std::fs::write(&path, config).unwrap();
-    path
 }
 
 async fn send_calls(agent: &str, release: &str, n: usize) -> Vec<Instant> {

@@ -7,6 +7,7 @@ mod api;
 mod budget;
 mod errors;
 mod ledger;
+mod lifecycle;
 mod passthrough;
 mod reload;
 mod sdk;

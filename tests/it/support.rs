@@ -360,3 +360,63 @@ pub fn sidecar(path: &str) -> serde_json::Value {
     .unwrap();
     serde_json::from_str(&text).unwrap()
 }
+
+/// The real binary on port 0, its addresses read from its log line; every
+/// stdout line is kept in `logs`.
+pub struct Process {
+    pub child: std::process::Child,
+    pub agent: String,
+    pub admin: String,
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+pub fn start_binary(config_path: &std::path::Path) -> Process {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["--config", config_path.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let (agent, admin) = loop {
+        let line = lines.next().expect("tollgate logs its listeners").unwrap();
+        logs.lock().unwrap().push(line.clone());
+        if line.contains("tollgate listening") {
+            let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+            break (
+                value["agent"].as_str().unwrap().to_string(),
+                value["admin"].as_str().unwrap().to_string(),
+            );
+        }
+    };
+    // Keep draining stdout so the process never blocks on a full pipe.
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    Process {
+        child,
+        agent,
+        admin,
+        logs,
+    }
+}
+
+/// A config file for the binary: port 0 listeners, a ledger in `dir`, the
+/// standard routes to `upstream`.
+pub fn binary_config(dir: &std::path::Path, upstream: &str, flush_ms: u64) -> std::path::PathBuf {
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[ledger]\npath = \"{}\"\nflush_interval_ms = {flush_ms}\n{}",
+        dir.join("ledger.db").display(),
+        config_all_routes().replace(TEST_PRICING, &format!("{}/{TEST_PRICING}", env!("CARGO_MANIFEST_DIR")))
+    )
+    .replace("{upstream}", upstream);
+    let path = dir.join("tollgate.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
