@@ -26,6 +26,7 @@ pub mod admin;
 pub mod api;
 pub mod budget;
 pub mod config;
+pub mod demo;
 pub mod ledger;
 pub mod metrics;
 pub mod money;

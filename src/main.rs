@@ -52,6 +52,22 @@ enum Command {
         /// The file to check.
         path: PathBuf,
     },
+    /// Run tollgate in front of a simulated provider, paid tools and agent
+    /// fleet (no API key, no network) and print the URLs to open.
+    Demo {
+        /// Agent listener; a taken port falls back to a free one.
+        #[arg(long, default_value = "127.0.0.1:8787")]
+        agent_listen: std::net::SocketAddr,
+        /// Admin listener (/metrics, /api); a taken port falls back to a free one.
+        #[arg(long, default_value = "127.0.0.1:9787")]
+        admin_listen: std::net::SocketAddr,
+        /// Runs in the first batch.
+        #[arg(long, default_value_t = 40)]
+        runs: usize,
+        /// Latency multiplier: 2 makes the simulated provider twice as fast.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,8 +75,29 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig { path } => check_config(&path),
         Command::Serve => {
-            init_tracing(cli.log_format);
+            init_tracing(cli.log_format, "info");
             run_async(serve(cli.config))
+        }
+        Command::Demo {
+            agent_listen,
+            admin_listen,
+            runs,
+            speed,
+        } => {
+            // The demo prints its own summary; per-call logs would bury it.
+            init_tracing(cli.log_format, "warn");
+            let options = tollgate::demo::DemoOptions {
+                agent_listen,
+                admin_listen,
+                runs,
+                speed,
+                ..tollgate::demo::DemoOptions::default()
+            };
+            run_async(async move {
+                tollgate::demo::run(options, shutdown_signal())
+                    .await
+                    .map(|_| ())
+            })
         }
     }
 }
@@ -168,9 +205,9 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stdout);
