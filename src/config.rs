@@ -38,14 +38,26 @@ pub struct RawConfig {
 pub struct ServerConfig {
     /// Agent traffic listener.
     pub listen: String,
+    /// TLS termination on the agent listener; plain HTTP when absent.
+    pub tls: Option<ServerTlsConfig>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: "127.0.0.1:8787".into(),
+            tls: None,
         }
     }
+}
+
+/// `[server.tls]`: PEM files for the agent listener's certificate chain
+/// (leaf first) and its private key (PKCS#8, PKCS#1 or SEC1).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    pub cert_path: String,
+    pub key_path: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -117,6 +129,10 @@ pub struct RouteConfig {
     /// Tool routes: also charge calls answered with a non-2xx status.
     #[serde(default)]
     pub charge_failed_calls: bool,
+    /// Accept any certificate from this route's HTTPS upstream (local or
+    /// self-signed upstreams only). Off by default.
+    #[serde(default)]
+    pub tls_insecure_skip_verify: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -255,6 +271,8 @@ pub struct Route {
     pub tool: Option<String>,
     pub tool_cost: Option<ToolCost>,
     pub charge_failed_calls: bool,
+    /// Upstream certificates are not verified (`tls_insecure_skip_verify`).
+    pub tls_insecure_skip_verify: bool,
 }
 
 /// Validated configuration, ready for the request path.
@@ -269,6 +287,8 @@ pub struct Config {
     pub attribution: AttributionHeaders,
     /// Directory relative paths (pricing files, ledger) resolve against.
     pub base_dir: PathBuf,
+    /// TLS for the agent listener, built from `[server.tls]`.
+    pub server_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 /// Attribution header names, parsed.
@@ -583,10 +603,40 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
                     .then(|| route.tool.clone().unwrap_or_else(|| route.name.clone())),
                 tool_cost,
                 charge_failed_calls: route.charge_failed_calls,
+                tls_insecure_skip_verify: route.tls_insecure_skip_verify,
             });
         }
     }
+    // The upstream client pools connections per origin, so verification is
+    // decided per origin: routes sharing one must agree.
+    for (i, route) in routes.iter().enumerate() {
+        if let Some(other) = routes[..i].iter().find(|o| {
+            o.upstream_origin == route.upstream_origin
+                && o.upstream_authority == route.upstream_authority
+                && o.tls_insecure_skip_verify != route.tls_insecure_skip_verify
+        }) {
+            let index = raw.routes.iter().position(|r| r.name == route.name);
+            push(
+                &format!("routes[{}].tls_insecure_skip_verify", index.unwrap_or(i)),
+                format!(
+                    "routes `{}` and `{}` share the upstream {}://{} but disagree on it; set it on both or neither",
+                    other.name, route.name, route.upstream_origin, route.upstream_authority
+                ),
+            );
+        }
+    }
     routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+
+    let server_tls = match &raw.server.tls {
+        Some(tls) => match server_tls_config(tls, &base_dir) {
+            Ok(config) => Some(config),
+            Err((key, message)) => {
+                push(key, message);
+                None
+            }
+        },
+        None => None,
+    };
 
     for message in raw.budget.validate("budget") {
         problems.push(split_key_message(message));
@@ -693,10 +743,62 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
                 stop_reason: f,
             },
             base_dir,
+            server_tls,
             raw,
         }),
         _ => Err(problems),
     }
+}
+
+/// Reads `[server.tls]`'s PEM files into a rustls server config (ring
+/// provider, ALPN `h2` then `http/1.1`); errors name the key they concern.
+fn server_tls_config(
+    tls: &ServerTlsConfig,
+    base_dir: &Path,
+) -> Result<std::sync::Arc<rustls::ServerConfig>, (&'static str, String)> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let read = |key: &'static str, path: &str| {
+        std::fs::read(base_dir.join(path)).map_err(|e| (key, format!("cannot read `{path}`: {e}")))
+    };
+    let cert_pem = read("server.tls.cert_path", &tls.cert_path)?;
+    let key_pem = read("server.tls.key_path", &tls.key_path)?;
+    let certs = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            (
+                "server.tls.cert_path",
+                format!("`{}` is not a PEM certificate file: {e}", tls.cert_path),
+            )
+        })?;
+    if certs.is_empty() {
+        return Err((
+            "server.tls.cert_path",
+            format!("`{}` holds no PEM certificate", tls.cert_path),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        (
+            "server.tls.key_path",
+            format!("`{}` holds no PEM private key: {e}", tls.key_path),
+        )
+    })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ("server.tls", e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| {
+        (
+            "server.tls.key_path",
+            format!("the key does not fit the certificate: {e}"),
+        )
+    })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(std::sync::Arc::new(config))
 }
 
 /// Budget and runs validators report `key.path: message`.

@@ -92,8 +92,9 @@ impl Tollgate {
         let limits = state.config.load().raw.limits.clone();
 
         let agent_state = state.clone();
-        let agent = tokio::spawn(server::serve(
+        let agent = tokio::spawn(server::serve_tls(
             listeners.agent,
+            state.config.load().server_tls.clone(),
             limits.clone(),
             move |request| proxy::handle(agent_state.clone(), request),
             stopped(stop_rx.clone()),

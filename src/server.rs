@@ -1,10 +1,14 @@
 //! Accept loop shared by the agent and admin listeners: hyper-util's
 //! auto (HTTP/1.1 + h2c) connection builder, limits on header size, count and
 //! read time, one task per connection, and graceful shutdown that stops
-//! accepting and drains open connections up to a bound.
+//! accepting and drains open connections up to a bound. With a TLS config
+//! (`[server.tls]`) each accepted stream is a TLS handshake first (ALPN `h2`
+//! and `http/1.1`, within the header read time); a failed handshake drops
+//! that connection only.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -14,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use crate::config::LimitsConfig;
 use crate::proxy::{ConnInfo, ProxyBody};
@@ -28,6 +33,22 @@ pub async fn serve<H, Fut>(
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
 {
+    serve_tls(listener, None, limits, handler, shutdown).await
+}
+
+/// As [`serve`], terminating TLS with `tls` when given.
+pub async fn serve_tls<H, Fut>(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    limits: LimitsConfig,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
+{
+    let acceptor = tls.map(TlsAcceptor::from);
+    let handshake_timeout = limits.header_read_timeout();
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -65,12 +86,40 @@ pub async fn serve<H, Fut>(
             }
             handler(request)
         });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let Some(acceptor) = acceptor.clone() else {
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(message = "connection ended with an error", %error);
+                }
+            });
+            continue;
+        };
+        // The handshake runs on the connection's own task so a slow client
+        // never holds up the accept loop; the watcher makes shutdown wait
+        // for it like for any open connection.
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let stream =
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        tracing::debug!(message = "TLS handshake failed", %remote, %error);
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(message = "TLS handshake timed out", %remote);
+                        return;
+                    }
+                };
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(error) = watcher.watch(connection).await {
                 tracing::debug!(message = "connection ended with an error", %error);
             }
         });

@@ -84,7 +84,7 @@ impl AppState {
                 budgets.restore_run(run);
             }
         }
-        let client = build_client(config.raw.limits.upstream_connect_timeout());
+        let client = build_client(config.raw.limits.upstream_connect_timeout(), &config.routes);
         Ok(Arc::new(AppState {
             config: ArcSwap::from_pointee(config),
             pricing: ArcSwap::from_pointee(pricing),
@@ -135,6 +135,7 @@ impl AppState {
             );
         }
         self.budgets.set_policy(policy);
+        self.client.set_routes(&config.routes);
         self.pricing.store(Arc::new(pricing));
         self.config.store(Arc::new(config));
         Ok(())

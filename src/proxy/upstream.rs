@@ -1,11 +1,18 @@
 //! The upstream side: a pooled HTTP/1.1 + HTTP/2 client over rustls (webpki
 //! roots, ALPN), and the rewrite of a client request into the upstream one.
-//! Connect failures map to 502, a missing response head past the configured
-//! time to 504 (pingora's source-based mapping).
+//! Connect failures (a certificate that does not verify included) map to
+//! 502, a missing response head past the configured time to 504 (pingora's
+//! source-based mapping). Routes with `tls_insecure_skip_verify` use a second
+//! pooled client whose verifier accepts any certificate.
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use bytes::Bytes;
+use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -17,24 +24,81 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config::{AttributionHeaders, Route};
 use crate::proxy::error::ProxyError;
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type PooledClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Builds the shared upstream client.
-pub fn build_client(connect_timeout: Duration) -> UpstreamClient {
+/// The shared upstream clients: one that verifies certificates against the
+/// webpki roots, one for the origins of routes that opted out.
+pub struct UpstreamClient {
+    verified: PooledClient,
+    insecure: PooledClient,
+    insecure_origins: ArcSwap<HashSet<(Scheme, Authority)>>,
+}
+
+impl UpstreamClient {
+    /// Takes the opt-outs of a (re)loaded route table, warning for each.
+    pub fn set_routes(&self, routes: &[Route]) {
+        let mut origins = HashSet::new();
+        for route in routes.iter().filter(|r| r.tls_insecure_skip_verify) {
+            tracing::warn!(
+                message = "upstream certificate verification is OFF for this route (tls_insecure_skip_verify)",
+                route = %route.name,
+                upstream = %format_args!("{}://{}", route.upstream_origin, route.upstream_authority),
+            );
+            origins.insert((
+                route.upstream_origin.clone(),
+                route.upstream_authority.clone(),
+            ));
+        }
+        self.insecure_origins.store(Arc::new(origins));
+    }
+
+    fn for_uri(&self, uri: &Uri) -> &PooledClient {
+        let origins = self.insecure_origins.load();
+        let insecure = match (uri.scheme(), uri.authority()) {
+            (Some(scheme), Some(authority)) if !origins.is_empty() => {
+                origins.contains(&(scheme.clone(), authority.clone()))
+            }
+            _ => false,
+        };
+        if insecure {
+            &self.insecure
+        } else {
+            &self.verified
+        }
+    }
+}
+
+/// Builds the shared upstream clients for `routes`.
+pub fn build_client(connect_timeout: Duration, routes: &[Route]) -> UpstreamClient {
+    let client = UpstreamClient {
+        verified: pooled_client(connect_timeout, false),
+        insecure: pooled_client(connect_timeout, true),
+        insecure_origins: ArcSwap::from_pointee(HashSet::new()),
+    };
+    client.set_routes(routes);
+    client
+}
+
+fn pooled_client(connect_timeout: Duration, skip_verify: bool) -> PooledClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map(|b| {
-        b.with_root_certificates(rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        })
-        .with_no_client_auth()
-    });
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            if skip_verify {
+                b.dangerous()
+                    .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+                    .with_no_client_auth()
+            } else {
+                b.with_root_certificates(rustls::RootCertStore {
+                    roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+                })
+                .with_no_client_auth()
+            }
+        });
     let connector = match tls {
         Ok(tls) => hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
@@ -57,6 +121,57 @@ pub fn build_client(connect_timeout: Duration) -> UpstreamClient {
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(connector)
+}
+
+/// The verifier of `tls_insecure_skip_verify` routes: any certificate is
+/// accepted; handshake signatures are still checked so the TLS session
+/// itself is sound.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// Headers that describe one hop and never cross the proxy (RFC 9110 §7.6.1).
@@ -157,6 +272,7 @@ pub async fn send(
     request: Request<Full<Bytes>>,
     timeout: Duration,
 ) -> Result<http::Response<Incoming>, ProxyError> {
+    let client = client.for_uri(request.uri());
     match tokio::time::timeout(timeout, client.request(request)).await {
         Err(_) => Err(ProxyError::UpstreamTimeout(timeout.as_millis() as u64)),
         Ok(Ok(response)) => Ok(response),
