@@ -5,6 +5,7 @@ mod support;
 
 mod api;
 mod budget;
+mod drain;
 mod errors;
 mod faults;
 mod ledger;
