@@ -1,0 +1,300 @@
+#!/usr/bin/env bash
+# Soak test: a fixed-rate mix of calls through tollgate for a bounded time,
+# on loopback, then a consistency and memory report.
+#
+# Builds release, starts examples/mock_upstream and target/release/tollgate
+# (generated config, both on port 0; addresses read from the mock's first
+# stdout line and tollgate's "tollgate listening" log line) with a ledger,
+# and drives, at RATE requests/s for DURATION seconds (python3, stdlib only):
+#   json 40%        non-streaming chat completion
+#   stream 20%      streamed, asking for usage
+#   inject 10%      streamed, not asking (tollgate injects and strips usage)
+#   tool 15%        paid tool route (cost_per_call_usd)
+#   budget 10%      runs with a tiny x-agent-budget-usd: refused with 402
+#   fault 5%        a route whose upstream is a closed port: 502
+# tollgate's RSS is sampled every 10 s. At the end tollgate gets SIGTERM
+# (ledger flushed) and the script checks:
+#   requests sent = ledger records = agent_calls_total + budget refusals
+#   (agent_budget_rejections_total) in /metrics; no "panicked" in the log;
+#   RSS growth from the first sample after warm-up to the end.
+# Exit 0 when every check holds, 1 otherwise.
+#
+# Environment (defaults): DURATION=180 RATE=50 WORKERS=16 KEEP=0 (KEEP=1
+# keeps the work directory with logs and the ledger).
+
+set -euo pipefail
+
+DURATION=${DURATION:-180}
+RATE=${RATE:-50}
+WORKERS=${WORKERS:-16}
+KEEP=${KEEP:-0}
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-soak.XXXXXX")
+pids=()
+
+cleanup() {
+    local status=$?
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ $KEEP == 1 ]]; then
+        echo "work directory kept: $work" >&2
+    else
+        rm -rf "$work"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+echo "building (release)..." >&2
+cargo build --release --quiet --bin tollgate --example mock_upstream
+
+bin=target/release
+
+# Waits (at most 10 s) until file $1 has a line matching $2, prints it.
+wait_line() {
+    local file=$1 pattern=$2 i
+    for i in $(seq 100); do
+        if grep -m1 -- "$pattern" "$file" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "timed out waiting for '$pattern' in $file:" >&2
+    cat "$file" >&2 || true
+    return 1
+}
+
+"$bin/examples/mock_upstream" --listen 127.0.0.1:0 --threads 2 \
+    --max-secs $((DURATION + 120)) >"$work/mock.out" 2>"$work/mock.err" &
+pids+=($!)
+mock_addr=$(wait_line "$work/mock.out" '^127\.')
+
+# A loopback port nothing listens on: bound, then released.
+closed_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
+
+cat >"$work/tollgate.toml" <<EOF
+[server]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[routes]]
+name = "openai"
+prefix = "/openai"
+upstream = "http://$mock_addr"
+kind = "openai"
+
+[[routes]]
+name = "search"
+prefix = "/tools/search"
+upstream = "http://$mock_addr"
+kind = "tool"
+tool = "web_search"
+cost_per_call_usd = 0.001
+
+[[routes]]
+name = "dead"
+prefix = "/dead"
+upstream = "http://127.0.0.1:$closed_port"
+kind = "openai"
+
+[pricing]
+files = ["$root/config/pricing.toml"]
+
+[budget]
+default_run_usd = 100000.0
+max_run_usd = 100000.0
+
+[ledger]
+path = "$work/ledger.db"
+EOF
+
+"$bin/tollgate" --config "$work/tollgate.toml" >"$work/tollgate.log" 2>"$work/tollgate.err" &
+tollgate_pid=$!
+pids+=("$tollgate_pid")
+line=$(wait_line "$work/tollgate.log" '"tollgate listening"')
+agent=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["agent"])' "$line")
+admin=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["admin"])' "$line")
+echo "mock on $mock_addr, tollgate on $agent (admin $admin), pid $tollgate_pid" >&2
+echo "soak: ${DURATION}s at ${RATE} req/s" >&2
+
+python3 - "$agent" "$admin" "$tollgate_pid" "$DURATION" "$RATE" "$WORKERS" "$work" <<'PY'
+import http.client, json, os, queue, re, signal, sqlite3, sys, threading, time
+
+agent, admin, pid, duration, rate, workers, work = sys.argv[1:8]
+pid, duration, rate, workers = int(pid), float(duration), float(rate), int(workers)
+host, port = agent.rsplit(":", 1)
+
+MIX = [("json", 40), ("stream", 20), ("inject", 10), ("tool", 15), ("budget", 10), ("fault", 5)]
+EXPECT = {"json": 200, "stream": 200, "inject": 200, "tool": 200, "budget": 402, "fault": 502}
+SEQ = [k for k, w in MIX for _ in range(w)]
+# Spread the kinds evenly: a fixed permutation of the 100-slot cycle.
+SEQ = [SEQ[(i * 37) % 100] for i in range(100)]
+
+def request(kind, i):
+    run = f"soak-{i % 64}"
+    headers = {"content-type": "application/json", "x-agent-release": "soak",
+               "x-agent-run-id": run}
+    body = {"model": "gpt-4o-2024-08-06", "messages": [{"role": "user", "content": f"q{i}"}]}
+    path = "/openai/v1/chat/completions"
+    if kind == "stream":
+        body.update(stream=True, stream_options={"include_usage": True})
+    elif kind == "inject":
+        body["stream"] = True
+    elif kind == "tool":
+        path, body = "/tools/search", {"q": f"q{i}"}
+    elif kind == "budget":
+        headers["x-agent-run-id"] = f"tiny-{i}"
+        headers["x-agent-budget-usd"] = "0.000000001"
+    elif kind == "fault":
+        path = "/dead/v1/chat/completions"
+    return path, headers, json.dumps(body)
+
+jobs = queue.Queue()
+lock = threading.Lock()
+statuses = {}          # (kind, status) -> count
+errors = []
+latencies = []
+
+def worker():
+    conn = None
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        kind, i = job
+        path, headers, body = request(kind, i)
+        started = time.monotonic()
+        status = "error"
+        for attempt in range(2):
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+                conn.request("POST", path, body=body, headers=headers)
+                response = conn.getresponse()
+                response.read()
+                status = response.status
+                if response.getheader("connection", "").lower() == "close":
+                    conn.close(); conn = None
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+                # Keep-alive connection closed between calls: retry once on a
+                # new one (the call never reached tollgate's handler).
+                if conn: conn.close()
+                conn = None
+                if attempt == 1:
+                    with lock: errors.append(f"{kind}: {e!r}")
+            except Exception as e:
+                if conn: conn.close()
+                conn = None
+                with lock: errors.append(f"{kind}: {e!r}")
+                break
+        with lock:
+            statuses[(kind, status)] = statuses.get((kind, status), 0) + 1
+            latencies.append(time.monotonic() - started)
+
+def rss_kib():
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+for t in threads: t.start()
+
+samples = [(0.0, rss_kib())]
+start = time.monotonic()
+next_sample = 10.0
+sent = 0
+interval = 1.0 / rate
+while True:
+    now = time.monotonic() - start
+    if now >= duration:
+        break
+    if now >= next_sample:
+        samples.append((round(now), rss_kib()))
+        next_sample += 10.0
+    due = int(now / interval) + 1
+    while sent < due:
+        jobs.put((SEQ[sent % 100], sent))
+        sent += 1
+    time.sleep(min(interval, 0.05))
+backlog = jobs.qsize()
+for _ in threads: jobs.put(None)
+for t in threads: t.join(60)
+samples.append((round(time.monotonic() - start), rss_kib()))
+
+def metrics_sum(text, name):
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+c = http.client.HTTPConnection(*admin.rsplit(":", 1), timeout=10)
+c.request("GET", "/metrics"); metrics = c.getresponse().read().decode()
+calls_total = metrics_sum(metrics, "agent_calls_total")
+refusals = metrics_sum(metrics, "agent_budget_rejections_total")
+
+os.kill(pid, signal.SIGTERM)
+for _ in range(300):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        break
+    # Zombie until the shell reaps it: check the state.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split(") ")[1].startswith("Z"):
+                break
+    except FileNotFoundError:
+        break
+    time.sleep(0.1)
+db = sqlite3.connect(f"{work}/ledger.db")
+ledger = db.execute("SELECT COUNT(*) FROM calls WHERE release = 'soak'").fetchone()[0]
+ledger_by = dict(db.execute("SELECT status, COUNT(*) FROM calls WHERE release = 'soak' GROUP BY status").fetchall())
+log = open(f"{work}/tollgate.log", errors="replace").read() + open(f"{work}/tollgate.err", errors="replace").read()
+panics = len(re.findall("panicked", log))
+
+completed = sum(statuses.values())
+unexpected = {f"{k}->{s}": n for (k, s), n in statuses.items() if EXPECT[k] != s}
+latencies.sort()
+p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0
+warm = samples[1][1] if len(samples) > 2 else samples[0][1]
+print()
+print(f"== soak report: {duration:.0f} s at {rate:g} req/s, {workers} client threads")
+print(f"requests sent              {sent}  (completed {completed}, left in queue at the end {backlog})")
+by_kind = {}
+for (k, s), n in sorted(statuses.items(), key=str):
+    by_kind.setdefault(k, []).append(f"{s}:{n}")
+print("by kind                    " + ", ".join(f"{k} [{' '.join(v)}]" for k, v in by_kind.items()))
+print(f"latency ms p50/p99/max     {p(0.5):.1f} / {p(0.99):.1f} / {p(1.0):.1f}")
+print(f"ledger records             {ledger}  by status {ledger_by}")
+print(f"/metrics agent_calls_total {calls_total:.0f} + budget refusals {refusals:.0f} = {calls_total + refusals:.0f}")
+print(f"client errors              {len(errors)} {errors[:3]}")
+print(f"'panicked' in the log      {panics}")
+print("RSS KiB (t s: KiB)         " + " ".join(f"{t}:{k}" for t, k in samples))
+print(f"RSS growth after warm-up   {samples[-1][1] - warm:+d} KiB (from {warm} at {samples[1][0] if len(samples) > 2 else 0} s to {samples[-1][1]} at the end)")
+checks = {
+    "sent = completed": sent == completed,
+    "every status as expected": not unexpected and not errors,
+    "sent = ledger records": sent == ledger,
+    "ledger = calls_total + refusals": ledger == calls_total + refusals,
+    "no panic": panics == 0,
+}
+for name, ok in checks.items():
+    print(f"  {'ok  ' if ok else 'FAIL'} {name}")
+if unexpected:
+    print(f"unexpected statuses: {unexpected}")
+sys.exit(0 if all(checks.values()) else 1)
+PY
