@@ -14,12 +14,14 @@
 #   stream-inject streamed, not asking for usage: tollgate adds
 #                 stream_options.include_usage and strips the usage chunk
 #
-# Targets: direct, tollgate (shipped logging: one JSON line per call) and,
-# with QUIET=1 (default), tollgate-quiet (a second instance with the
-# per-call log line off: RUST_LOG=info,tollgate::call=off).
+# Targets: direct, tollgate (shipped logging: one JSON line per call, the
+# ledger on), with NO_LEDGER=1 (default) tollgate-no-ledger (the same with
+# `[ledger] enabled = false`) and, with QUIET=1 (default), tollgate-quiet (a
+# further instance with the per-call log line off:
+# RUST_LOG=info,tollgate::call=off).
 #
 # Environment (defaults): CONNECTIONS=32 DURATION=10 WARMUP=1 ROUNDS=3
-#   SCENARIOS="json stream stream-inject" CHUNK_DELAY_US=0 QUIET=1
+#   SCENARIOS="json stream stream-inject" CHUNK_DELAY_US=0 QUIET=1 NO_LEDGER=1
 #   LOADGEN_THREADS=2 MOCK_THREADS=1 OUT=<temp dir>/results.jsonl
 # Every measurement is bounded (WARMUP + DURATION + 5 s grace, and killed
 # after 30 s more); everything started here is stopped on exit.
@@ -33,6 +35,7 @@ ROUNDS=${ROUNDS:-3}
 SCENARIOS=${SCENARIOS:-"json stream stream-inject"}
 CHUNK_DELAY_US=${CHUNK_DELAY_US:-0}
 QUIET=${QUIET:-1}
+NO_LEDGER=${NO_LEDGER:-1}
 LOADGEN_THREADS=${LOADGEN_THREADS:-2}
 MOCK_THREADS=${MOCK_THREADS:-1}
 
@@ -87,7 +90,7 @@ echo "mock upstream on $mock_addr" >&2
 # Starts a tollgate instance named $1 with RUST_LOG=$2; sets $agent to its
 # bound agent address. (Not run in a subshell: the pid must reach $pids.)
 start_tollgate() {
-    local name=$1 filter=$2 config=$work/$1.toml log=$work/$1.log
+    local name=$1 filter=$2 ledger=${3:-true} config=$work/$1.toml log=$work/$1.log
     cat >"$config" <<EOF
 [server]
 listen = "127.0.0.1:0"
@@ -109,6 +112,7 @@ default_run_usd = 100000.0
 max_run_usd = 100000.0
 
 [ledger]
+enabled = $ledger
 path = "$work/$name.db"
 EOF
     RUST_LOG=$filter "$bin/tollgate" --config "$config" >"$log" 2>"$work/$name.err" &
@@ -126,6 +130,13 @@ start_tollgate tollgate info
 url[tollgate]="http://$agent/openai/v1/chat/completions"
 pid_of[tollgate]=${pids[-1]}
 echo "tollgate on $agent" >&2
+if [[ $NO_LEDGER == 1 ]]; then
+    start_tollgate tollgate-no-ledger info false
+    url[tollgate-no-ledger]="http://$agent/openai/v1/chat/completions"
+    pid_of[tollgate-no-ledger]=${pids[-1]}
+    targets+=(tollgate-no-ledger)
+    echo "tollgate-no-ledger on $agent" >&2
+fi
 if [[ $QUIET == 1 ]]; then
     start_tollgate tollgate-quiet 'info,tollgate::call=off'
     url[tollgate-quiet]="http://$agent/openai/v1/chat/completions"
@@ -243,5 +254,22 @@ for s in scenarios:
             if r.get("ttfb_ms") and d.get("ttfb_ms"):
                 dt.append(r["ttfb_ms"]["p50"] - d["ttfb_ms"]["p50"])
         print(f"| {s} | {t} | {rng(ratios, 3)} | {rng(d50, 2)} | {rng(d99, 2)} | {rng(dt, 2)} |")
+if "tollgate-no-ledger" in targets:
+    print()
+    print("Ledger on vs off (tollgate / tollgate-no-ledger, per round):")
+    print()
+    print("| scenario | throughput ratio | p50 ratio | p99 ratio |")
+    print("|---|---:|---:|---:|")
+    for s in scenarios:
+        off = by.get((s, "tollgate-no-ledger"), {})
+        rr, r50, r99 = [], [], []
+        for rnd, r in by.get((s, "tollgate"), {}).items():
+            o = off.get(rnd)
+            if not o or not o["rps"]:
+                continue
+            rr.append(r["rps"] / o["rps"])
+            r50.append(r["latency_ms"]["p50"] / o["latency_ms"]["p50"])
+            r99.append(r["latency_ms"]["p99"] / o["latency_ms"]["p99"])
+        print(f"| {s} | {rng(rr, 3)} | {rng(r50, 3)} | {rng(r99, 3)} |")
 EOF
 echo "raw results: $OUT (removed on exit unless OUT is set)" >&2
