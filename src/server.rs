@@ -61,9 +61,14 @@ pub async fn serve_tls<H, Fut>(
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32);
     let graceful = GracefulShutdown::new();
+    // Every connection task, so the ones still open when the drain time is
+    // up can be ended (their calls then settle before the ledger closes).
+    let mut connections = tokio::task::JoinSet::new();
     let local = listener.local_addr().ok();
     tokio::pin!(shutdown);
     loop {
+        // Reap finished connection tasks so the set stays small.
+        while connections.try_join_next().is_some() {}
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -91,7 +96,7 @@ pub async fn serve_tls<H, Fut>(
                 .serve_connection(TokioIo::new(stream), service)
                 .into_owned();
             let connection = graceful.watch(connection);
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 if let Err(error) = connection.await {
                     tracing::debug!(message = "connection ended with an error", %error);
                 }
@@ -103,7 +108,7 @@ pub async fn serve_tls<H, Fut>(
         // for it like for any open connection.
         let watcher = graceful.watcher();
         let builder = builder.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let stream =
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => stream,
@@ -131,4 +136,6 @@ pub async fn serve_tls<H, Fut>(
     {
         tracing::warn!(message = "shutdown drain time passed; closing the remaining connections");
     }
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
 }

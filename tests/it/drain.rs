@@ -205,11 +205,10 @@ async fn sigterm_cuts_a_stream_open_past_the_drain_bound_and_exits_0() {
     );
 }
 
-/// In-process, `Tollgate::run` returns after the drain bound but the
-/// connection tasks it spawned keep serving the held stream (the process
-/// exit is what cuts them in the binary). Kept as a reminder of that gap.
+/// In-process, the connections still open when the drain bound is up are
+/// ended before `Tollgate::run` returns, and their calls settle into the
+/// ledger before it closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: connections past shutdown_drain_ms outlive Tollgate::run in-process"]
 async fn in_process_a_stream_open_past_the_drain_bound_is_cut() {
     let (upstream, mut senders) = held_stream_upstream().await;
     let dir = tempfile::tempdir().unwrap();
@@ -228,4 +227,11 @@ async fn in_process_a_stream_open_past_the_drain_bound_is_cut() {
         .expect("the held stream is cut when Tollgate::run returns")
         .err()
         .expect("a cut stream ends with an error");
+    let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+    let outcome: String = conn
+        .query_row("SELECT outcome FROM calls WHERE release = 'cut'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(outcome, "client_gone", "the cut call is in the ledger");
 }
