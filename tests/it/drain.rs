@@ -225,8 +225,7 @@ async fn in_process_a_stream_open_past_the_drain_bound_is_cut() {
     tokio::time::timeout(Duration::from_secs(5), body.collect())
         .await
         .expect("the held stream is cut when Tollgate::run returns")
-        .err()
-        .expect("a cut stream ends with an error");
+        .expect_err("a cut stream ends with an error");
     let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
     let outcome: String = conn
         .query_row("SELECT outcome FROM calls WHERE release = 'cut'", [], |r| {
