@@ -448,3 +448,28 @@ proptest! {
         prop_assert_eq!(o.body_bytes, body.len() as u64);
     }
 }
+
+/// Regression (found by the `usage_tap` fuzz target): after a content
+/// decoding failure the bytes of the failing read were not counted, so
+/// `body_bytes` (the estimate's fallback) depended on the split.
+#[test]
+fn body_bytes_after_a_decoding_failure_does_not_depend_on_the_split() {
+    let body: Vec<u8> = (0..5477u32).map(|i| (i * 7 % 251) as u8).collect();
+    let feed = |pieces: &[&[u8]]| {
+        let mut tap = UsageTap::new(
+            Dialect::OpenAi,
+            Some("application/json"),
+            Some(" GZIP "),
+            TapLimits::default(),
+        );
+        for piece in pieces {
+            tap.feed(piece);
+        }
+        tap.finish()
+    };
+    let whole = feed(&[&body]);
+    let split = feed(&[&body[..10], &body[10..3000], &body[3000..]]);
+    assert!(whole.parse_error && split.parse_error);
+    assert_eq!(whole.body_bytes, 5477);
+    assert_eq!(split.body_bytes, whole.body_bytes);
+}

@@ -376,6 +376,10 @@ impl UsageTap {
         if result.is_err() {
             self.decoder.kill();
             self.decoder.sink().ex.parse_error = true;
+            // The read that broke the decoder counts as undecoded, like every
+            // read after it, so `body_bytes` (the estimate's fallback) does
+            // not depend on where the body was split.
+            self.undecoded_bytes = self.undecoded_bytes.saturating_add(chunk.len() as u64);
         }
     }
 
