@@ -49,20 +49,38 @@ async fn next_data(body: &mut hyper::body::Incoming) -> Option<Result<Bytes, hyp
     }
 }
 
+/// Opens a stream through tollgate to the channel upstream, sends its first
+/// event and checks the client receives it; returns the client body and the
+/// upstream's sender.
+async fn first_event(
+    proxy: &Proxy,
+    senders: &mut mpsc::Receiver<mpsc::Sender<Result<Bytes, std::io::Error>>>,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (
+    hyper::body::Incoming,
+    mpsc::Sender<Result<Bytes, std::io::Error>>,
+) {
+    let request = post_json(proxy.url("/openai/v1/chat/completions"), headers, body);
+    let (response, tx) = tokio::join!(request, async { senders.recv().await.unwrap() });
+    tx.send(Ok(Bytes::from(EVENT_1))).await.unwrap();
+    let mut body = response.into_body();
+    assert_eq!(next_data(&mut body).await.unwrap().unwrap(), EVENT_1);
+    (body, tx)
+}
+
 #[tokio::test]
 async fn each_event_reaches_the_client_before_the_next_is_sent() {
     let (upstream, mut senders) = channel_upstream().await;
     let proxy = Proxy::start(&config_all_routes(), &upstream.url()).await;
-    let request = post_json(
-        proxy.url("/openai/v1/chat/completions"),
+    // The mock sends one event and waits: the client must see it.
+    let (mut body, tx) = first_event(
+        &proxy,
+        &mut senders,
         &[],
         r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true}}"#,
-    );
-    let (response, tx) = tokio::join!(request, async { senders.recv().await.unwrap() });
-    tx.send(Ok(Bytes::from(EVENT_1))).await.unwrap();
-    let mut body = response.into_body();
-    // The mock has sent exactly one event and waits: the client must see it.
-    assert_eq!(next_data(&mut body).await.unwrap().unwrap(), EVENT_1);
+    )
+    .await;
     tx.send(Ok(Bytes::from(EVENT_2))).await.unwrap();
     assert_eq!(next_data(&mut body).await.unwrap().unwrap(), EVENT_2);
     tx.send(Ok(Bytes::from(USAGE_EVENT))).await.unwrap();
@@ -122,15 +140,8 @@ async fn usage_is_requested_and_the_extra_chunk_removed() {
 async fn upstream_reset_mid_stream_ends_the_client_stream_and_charges_an_estimate() {
     let (upstream, mut senders) = channel_upstream().await;
     let proxy = Proxy::start(&config_all_routes(), &upstream.url()).await;
-    let request = post_json(
-        proxy.url("/openai/v1/chat/completions"),
-        &[("x-agent-release", "cut")],
-        r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"a long question"}]}"#,
-    );
-    let (response, tx) = tokio::join!(request, async { senders.recv().await.unwrap() });
-    tx.send(Ok(Bytes::from(EVENT_1))).await.unwrap();
-    let mut body = response.into_body();
-    assert_eq!(next_data(&mut body).await.unwrap().unwrap(), EVENT_1);
+    // The mock sends one event and waits: the client must see it.
+    let (body, tx) = first_event(&proxy, &mut senders, &[("x-agent-release", "cut")], r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"a long question"}]}"#).await;
     tx.send(Err(std::io::Error::other("reset"))).await.unwrap();
     // The client sees the stream end abnormally, not a clean end.
     let end = body.collect().await;
@@ -156,15 +167,14 @@ async fn upstream_reset_mid_stream_ends_the_client_stream_and_charges_an_estimat
 async fn client_disconnect_cancels_upstream_and_meters_the_call() {
     let (upstream, mut senders) = channel_upstream().await;
     let proxy = Proxy::start(&config_all_routes(), &upstream.url()).await;
-    let request = post_json(
-        proxy.url("/openai/v1/chat/completions"),
+    // The mock sends one event and waits: the client must see it.
+    let (body, tx) = first_event(
+        &proxy,
+        &mut senders,
         &[("x-agent-release", "gone")],
         r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true}}"#,
-    );
-    let (response, tx) = tokio::join!(request, async { senders.recv().await.unwrap() });
-    tx.send(Ok(Bytes::from(EVENT_1))).await.unwrap();
-    let mut body = response.into_body();
-    assert_eq!(next_data(&mut body).await.unwrap().unwrap(), EVENT_1);
+    )
+    .await;
     drop(body);
     // tollgate drops its upstream body when the client leaves: the mock's
     // stream is dropped, which closes this channel.
@@ -202,15 +212,14 @@ async fn a_stalled_stream_is_ended_by_the_idle_timeout() {
         config_all_routes()
     );
     let proxy = Proxy::start(&config, &upstream.url()).await;
-    let request = post_json(
-        proxy.url("/openai/v1/chat/completions"),
+    // The mock sends one event and waits: the client must see it.
+    let (body, tx) = first_event(
+        &proxy,
+        &mut senders,
         &[],
         r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true}}"#,
-    );
-    let (response, tx) = tokio::join!(request, async { senders.recv().await.unwrap() });
-    tx.send(Ok(Bytes::from(EVENT_1))).await.unwrap();
-    let mut body = response.into_body();
-    assert_eq!(next_data(&mut body).await.unwrap().unwrap(), EVENT_1);
+    )
+    .await;
     // The mock now stays silent with the stream open.
     assert!(body.collect().await.is_err());
     tokio::time::timeout(Duration::from_secs(10), tx.closed())
