@@ -467,7 +467,8 @@ struct Summary {
 }
 
 impl Summary {
-    fn ended(run: &EndedRun) -> Summary {
+    fn ended(ended: &EndedRun) -> Summary {
+        let run = &ended.record;
         Summary {
             run_id: run.run_id.clone(),
             release: run.release.clone(),
@@ -478,12 +479,12 @@ impl Summary {
             cost: run.cost,
             llm_cost: run.llm_cost,
             tool_cost: run.tool_cost,
-            tokens: run.tokens,
+            tokens: ended.tokens,
             calls: run.calls,
             refusals: run.refusals,
             retries: run.retries,
             repeated_calls: run.repeated_calls,
-            estimated_calls: run.estimated_calls,
+            estimated_calls: ended.estimated_calls,
             started_ms: run.started_ms,
             ended_ms: Some(run.ended_ms),
             breached: run.breached,
@@ -606,7 +607,11 @@ async fn run_detail(state: &AppState, run_id: &str, query: Option<&str>) -> ApiR
                 (Summary::live(&run, tokens, estimated), after, None)
             }
             None => match read(&ledger, |c| query::ended_run(c, &id, started_ms))? {
-                Some(run) => (Summary::ended(&run), run.prev_end_ms, Some(run.ended_ms)),
+                Some(run) => (
+                    Summary::ended(&run),
+                    run.prev_end_ms,
+                    Some(run.record.ended_ms),
+                ),
                 None => {
                     return Err(ApiError::not_found(match started_ms {
                         Some(s) => format!("no run `{id}` started at started_ms={s}"),

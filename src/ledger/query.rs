@@ -13,6 +13,7 @@
 //! Every function here is blocking (SQLite); the API runs them in
 //! `spawn_blocking`. Time bounds are inclusive on both ends.
 
+use super::RunRecord;
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, Row};
 
@@ -46,23 +47,8 @@ impl Tokens {
 /// One ended run, from the `runs` table, with figures summed from its calls.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndedRun {
-    pub run_id: String,
-    pub release: String,
-    pub request_type: String,
-    /// `ok` or `error`.
-    pub status: String,
-    pub stop_reason: String,
-    pub started_ms: u64,
-    pub ended_ms: u64,
-    pub ceiling: Money,
-    pub cost: Money,
-    pub llm_cost: Money,
-    pub tool_cost: Money,
-    pub calls: u64,
-    pub refusals: u64,
-    pub retries: u64,
-    pub repeated_calls: u64,
-    pub breached: bool,
+    /// The run's own record, as the writer stored it.
+    pub record: RunRecord,
     /// End of the previous run under the same id (`-1`: none): the run's
     /// calls are those after it.
     pub prev_end_ms: i64,
@@ -206,27 +192,30 @@ const PREV_END: &str = "COALESCE((SELECT MAX(p.ended_ms) FROM runs p
 
 const RUN_COLUMNS: &str = "r.run_id, r.release, r.request_type, r.status, r.stop_reason,
     r.started_ms, r.ended_ms, r.ceiling_pico, r.cost_pico, r.llm_cost_pico, r.tool_cost_pico,
-    r.calls, r.refusals, r.retries, r.repeated_calls, r.breached";
+    r.calls, r.refusals, r.retries, r.repeated_calls, r.breached, r.evicted";
 
 fn ended_run_from_row(row: &Row<'_>) -> rusqlite::Result<EndedRun> {
     Ok(EndedRun {
-        run_id: row.get(0)?,
-        release: row.get(1)?,
-        request_type: row.get(2)?,
-        status: row.get(3)?,
-        stop_reason: row.get(4)?,
-        started_ms: u(row, 5)?,
-        ended_ms: u(row, 6)?,
-        ceiling: money(row, 7)?,
-        cost: money(row, 8)?,
-        llm_cost: money(row, 9)?,
-        tool_cost: money(row, 10)?,
-        calls: u(row, 11)?,
-        refusals: u(row, 12)?,
-        retries: u(row, 13)?,
-        repeated_calls: u(row, 14)?,
-        breached: row.get(15)?,
-        prev_end_ms: row.get(16)?,
+        record: RunRecord {
+            run_id: row.get(0)?,
+            release: row.get(1)?,
+            request_type: row.get(2)?,
+            status: row.get(3)?,
+            stop_reason: row.get(4)?,
+            started_ms: u(row, 5)?,
+            ended_ms: u(row, 6)?,
+            ceiling: money(row, 7)?,
+            cost: money(row, 8)?,
+            llm_cost: money(row, 9)?,
+            tool_cost: money(row, 10)?,
+            calls: u(row, 11)?,
+            refusals: u(row, 12)?,
+            retries: u(row, 13)?,
+            repeated_calls: u(row, 14)?,
+            breached: row.get(15)?,
+            evicted: row.get(16)?,
+        },
+        prev_end_ms: row.get(17)?,
         tokens: Tokens::default(),
         estimated_calls: 0,
     })
@@ -262,16 +251,24 @@ pub fn run_call_totals(
 
 /// Sums `tokens` and `estimated_calls` of an ended run from its calls.
 pub fn fill_call_totals(conn: &Connection, run: &mut EndedRun) -> rusqlite::Result<()> {
-    let (tokens, estimated) =
-        run_call_totals(conn, &run.run_id, run.prev_end_ms, Some(run.ended_ms))?;
+    let (tokens, estimated) = run_call_totals(
+        conn,
+        &run.record.run_id,
+        run.prev_end_ms,
+        Some(run.record.ended_ms),
+    )?;
     run.tokens = tokens;
     run.estimated_calls = estimated;
     Ok(())
 }
 
 fn with_call_totals(conn: &Connection, mut run: EndedRun) -> rusqlite::Result<EndedRun> {
-    let (tokens, estimated) =
-        run_call_totals(conn, &run.run_id, run.prev_end_ms, Some(run.ended_ms))?;
+    let (tokens, estimated) = run_call_totals(
+        conn,
+        &run.record.run_id,
+        run.prev_end_ms,
+        Some(run.record.ended_ms),
+    )?;
     run.tokens = tokens;
     run.estimated_calls = estimated;
     Ok(run)
