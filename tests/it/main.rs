@@ -13,5 +13,6 @@ mod lifecycle;
 mod passthrough;
 mod reload;
 mod sdk;
+mod services;
 mod streaming;
 mod tls;
