@@ -15,13 +15,13 @@ use crate::support::*;
 const CHAT: &str = "/openai/v1/chat/completions";
 /// A chat request whose reservation is known: 25 prompt tokens (100 bytes)
 /// and a 100-token output limit.
-fn chat_body() -> String {
+pub(crate) fn chat_body() -> String {
     let body = r#"{"model":"gpt-4o-mini","max_tokens":100,"messages":[{"role":"user","content":"hello"}],"pad":""}"#;
     let pad = "x".repeat(100 - body.len());
     body.replace(r#""pad":"""#, &format!(r#""pad":"{pad}""#))
 }
 
-fn reservation(proxy: &Proxy) -> Money {
+pub(crate) fn reservation(proxy: &Proxy) -> Money {
     let info = RequestInfo {
         model: Some("gpt-4o-mini".into()),
         stream: false,
@@ -37,9 +37,9 @@ fn reservation(proxy: &Proxy) -> Money {
 /// completion tokens, but holds the body open until the test releases it,
 /// so every admitted call stays in flight.
 /// Senders of the bodies the upstream holds open.
-type Held = Arc<Mutex<Vec<mpsc::Sender<Result<Bytes, std::io::Error>>>>>;
+pub(crate) type Held = Arc<Mutex<Vec<mpsc::Sender<Result<Bytes, std::io::Error>>>>>;
 
-async fn held_upstream() -> (MockUpstream, Held) {
+pub(crate) async fn held_upstream() -> (MockUpstream, Held) {
     let held = Arc::new(Mutex::new(Vec::new()));
     let senders = held.clone();
     let upstream = MockUpstream::start(move |_| {
@@ -55,7 +55,7 @@ async fn held_upstream() -> (MockUpstream, Held) {
     (upstream, held)
 }
 
-const USAGE_BODY: &str = r#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":25,"completion_tokens":50,"total_tokens":75}}"#;
+pub(crate) const USAGE_BODY: &str = r#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":25,"completion_tokens":50,"total_tokens":75}}"#;
 
 fn call_cost() -> Money {
     // gpt-4o-mini in the test table: $2/M input, $6/M output.
