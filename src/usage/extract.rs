@@ -151,8 +151,13 @@ impl SseSink for Extractor {
         gemini::stray_line(self, line);
     }
 
-    fn oversized(&mut self) {
+    /// The event could not be read, so framing cannot be told from text:
+    /// all of it counts as generated text, an upper bound in line with the
+    /// estimate's (see `estimate`). Counting none of it would make a
+    /// stream's text count hinge on which events reached the cap.
+    fn oversized(&mut self, event_bytes: u64) {
         self.parse_error = true;
+        self.add_text(event_bytes);
     }
 }
 

@@ -132,8 +132,10 @@ pub enum Outcome {
 /// Memory bounds of one tap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TapLimits {
-    /// Largest SSE event (data plus name) that is decoded; larger events are
-    /// skipped with `parse_error`. Also bounds the usage-chunk filter.
+    /// Largest SSE event (the bytes of its lines, line terminators aside)
+    /// that is decoded; larger events are skipped with `parse_error` and
+    /// counted whole in `output_text_bytes`. Also bounds the usage-chunk
+    /// filter.
     pub max_event_bytes: usize,
     /// Largest captured JSON member value (a `usage` object, a model name)
     /// in plain JSON / NDJSON / JSON-array bodies.

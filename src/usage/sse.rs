@@ -9,10 +9,18 @@
 //! character cut across reads is simply carried in the tail line; U+2028 and
 //! friends are ordinary bytes.
 //!
-//! Memory: the tail line plus the current event's `data` and `event` buffers
-//! never exceed `max_event_bytes`. An event that would grow past it is dropped
-//! (its later lines are skipped until its blank line), the sink is told
-//! through [`SseSink::oversized`], and decoding resumes with the next event.
+//! Size cap: an event is *over the cap* when the bytes of its lines (field
+//! names, values, comments; line terminators not counted) add up to more
+//! than `max_event_bytes`. The measure is a running count over the bytes of
+//! the event in stream order, so the point where an event goes over is the
+//! same whatever the reads are; deciding it from the buffers instead (the
+//! decoded `data` of a line that arrived whole, the raw tail of one that
+//! arrived in pieces) made the same event kept or dropped depending on the
+//! split. The tail line plus the current event's `data` and `event` buffers
+//! never hold more than that count, so memory stays within the cap. An
+//! event over the cap is dropped (its later lines are skipped until its blank
+//! line), the sink is told its full size through [`SseSink::oversized`], and
+//! decoding resumes with the next event.
 //!
 //! End of stream: the spec (and the OpenAI and Anthropic SDKs) discard an
 //! event that is not terminated by a blank line. A metering tap should not:
@@ -39,8 +47,9 @@ pub(crate) trait SseSink {
     /// here.
     fn stray_line(&mut self, _line: &[u8]) {}
 
-    /// An event exceeded `max_event_bytes` and was dropped.
-    fn oversized(&mut self) {}
+    /// An event went over `max_event_bytes` and was dropped; `event_bytes` is
+    /// its whole size, counted as for the cap.
+    fn oversized(&mut self, _event_bytes: u64) {}
 }
 
 /// Streaming SSE decoder; see the module comment.
@@ -52,9 +61,12 @@ pub(crate) struct SseDecoder {
     /// The previous read ended with `\r`: a leading `\n` completes that line
     /// ending instead of starting a new (blank) line.
     after_cr: bool,
-    /// The current line's beginning was dropped for size; it is still a
-    /// non-blank line when its terminator arrives.
-    skipping_line: bool,
+    /// Part of the current line arrived in an earlier read (it is held in
+    /// `line` unless the event is being dropped): the line is not blank,
+    /// whatever its terminator is preceded by.
+    line_started: bool,
+    /// Bytes of the current event's lines so far, the measure of the cap.
+    event_bytes: u64,
     /// The current event went over the cap: ignore its lines until the blank
     /// line that ends it.
     dropping: bool,
@@ -72,7 +84,8 @@ impl SseDecoder {
             max_event_bytes: max_event_bytes.max(1),
             line: Vec::new(),
             after_cr: false,
-            skipping_line: false,
+            line_started: false,
+            event_bytes: 0,
             dropping: false,
             data: Vec::new(),
             has_data: false,
@@ -92,7 +105,7 @@ impl SseDecoder {
         }
         while !rest.is_empty() {
             let Some(i) = memchr2(b'\n', b'\r', rest) else {
-                self.carry(rest, sink);
+                self.carry(rest);
                 return;
             };
             let (body, tail) = rest.split_at(i);
@@ -114,16 +127,15 @@ impl SseDecoder {
     /// unterminated event with `at_eof = true`. Returns `true` when the stream
     /// ended cleanly between events.
     pub(crate) fn finish<S: SseSink>(&mut self, sink: &mut S) -> bool {
-        if !self.line.is_empty() || self.skipping_line {
+        if std::mem::replace(&mut self.line_started, false) {
             let line = std::mem::take(&mut self.line);
-            let skipped = std::mem::replace(&mut self.skipping_line, false);
-            if !skipped {
+            if !self.dropping {
                 self.field_line(&line, sink);
             }
         }
         let clean = !self.in_event;
         if self.dropping {
-            sink.oversized();
+            sink.oversized(self.event_bytes);
         } else if self.has_data || !self.name.is_empty() {
             sink.event(&self.name, &self.data, true);
         }
@@ -132,57 +144,50 @@ impl SseDecoder {
         clean
     }
 
-    /// Appends an unfinished line to the carry-over buffer, within the cap.
-    fn carry<S: SseSink>(&mut self, part: &[u8], sink: &mut S) {
+    /// Adds `n` bytes of the current event's lines to the count; past the cap
+    /// the event is dropped.
+    fn count(&mut self, n: usize) {
+        self.event_bytes = self.event_bytes.saturating_add(n as u64);
+        if !self.dropping && self.event_bytes > self.max_event_bytes as u64 {
+            self.dropping = true;
+            self.data.clear();
+            self.name.clear();
+            self.has_data = false;
+        }
+    }
+
+    /// Keeps an unfinished line for the next read.
+    fn carry(&mut self, part: &[u8]) {
         self.in_event = true;
-        if self.skipping_line || self.dropping {
-            self.skipping_line = true;
-            return;
-        }
-        let total = self.line.len() + part.len() + self.data.len() + self.name.len();
-        if total > self.max_event_bytes {
+        self.line_started = true;
+        self.count(part.len());
+        if self.dropping {
             self.line.clear();
-            self.skipping_line = true;
-            self.overflow(sink);
-            return;
+        } else {
+            self.line.extend_from_slice(part);
         }
-        self.line.extend_from_slice(part);
     }
 
     /// A line terminator was found; `body` is the part of the line in the
     /// current read.
     fn end_line<S: SseSink>(&mut self, body: &[u8], sink: &mut S) {
-        if self.skipping_line {
-            // Non-blank line whose beginning was dropped.
-            self.skipping_line = false;
-            self.line.clear();
+        let started = std::mem::replace(&mut self.line_started, false);
+        if !started && body.is_empty() {
+            self.dispatch(sink);
             return;
         }
-        if self.line.is_empty() {
-            self.complete_line(body, sink);
-        } else {
-            let total = self.line.len() + body.len() + self.data.len() + self.name.len();
-            if total > self.max_event_bytes {
-                self.line.clear();
-                self.overflow(sink);
-                return;
-            }
+        self.in_event = true;
+        self.count(body.len());
+        if self.dropping {
+            self.line.clear();
+        } else if started {
             let mut line = std::mem::take(&mut self.line);
             line.extend_from_slice(body);
-            self.complete_line(&line, sink);
+            self.field_line(&line, sink);
             line.clear();
             self.line = line;
-        }
-    }
-
-    fn complete_line<S: SseSink>(&mut self, line: &[u8], sink: &mut S) {
-        if line.is_empty() {
-            self.dispatch(sink);
         } else {
-            self.in_event = true;
-            if !self.dropping {
-                self.field_line(line, sink);
-            }
+            self.field_line(body, sink);
         }
     }
 
@@ -199,12 +204,9 @@ impl SseDecoder {
             None => (line, &[][..]),
         };
         match field {
+            // Neither buffer can outgrow the count: a value is shorter than
+            // its line.
             b"data" => {
-                let grown = self.data.len() + value.len() + 1 + self.name.len();
-                if grown > self.max_event_bytes {
-                    self.overflow(sink);
-                    return;
-                }
                 if self.has_data {
                     self.data.push(b'\n');
                 }
@@ -212,10 +214,6 @@ impl SseDecoder {
                 self.has_data = true;
             }
             b"event" => {
-                if self.data.len() + value.len() > self.max_event_bytes {
-                    self.overflow(sink);
-                    return;
-                }
                 self.name.clear();
                 self.name.extend_from_slice(value);
             }
@@ -224,17 +222,9 @@ impl SseDecoder {
         }
     }
 
-    fn overflow<S: SseSink>(&mut self, _sink: &mut S) {
-        // Reported once, when the dropped event ends.
-        self.dropping = true;
-        self.data.clear();
-        self.name.clear();
-        self.has_data = false;
-    }
-
     fn dispatch<S: SseSink>(&mut self, sink: &mut S) {
         if self.dropping {
-            sink.oversized();
+            sink.oversized(self.event_bytes);
         } else if self.has_data || !self.name.is_empty() {
             sink.event(&self.name, &self.data, false);
         }
@@ -243,6 +233,7 @@ impl SseDecoder {
 
     fn reset_event(&mut self) {
         self.dropping = false;
+        self.event_bytes = 0;
         self.has_data = false;
         self.in_event = false;
         self.data.clear();
@@ -267,7 +258,8 @@ mod tests {
     struct Rec {
         events: Vec<(String, Vec<u8>, bool)>,
         stray: Vec<Vec<u8>>,
-        oversized: usize,
+        /// Sizes of the dropped events.
+        oversized: Vec<u64>,
     }
 
     impl SseSink for Rec {
@@ -281,8 +273,8 @@ mod tests {
         fn stray_line(&mut self, line: &[u8]) {
             self.stray.push(line.to_vec());
         }
-        fn oversized(&mut self) {
-            self.oversized += 1;
+        fn oversized(&mut self, event_bytes: u64) {
+            self.oversized.push(event_bytes);
         }
     }
 
@@ -394,7 +386,7 @@ mod tests {
         input.extend_from_slice(b"\ndata: more\n\ndata: after\n\n");
         let (r, _) = all_splits(&input, 64);
         assert_eq!(data(&r), vec![&b"small"[..], b"after"]);
-        assert_eq!(r.oversized, 1);
+        assert_eq!(r.oversized, vec![6 + 300 + 10]);
         // Many short data lines summing over the cap are dropped too.
         let mut input = Vec::new();
         for _ in 0..40 {
@@ -403,7 +395,7 @@ mod tests {
         input.extend_from_slice(b"\ndata: ok\n\n");
         let (r, _) = all_splits(&input, 64);
         assert_eq!(data(&r), vec![&b"ok"[..]]);
-        assert_eq!(r.oversized, 1);
+        assert_eq!(r.oversized, vec![40 * 16]);
     }
 
     #[test]
@@ -418,7 +410,39 @@ mod tests {
         }
         d.feed(b"\n\ndata: z\n\n", &mut r);
         assert_eq!(data(&r), vec![&b"z"[..]]);
-        assert_eq!(r.oversized, 1);
+        assert_eq!(r.oversized, vec![6 + 256 * 64 * 1024]);
+    }
+
+    /// The cap counts every byte of the event's lines, field names and
+    /// comments included, so a line over it is dropped whether it arrives in
+    /// one read or in pieces (it used to be kept whole when its value alone
+    /// fit), and an event of exactly the cap is kept.
+    #[test]
+    fn the_cap_is_the_same_for_every_split() {
+        let cap = 32;
+        for len in cap - 3..=cap + 8 {
+            let line = format!("data: {}", "x".repeat(len - 6));
+            let input = format!("{line}\n\ndata: next\n\n");
+            let (r, _) = all_splits(input.as_bytes(), cap);
+            if len <= cap {
+                assert_eq!(data(&r), vec![&line.as_bytes()[6..], b"next"], "{len}");
+                assert!(r.oversized.is_empty());
+            } else {
+                assert_eq!(data(&r), vec![&b"next"[..]], "{len}");
+                assert_eq!(r.oversized, vec![len as u64]);
+            }
+        }
+        // Comments, names and ids count, in any order, across lines.
+        let input = b": 0123456789\nid: 1\nevent: e\ndata: 01234\n\n";
+        let (r, _) = all_splits(input, 12 + 5 + 8 + 11);
+        assert_eq!(r.events, vec![("e".to_owned(), b"01234".to_vec(), false)]);
+        let (r, _) = all_splits(input, 12 + 5 + 8 + 10);
+        assert!(r.events.is_empty());
+        assert_eq!(r.oversized, vec![36]);
+        // An over-cap event cut by the end of the stream is reported too.
+        let (r, clean) = all_splits(b"data: 0123456789", 8);
+        assert_eq!(r.oversized, vec![16]);
+        assert!(!clean);
     }
 
     #[test]
