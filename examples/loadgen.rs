@@ -9,7 +9,14 @@
 //! when the time is up get `--grace-secs` and are then abandoned.
 //!
 //! Prints one JSON line: requests/s, latency percentiles (send to last body
-//! byte) and, with `--stream`, time-to-first-body-byte percentiles.
+//! byte) and, with `--stream`, time-to-first-body-byte percentiles and the
+//! percentiles of the gaps between consecutive body frames of a reply
+//! (`gap_ms`; with an upstream that paces its chunks, comparing the gaps
+//! seen direct and through a proxy shows how long the proxy held chunks).
+//! When the upstream stamps its events with `: sent_us=<µs since the Unix
+//! epoch>` comment lines (`examples/mock_upstream.rs` does for paced
+//! streams), `chunk_delay_ms` gives the percentiles of each stamped chunk's
+//! travel time from the upstream's write to its arrival here.
 //!
 //! ```text
 //! cargo run --release --example loadgen -- --url http://127.0.0.1:8080/v1/chat/completions \
@@ -86,6 +93,8 @@ struct Args {
 struct Samples {
     latency_us: Vec<u64>,
     ttfb_us: Vec<u64>,
+    gap_us: Vec<u64>,
+    chunk_delay_us: Vec<u64>,
     errors: u64,
     non_2xx: u64,
     bytes: u64,
@@ -214,6 +223,8 @@ async fn run(args: Args) -> anyhow::Result<String> {
         if let Ok(s) = task.await {
             all.latency_us.extend(s.latency_us);
             all.ttfb_us.extend(s.ttfb_us);
+            all.gap_us.extend(s.gap_us);
+            all.chunk_delay_us.extend(s.chunk_delay_us);
             all.errors += s.errors;
             all.non_2xx += s.non_2xx;
             all.bytes += s.bytes;
@@ -246,6 +257,11 @@ async fn run(args: Args) -> anyhow::Result<String> {
     });
     if args.stream {
         out["ttfb_ms"] = percentiles(&mut all.ttfb_us);
+        out["gap_ms"] = percentiles(&mut all.gap_us);
+        out["gaps"] = json!(all.gap_us.len());
+        if !all.chunk_delay_us.is_empty() {
+            out["chunk_delay_ms"] = percentiles(&mut all.chunk_delay_us);
+        }
     }
     Ok(out.to_string())
 }
@@ -323,6 +339,8 @@ impl Worker {
                         if let Some(ttfb) = call.ttfb_us {
                             samples.ttfb_us.push(ttfb);
                         }
+                        samples.gap_us.extend(call.gap_us);
+                        samples.chunk_delay_us.extend(call.chunk_delay_us);
                         samples.bytes += call.bytes;
                     }
                 }
@@ -359,12 +377,25 @@ impl Worker {
         let ok = response.status().is_success();
         let mut body = response.into_body();
         let mut ttfb_us = None;
+        let mut gap_us = Vec::new();
+        let mut chunk_delay_us = Vec::new();
+        let mut last_frame: Option<Instant> = None;
         let mut bytes = 0u64;
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame?.into_data() {
-                if ttfb_us.is_none() && !data.is_empty() {
+                if data.is_empty() {
+                    continue;
+                }
+                if ttfb_us.is_none() {
                     ttfb_us = Some(micros(intended));
                 }
+                let now = Instant::now();
+                let wall_us = unix_micros();
+                chunk_delay_us.extend(sent_stamps(&data).map(|sent| wall_us.saturating_sub(sent)));
+                if let Some(last) = last_frame {
+                    gap_us.push(micros_between(last, now));
+                }
+                last_frame = Some(now);
                 bytes += data.len() as u64;
             }
         }
@@ -372,6 +403,8 @@ impl Worker {
             ok,
             latency_us: micros(intended),
             ttfb_us,
+            gap_us,
+            chunk_delay_us,
             bytes,
         };
         Ok((sender, call))
@@ -382,7 +415,27 @@ struct Call {
     ok: bool,
     latency_us: u64,
     ttfb_us: Option<u64>,
+    /// Time between consecutive non-empty body frames.
+    gap_us: Vec<u64>,
+    /// Arrival time minus the upstream's send stamp, per stamped event.
+    chunk_delay_us: Vec<u64>,
     bytes: u64,
+}
+
+const SENT_STAMP: &[u8] = b": sent_us=";
+
+/// The `: sent_us=N` stamps at the start of lines in `data`.
+fn sent_stamps(data: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    data.split(|b| *b == b'\n').filter_map(|line| {
+        let digits = line.strip_prefix(SENT_STAMP)?;
+        std::str::from_utf8(digits).ok()?.trim().parse().ok()
+    })
+}
+
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 fn take_one(budget: &AtomicU64) -> bool {
@@ -395,6 +448,10 @@ fn take_one(budget: &AtomicU64) -> bool {
 
 fn micros(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+fn micros_between(from: Instant, to: Instant) -> u64 {
+    u64::try_from(to.saturating_duration_since(from).as_micros()).unwrap_or(u64::MAX)
 }
 
 fn round3(x: f64) -> f64 {
@@ -415,6 +472,7 @@ fn percentiles(samples: &mut [u64]) -> serde_json::Value {
         "p50": at(0.50),
         "p90": at(0.90),
         "p99": at(0.99),
+        "p999": at(0.999),
         "max": at(1.0),
         "mean": round3(mean),
     })

@@ -4,7 +4,12 @@
 //! `tests/fixtures/providers/openai/chat-completions.nonstream.json`, except
 //! a request whose JSON body has `"stream": true`, which gets the captured
 //! stream `chat-completions.stream-include-usage.sse`, one SSE event per
-//! body frame (optionally `--chunk-delay-us` apart).
+//! body frame (optionally `--chunk-delay-us` apart; a request header
+//! `x-mock-chunk-delay-us` sets the pause for that request only, so one mock
+//! serves paced and unpaced streams in the same run). Events of a stream
+//! paced by that header start with an SSE comment line `: sent_us=<µs since
+//! the Unix epoch>` written just before the event is handed to hyper, so a
+//! client on the same machine can tell how long each chunk took to reach it.
 //!
 //! The first stdout line is the bound address (`127.0.0.1:PORT`), so a
 //! script can start it on port 0 and read where it listens. It runs until
@@ -53,6 +58,9 @@ struct Args {
 }
 
 type MockBody = BoxBody<Bytes, Infallible>;
+
+/// Request header overriding `--chunk-delay-us` for one streamed reply.
+const CHUNK_DELAY_HEADER: &str = "x-mock-chunk-delay-us";
 
 struct Replies {
     json: Bytes,
@@ -118,12 +126,17 @@ async fn respond(
     replies: Arc<Replies>,
     request: Request<Incoming>,
 ) -> Result<Response<MockBody>, Infallible> {
+    let paced_by_header: Option<u64> = request
+        .headers()
+        .get(CHUNK_DELAY_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let delay = paced_by_header.map_or(replies.chunk_delay, Duration::from_micros);
+    let stamp = paced_by_header.is_some();
     let body = match request.into_body().collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => Bytes::new(),
     };
     let response = if asks_for_stream(&body) {
-        let delay = replies.chunk_delay;
         let events = replies.events.clone();
         let stream = futures_util::stream::unfold(
             (events.into_iter(), true),
@@ -132,6 +145,7 @@ async fn respond(
                 if !first && !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }
+                let event = if stamp { stamped(&event) } else { event };
                 Some((Ok::<_, Infallible>(Frame::data(event)), (events, false)))
             },
         );
@@ -147,6 +161,16 @@ async fn respond(
             .body(Full::new(replies.json.clone()).boxed())
     };
     Ok(response.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed())))
+}
+
+/// `event` behind a comment line carrying the current wall-clock time.
+fn stamped(event: &Bytes) -> Bytes {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    let mut out = format!(": sent_us={now}\n").into_bytes();
+    out.extend_from_slice(event);
+    Bytes::from(out)
 }
 
 /// SSE events, each with its terminating blank line.

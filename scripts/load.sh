@@ -1,28 +1,43 @@
 #!/usr/bin/env bash
-# Load test: the same calls sent straight to a mock upstream ("direct") and
-# through tollgate ("tollgate"), interleaved, several rounds, on loopback.
+# Load test: the same calls sent straight to a mock upstream ("direct"),
+# through nginx and through tollgate, interleaved, several rounds, on
+# loopback.
 #
 # Builds release, starts examples/mock_upstream and target/release/tollgate
 # (with a generated config, both on port 0; the bound addresses are read
 # from the mock's first stdout line and tollgate's "tollgate listening" log
-# line), runs examples/loadgen for every (round, scenario, target), and prints
-# a table of medians over the rounds with tollgate/direct ratios.
+# line) and nginx (generated config in the temp dir, on a free port found at
+# run time), runs examples/loadgen for every (round, scenario, target), and
+# prints a table of medians over the rounds with ratios against direct.
 #
 # Scenarios:
-#   json          non-streaming chat completion (~2.7 KB JSON reply)
+#   json          non-streaming chat completion (~2.7 KB JSON reply), closed
+#                 loop: CONNECTIONS connections, one call in flight on each
 #   stream        streamed chat completion asking for usage (38 SSE events)
 #   stream-inject streamed, not asking for usage: tollgate adds
 #                 stream_options.include_usage and strips the usage chunk
+#   json-rate     the json call open loop at a fixed RATE (calls/s, well
+#                 below saturation): latency counts from the scheduled send,
+#                 so the added p50/p99 are the proxy's own latency
+#   stream-paced  the stream call with the mock pausing PACE_US between
+#                 events (request header x-mock-chunk-delay-us): TTFB
+#                 overhead and the gaps between body frames as the client
+#                 sees them, direct vs proxied
 #
-# Targets: direct, tollgate (shipped logging: one JSON line per call, the
-# ledger on), with NO_LEDGER=1 (default) tollgate-no-ledger (the same with
-# `[ledger] enabled = false`) and, with QUIET=1 (default), tollgate-quiet (a
-# further instance with the per-call log line off:
+# Targets: direct; nginx (NGINX=1, default: proxy_pass to the mock through an
+# upstream keepalive pool of 64, HTTP/1.1 upstream, proxy_buffering off,
+# access log on, worker_processes = NGINX_WORKERS, default nproc, which is
+# the number of worker threads tollgate's runtime starts); tollgate (shipped
+# logging: one JSON line per call, the ledger on); with NO_LEDGER=1 (default)
+# tollgate-no-ledger (the same with `[ledger] enabled = false`) and, with
+# QUIET=1, tollgate-quiet (a further instance with the per-call log line off:
 # RUST_LOG=info,tollgate::call=off).
 #
 # Environment (defaults): CONNECTIONS=32 DURATION=10 WARMUP=1 ROUNDS=3
-#   SCENARIOS="json stream stream-inject" CHUNK_DELAY_US=0 QUIET=1 NO_LEDGER=1
-#   LOADGEN_THREADS=2 MOCK_THREADS=1 OUT=<temp dir>/results.jsonl
+#   SCENARIOS="json stream stream-inject json-rate stream-paced" RATE=500
+#   PACE_US=20000 CHUNK_DELAY_US=0 NGINX=1 NGINX_WORKERS=$(nproc) QUIET=0
+#   NO_LEDGER=1 LOADGEN_THREADS=2 MOCK_THREADS=1
+#   TOLLGATE=target/release/tollgate OUT=<temp dir>/results.jsonl
 # Every measurement is bounded (WARMUP + DURATION + 5 s grace, and killed
 # after 30 s more); everything started here is stopped on exit.
 
@@ -32,9 +47,13 @@ CONNECTIONS=${CONNECTIONS:-32}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-1}
 ROUNDS=${ROUNDS:-3}
-SCENARIOS=${SCENARIOS:-"json stream stream-inject"}
+SCENARIOS=${SCENARIOS:-"json stream stream-inject json-rate stream-paced"}
+RATE=${RATE:-500}
+PACE_US=${PACE_US:-20000}
 CHUNK_DELAY_US=${CHUNK_DELAY_US:-0}
-QUIET=${QUIET:-1}
+NGINX=${NGINX:-1}
+NGINX_WORKERS=${NGINX_WORKERS:-$(nproc)}
+QUIET=${QUIET:-0}
 NO_LEDGER=${NO_LEDGER:-1}
 LOADGEN_THREADS=${LOADGEN_THREADS:-2}
 MOCK_THREADS=${MOCK_THREADS:-1}
@@ -60,10 +79,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+echo "load average at the start: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 echo "building (release)..." >&2
 cargo build --release --quiet --bin tollgate --example mock_upstream --example loadgen
 
 bin=target/release
+tollgate_bin=${TOLLGATE:-$bin/tollgate}
 mock_out=$work/mock.out
 
 "$bin/examples/mock_upstream" --listen 127.0.0.1:0 --threads "$MOCK_THREADS" \
@@ -115,17 +136,80 @@ max_run_usd = 100000.0
 enabled = $ledger
 path = "$work/$name.db"
 EOF
-    RUST_LOG=$filter "$bin/tollgate" --config "$config" >"$log" 2>"$work/$name.err" &
+    RUST_LOG=$filter "$tollgate_bin" --config "$config" >"$log" 2>"$work/$name.err" &
     pids+=($!)
     local line
     line=$(wait_line "$log" '"tollgate listening"')
     agent=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["agent"])' "$line")
 }
 
+# Starts nginx in front of the mock on a free loopback port; sets $agent.
+start_nginx() {
+    local dir=$work/nginx port attempt i
+    mkdir -p "$dir"
+    for attempt in 1 2 3; do
+        port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+        cat >"$dir/nginx.conf" <<EOF
+worker_processes $NGINX_WORKERS;
+user root;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log $dir/access.log;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    keepalive_requests 1000000;
+    upstream mock {
+        server $mock_addr;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$port;
+        location /openai/ {
+            proxy_pass http://mock/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+EOF
+        /usr/sbin/nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" 2>>"$dir/start.err" &
+        pids+=($!)
+        for i in $(seq 50); do
+            if python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1",int(sys.argv[1])),0.2)' \
+                "$port" 2>/dev/null; then
+                agent=127.0.0.1:$port
+                return 0
+            fi
+            kill -0 "${pids[-1]}" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill "${pids[-1]}" 2>/dev/null || true
+        echo "nginx did not start on port $port (attempt $attempt):" >&2
+        cat "$dir/error.log" "$dir/start.err" >&2 || true
+    done
+    return 1
+}
+
 declare -A url pid_of
 url[direct]="http://$mock_addr/v1/chat/completions"
 pid_of[direct]=${pids[0]}
-targets=(direct tollgate)
+targets=(direct)
+if [[ $NGINX == 1 ]]; then
+    start_nginx
+    url[nginx]="http://$agent/openai/v1/chat/completions"
+    pid_of[nginx]=${pids[-1]}
+    targets+=(nginx)
+    echo "nginx on $agent ($NGINX_WORKERS worker processes)" >&2
+fi
+targets+=(tollgate)
 start_tollgate tollgate info
 url[tollgate]="http://$agent/openai/v1/chat/completions"
 pid_of[tollgate]=${pids[-1]}
@@ -147,8 +231,16 @@ fi
 
 : >"$OUT"
 TICK=$(getconf CLK_TCK)
-# utime + stime of a process, in clock ticks.
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# utime + stime of a process and its child processes (nginx's workers), in
+# clock ticks.
+cpu_ticks() {
+    local pid total=0 t
+    for pid in "$1" $(pgrep -P "$1" || true); do
+        t=$(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0)
+        total=$((total + t))
+    done
+    echo "$total"
+}
 limit=$(python3 -c 'import math,sys; print(math.ceil(sum(map(float,sys.argv[1:])) + 35))' "$WARMUP" "$DURATION")
 for round in $(seq "$ROUNDS"); do
     # Alternate the order of the targets from round to round.
@@ -162,6 +254,8 @@ for round in $(seq "$ROUNDS"); do
         json) flags=() ;;
         stream) flags=(--stream --include-usage) ;;
         stream-inject) flags=(--stream) ;;
+        json-rate) flags=(--rate "$RATE") ;;
+        stream-paced) flags=(--stream --include-usage --header "x-mock-chunk-delay-us: $PACE_US") ;;
         *)
             echo "unknown scenario $scenario" >&2
             exit 2
@@ -216,44 +310,90 @@ def med(xs):
 def f(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
 
-scenarios = list(dict.fromkeys(k[0] for k in by))
-targets = list(dict.fromkeys(k[1] for k in by))
-print("| scenario | target | req/s | p50 ms | p90 ms | p99 ms | TTFB p50 ms | TTFB p99 ms | proxy CPU µs/call | mock CPU µs/call | errors |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-for s in scenarios:
-    for t in targets:
-        runs = by.get((s, t), {}).values()
-        g = lambda k, q: med([(r.get(k) or {}).get(q) for r in runs])
-        print(f"| {s} | {t} | {f(med([r['rps'] for r in runs]), 0)} | {f(g('latency_ms','p50'))} "
-              f"| {f(g('latency_ms','p90'))} | {f(g('latency_ms','p99'))} | {f(g('ttfb_ms','p50'))} "
-              f"| {f(g('ttfb_ms','p99'))} | {f(med([r.get('proxy_cpu_us_per_call') for r in runs]), 0)} "
-              f"| {f(med([r.get('mock_cpu_us_per_call') for r in runs]), 0)} "
-              f"| {sum(r['errors'] + r['non_2xx'] for r in runs)} |")
-print()
-print("Ratios per round against the direct run of the same round (median over rounds;")
-print("range in brackets):")
-print()
-print("| scenario | target | throughput vs direct | added p50 ms | added p99 ms | added TTFB p50 ms |")
-print("|---|---|---:|---:|---:|---:|")
 def rng(xs, nd):
     xs = [x for x in xs if x is not None]
     return f"{f(med(xs), nd)} [{f(min(xs), nd)}–{f(max(xs), nd)}]" if xs else "-"
+
+def q(r, key, p):
+    return (r.get(key) or {}).get(p)
+
+scenarios = list(dict.fromkeys(k[0] for k in by))
+targets = list(dict.fromkeys(k[1] for k in by))
+print("| scenario | target | req/s | p50 ms | p90 ms | p99 ms | TTFB p50 ms | TTFB p99 ms | chunk p99 ms | proxy CPU µs/call | mock CPU µs/call | errors |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for s in scenarios:
-    direct = by.get((s, "direct"), {})
     for t in targets:
-        if t == "direct":
-            continue
-        ratios, d50, d99, dt = [], [], [], []
-        for rnd, r in by.get((s, t), {}).items():
-            d = direct.get(rnd)
-            if not d:
+        runs = by.get((s, t), {}).values()
+        g = lambda k, p: med([q(r, k, p) for r in runs])
+        print(f"| {s} | {t} | {f(med([r['rps'] for r in runs]), 0)} | {f(g('latency_ms','p50'))} "
+              f"| {f(g('latency_ms','p90'))} | {f(g('latency_ms','p99'))} | {f(g('ttfb_ms','p50'))} "
+              f"| {f(g('ttfb_ms','p99'))} | {f(g('chunk_delay_ms','p99'))} "
+              f"| {f(med([r.get('proxy_cpu_us_per_call') for r in runs]), 0)} "
+              f"| {f(med([r.get('mock_cpu_us_per_call') for r in runs]), 0)} "
+              f"| {sum(r['errors'] + r['non_2xx'] for r in runs)} |")
+
+def per_round(s, t, base, fn):
+    """fn(r, b) for every round where both t and base ran."""
+    b_runs = by.get((s, base), {})
+    out = []
+    for rnd, r in by.get((s, t), {}).items():
+        b = b_runs.get(rnd)
+        if b:
+            out.append(fn(r, b))
+    return out
+
+closed = [s for s in scenarios if s in ("json", "stream", "stream-inject")]
+if closed:
+    print()
+    print("Throughput, per round against the run of the same round (median over rounds;")
+    print("range in brackets):")
+    print()
+    print("| scenario | target | vs direct | vs nginx | added p50 ms | added p99 ms |")
+    print("|---|---|---:|---:|---:|---:|")
+    for s in closed:
+        for t in targets:
+            if t == "direct":
                 continue
-            ratios.append(r["rps"] / d["rps"] if d["rps"] else None)
-            d50.append(r["latency_ms"]["p50"] - d["latency_ms"]["p50"])
-            d99.append(r["latency_ms"]["p99"] - d["latency_ms"]["p99"])
-            if r.get("ttfb_ms") and d.get("ttfb_ms"):
-                dt.append(r["ttfb_ms"]["p50"] - d["ttfb_ms"]["p50"])
-        print(f"| {s} | {t} | {rng(ratios, 3)} | {rng(d50, 2)} | {rng(d99, 2)} | {rng(dt, 2)} |")
+            ratio = lambda r, b: r["rps"] / b["rps"] if b["rps"] else None
+            vs_nginx = (per_round(s, t, "nginx", ratio)
+                        if t != "nginx" and "nginx" in targets else [])
+            d50 = per_round(s, t, "direct", lambda r, b: q(r, "latency_ms", "p50") - q(b, "latency_ms", "p50"))
+            d99 = per_round(s, t, "direct", lambda r, b: q(r, "latency_ms", "p99") - q(b, "latency_ms", "p99"))
+            print(f"| {s} | {t} | {rng(per_round(s, t, 'direct', ratio), 3)} | {rng(vs_nginx, 3)} "
+                  f"| {rng(d50, 2)} | {rng(d99, 2)} |")
+
+def diff_us(key, p):
+    def fn(r, b):
+        x, y = q(r, key, p), q(b, key, p)
+        return None if x is None or y is None else (x - y) * 1000
+    return fn
+
+paced = [s for s in scenarios if s in ("json-rate", "stream-paced")]
+if paced:
+    print()
+    print("Latency added against direct, in µs: a percentile of the proxied run minus the")
+    print("same percentile of the direct run of the same round (median over rounds; range).")
+    print("gap = time between consecutive body frames of a reply, as the client sees them;")
+    print("chunk = time from the mock's write of a chunk (its `: sent_us=` stamp) to its")
+    print("arrival at the client.")
+    print()
+    print("| scenario | target | latency p50 | latency p99 | TTFB p50 | TTFB p99 | gap p50 | gap p99 | gap max | chunk p50 | chunk p99 | chunk p99.9 | chunk max |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for s in paced:
+        for t in targets:
+            if t == "direct":
+                continue
+            cols = [rng(per_round(s, t, "direct", diff_us(k, p)), 0) for k, p in [
+                ("latency_ms", "p50"), ("latency_ms", "p99"), ("ttfb_ms", "p50"), ("ttfb_ms", "p99"),
+                ("gap_ms", "p50"), ("gap_ms", "p99"), ("gap_ms", "max"),
+                ("chunk_delay_ms", "p50"), ("chunk_delay_ms", "p99"), ("chunk_delay_ms", "p999"),
+                ("chunk_delay_ms", "max")]]
+            print(f"| {s} | {t} | " + " | ".join(cols) + " |")
+    for s in paced:
+        late = {t: sum(r.get("late_sends", 0) for r in by.get((s, t), {}).values()) for t in targets}
+        if any(late.values()):
+            print(f"\n{s}: sends that left > 2 ms behind schedule: {late}")
+
 if "tollgate-no-ledger" in targets:
     print()
     print("Ledger on vs off (tollgate / tollgate-no-ledger, per round):")
@@ -261,15 +401,13 @@ if "tollgate-no-ledger" in targets:
     print("| scenario | throughput ratio | p50 ratio | p99 ratio |")
     print("|---|---:|---:|---:|")
     for s in scenarios:
-        off = by.get((s, "tollgate-no-ledger"), {})
-        rr, r50, r99 = [], [], []
-        for rnd, r in by.get((s, "tollgate"), {}).items():
-            o = off.get(rnd)
-            if not o or not o["rps"]:
-                continue
-            rr.append(r["rps"] / o["rps"])
-            r50.append(r["latency_ms"]["p50"] / o["latency_ms"]["p50"])
-            r99.append(r["latency_ms"]["p99"] / o["latency_ms"]["p99"])
+        rr = per_round(s, "tollgate", "tollgate-no-ledger",
+                       lambda r, o: r["rps"] / o["rps"] if o["rps"] else None)
+        r50 = per_round(s, "tollgate", "tollgate-no-ledger",
+                        lambda r, o: q(r, "latency_ms", "p50") / q(o, "latency_ms", "p50"))
+        r99 = per_round(s, "tollgate", "tollgate-no-ledger",
+                        lambda r, o: q(r, "latency_ms", "p99") / q(o, "latency_ms", "p99"))
         print(f"| {s} | {rng(rr, 3)} | {rng(r50, 3)} | {rng(r99, 3)} |")
 EOF
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 echo "raw results: $OUT (removed on exit unless OUT is set)" >&2
