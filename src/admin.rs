@@ -156,10 +156,32 @@ async fn runs(
                     );
                 }
             }
-            if state
-                .budgets
-                .finish_run(run_id, status, finish.stop_reason.as_deref())
-            {
+            let finished = match &state.shared {
+                // The claim in the shared state decides (any replica may
+                // hold the run); the local copy, if any, is dropped after.
+                Some(shared) => {
+                    let claimed = match shared
+                        .finish_run(run_id, status, finish.stop_reason.as_deref())
+                        .await
+                    {
+                        Ok(claimed) => claimed,
+                        Err(e) => {
+                            return json(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                &serde_json::json!({"error": format!("shared state unreachable: {e}")}),
+                            )
+                        }
+                    };
+                    state
+                        .budgets
+                        .finish_run(run_id, status, finish.stop_reason.as_deref());
+                    claimed
+                }
+                None => state
+                    .budgets
+                    .finish_run(run_id, status, finish.stop_reason.as_deref()),
+            };
+            if finished {
                 json(
                     StatusCode::OK,
                     &serde_json::json!({"finished": true, "run_id": run_id}),

@@ -26,6 +26,7 @@ pub struct RawConfig {
     pub budget: BudgetConfig,
     pub runs: RunsConfig,
     pub ledger: LedgerConfig,
+    pub state: StateConfig,
     pub limits: LimitsConfig,
     pub attribution: AttributionConfig,
     pub metrics: MetricsConfig,
@@ -173,6 +174,50 @@ impl LedgerConfig {
             retention_days: self.retention_days,
         })
     }
+}
+
+/// `[state]`: where run spend, reservations and window spend live. `memory`
+/// keeps them in this process; `redis` shares them between replicas.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    pub backend: StateBackend,
+    /// `redis://host:port/db` (or `rediss://`, `redis+unix://`).
+    pub url: String,
+    /// Prefix of every key, so several deployments can share one Redis.
+    pub key_prefix: String,
+    /// Longest wait for one round trip; past it the failure policy applies.
+    pub timeout_ms: u64,
+    pub on_state_error: OnStateError,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            backend: StateBackend::Memory,
+            url: "redis://127.0.0.1:6379/0".into(),
+            key_prefix: "tollgate:".into(),
+            timeout_ms: 100,
+            on_state_error: OnStateError::FailOpen,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateBackend {
+    Memory,
+    Redis,
+}
+
+/// What a call gets when the shared state cannot be reached in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStateError {
+    /// Meter locally and reconcile into the shared state when it is back.
+    FailOpen,
+    /// Refuse the call with a 503 in the provider's error shape.
+    FailClosed,
 }
 
 /// Safe defaults for every limit (SPEC §9).
@@ -715,6 +760,20 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
                 "must be greater than 0".into(),
             ));
         }
+    }
+    if raw.state.backend == StateBackend::Redis {
+        if let Err(e) = redis::Client::open(raw.state.url.as_str()) {
+            problems.push(("state.url".into(), format!("not a Redis URL: {e}")));
+        }
+        if raw.state.key_prefix.is_empty() {
+            problems.push((
+                "state.key_prefix".into(),
+                "must not be empty (it keeps deployments sharing one Redis apart)".into(),
+            ));
+        }
+    }
+    if raw.state.timeout_ms == 0 {
+        problems.push(("state.timeout_ms".into(), "must be greater than 0".into()));
     }
     if raw.metrics.max_label_values == 0 {
         problems.push((

@@ -14,6 +14,7 @@
 //! - [`usage`]: reading usage out of JSON, SSE and NDJSON bodies.
 //! - [`pricing`]: price tables and the cost formula.
 //! - [`budget`]: runs, ceilings, reservations, window caps.
+//! - [`state_backend`]: run and window spend shared by replicas (Redis).
 //! - [`metrics`]: the Prometheus registry.
 //! - [`admin`]: `/metrics`, health, `/api`.
 //! - [`money`]: exact amounts (integer pico-dollars).
@@ -34,6 +35,7 @@ pub mod pricing;
 pub mod proxy;
 pub mod server;
 pub mod state;
+pub mod state_backend;
 pub mod ui;
 pub mod usage;
 
@@ -106,6 +108,13 @@ impl Tollgate {
             move |request| admin::handle(admin_state.clone(), request),
             stopped(stop_rx.clone()),
         ));
+        let shared_workers = match &state.shared {
+            Some(shared) => {
+                shared.check_reachable().await;
+                shared.spawn_workers(stop_rx.clone())
+            }
+            None => Vec::new(),
+        };
         let sweeper_state = state.clone();
         let sweeper = tokio::spawn(async move {
             let mut rx = stop_rx;
@@ -116,6 +125,10 @@ impl Tollgate {
                     () = tokio::time::sleep(period) => { sweeper_state.budgets.sweep_idle(); }
                     _ = rx.wait_for(|stop| *stop) => break,
                 }
+                if let Some(shared) = &sweeper_state.shared {
+                    // Every replica sweeps; each idle run is claimed once.
+                    let _ = shared.sweep(idle_secs.saturating_mul(1000)).await;
+                }
             }
         });
 
@@ -123,6 +136,9 @@ impl Tollgate {
         tracing::info!(message = "shutting down: no new connections, draining in-flight calls");
         let _ = stop_tx.send(true);
         let _ = tokio::join!(agent, admin, sweeper);
+        for worker in shared_workers {
+            let _ = worker.await;
+        }
         if let Some(ledger) = &state.ledger {
             // Commit every record of the calls that just drained.
             let ledger = ledger.clone();

@@ -179,6 +179,17 @@ pub struct SegmentLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateErrorLabels {
+    pub backend: String,
+    pub op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateOpLabel {
+    pub op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
 }
@@ -226,6 +237,11 @@ pub struct Metrics {
     pub ledger_queue: Gauge,
     pub ledger_write_errors: Gauge,
     pub ledger_backpressure: Gauge,
+    /// Shared state backend (`[state]`): failed or timed-out operations.
+    pub state_errors: Family<StateErrorLabels, Counter>,
+    pub state_reconcile_pending: Gauge,
+    pub state_reconcile_dropped: Counter,
+    pub state_round_trips: Family<StateOpLabel, Counter>,
 }
 
 /// One [`LabelCap`] per label name.
@@ -278,6 +294,10 @@ impl Metrics {
             ledger_queue: Gauge::default(),
             ledger_write_errors: Gauge::default(),
             ledger_backpressure: Gauge::default(),
+            state_errors: Family::default(),
+            state_reconcile_pending: Gauge::default(),
+            state_reconcile_dropped: Counter::default(),
+            state_round_trips: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -420,6 +440,26 @@ impl Metrics {
             "agent_ledger_backpressure_waits",
             "Times a call waited for room in the ledger queue since start (a running total)",
             m.ledger_backpressure.clone(),
+        );
+        r.register(
+            "agent_state_errors",
+            "Shared state operations that failed or timed out, by backend and operation",
+            m.state_errors.clone(),
+        );
+        r.register(
+            "agent_state_reconcile_pending",
+            "Settlements and run ends waiting for the shared state to answer again",
+            m.state_reconcile_pending.clone(),
+        );
+        r.register(
+            "agent_state_reconcile_dropped",
+            "Settlements dropped because the reconcile queue was full",
+            m.state_reconcile_dropped.clone(),
+        );
+        r.register(
+            "agent_state_round_trips",
+            "Round trips to the shared state backend, by operation",
+            m.state_round_trips.clone(),
         );
         let mut m = m;
         m.registry = registry;

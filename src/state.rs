@@ -18,6 +18,7 @@ use crate::pricing::{PriceTable, UnknownModel};
 use crate::proxy::request::RequestInfo;
 use crate::proxy::upstream::{build_client, UpstreamClient};
 use crate::usage::Usage;
+use crate::state_backend::SharedState;
 
 /// How many distinct unpriced model names are remembered for log-once.
 const MAX_UNPRICED_REMEMBERED: usize = 10_000;
@@ -30,6 +31,9 @@ pub struct AppState {
     /// The ledger; `None` with `ledger.enabled = false`.
     pub ledger: Option<Arc<Ledger>>,
     pub client: UpstreamClient,
+    /// Run and window spend shared with other replicas (`[state] backend =
+    /// "redis"`); `None` with the memory backend.
+    pub shared: Option<Arc<SharedState>>,
     pub clock: Arc<dyn Clock>,
     /// The file the config came from, for reloads.
     pub config_path: Option<PathBuf>,
@@ -48,6 +52,8 @@ pub enum StartError {
     #[error("{0}")]
     Ledger(#[from] crate::ledger::LedgerError),
 }
+    #[error("state: {0}")]
+    State(String),
 
 impl AppState {
     pub fn new(
@@ -64,6 +70,16 @@ impl AppState {
         };
         let sink = run_end_sink(metrics.clone(), ledger.clone());
         let budgets = Arc::new(Budgets::new(
+        let shared = SharedState::from_config(
+            &config.raw.state,
+            metrics.clone(),
+            clock.clone(),
+            sink.clone(),
+        )
+        .map_err(StartError::State)?;
+        // With a shared state the claimer of a run's end emits it, from the
+        // fleet's figures; local ends only drop the local copy.
+        let sink = shared.as_ref().map_or(sink, SharedState::local_end_sink);
             policy,
             config.raw.runs.clone(),
             clock.clone(),
@@ -92,6 +108,7 @@ impl AppState {
             metrics,
             ledger,
             client,
+            shared,
             clock,
             config_path,
             unpriced_seen: Mutex::new(HashSet::new()),

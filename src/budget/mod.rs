@@ -139,6 +139,8 @@ pub struct RunEnd {
     pub repeated_calls: u64,
     /// Ended early because the registry was full.
     pub evicted: bool,
+    /// Ended by the run-status header or the finish API (not idle or evicted).
+    pub explicit: bool,
 }
 
 /// Receives every [`RunEnd`]; called with no lock held.
@@ -766,6 +768,7 @@ impl Shared {
             key,
             flags,
             done: false,
+            global: None,
         }
     }
 
@@ -900,6 +903,7 @@ impl Shared {
                 return None;
             }
             let evicted = matches!(cause, EndCause::Evict);
+            let ended_explicitly = matches!(cause, EndCause::Explicit { .. });
             let (status, explicit, default_reason) = match cause {
                 EndCause::Explicit { status, reason } => {
                     let default = match status {
@@ -948,6 +952,7 @@ impl Shared {
                 retries: u64::from(g.retries),
                 repeated_calls: u64::from(g.repeated),
                 evicted,
+                explicit: ended_explicitly,
             }
         };
         self.forget(run);
@@ -960,6 +965,41 @@ impl Shared {
 
     fn emit(&self, end: RunEnd) {
         (self.sink)(end);
+    }
+
+    /// Reverses [`Budgets::admit`] for a call that will not run.
+    fn undo_admit(
+        &self,
+        run: Option<&Arc<RunState>>,
+        reservation: Money,
+        flags: CallFlags,
+        refused: Option<RefusalScope>,
+    ) {
+        if let Some(run) = run {
+            let mut g = run.lock();
+            g.reserved = g.reserved.saturating_sub(reservation);
+            g.calls = g.calls.saturating_sub(1);
+            if flags.sdk_retry || flags.repeat_after_failure {
+                g.retries = g.retries.saturating_sub(1);
+            }
+            if flags.duplicate_body {
+                g.repeated = g.repeated.saturating_sub(1);
+            }
+            if refused.is_some() {
+                g.refusals = g.refusals.saturating_add(1);
+            }
+            run.call_ended(&g);
+        }
+        sub_money(&self.counters.reserved_outstanding, reservation);
+        let _ =
+            self.counters
+                .admitted_calls
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        match refused {
+            Some(RefusalScope::Run) => bump(&self.counters.run_refusals),
+            Some(RefusalScope::Window) => bump(&self.counters.window_refusals),
+            None => {}
+        }
     }
 
     /// Settles one call (explicitly or from `Drop`).
@@ -1025,6 +1065,37 @@ pub struct Admission {
     key: u32,
     flags: CallFlags,
     done: bool,
+    /// The call's admission in a shared state store, when one is configured.
+    global: Option<SharedTicket>,
+}
+
+/// A run's figures in the shared state store right after a call was admitted
+/// there (the whole fleet's spend, not only this replica's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedView {
+    pub spent: Money,
+    /// Reservations of the run's calls in flight, this one included.
+    pub reserved: Money,
+    pub ceiling: Money,
+}
+
+/// Called once when the call settles: cost, kind, failed. Must not block.
+pub type SharedSettle = Box<dyn FnOnce(Money, CostKind, bool) + Send + Sync>;
+
+/// A call's admission in the shared state store, attached to its local
+/// [`Admission`] with [`Admission::attach_shared`].
+pub struct SharedTicket {
+    /// `None` when the store could not be asked (admitted on local figures).
+    pub view: Option<SharedView>,
+    pub settle: SharedSettle,
+}
+
+impl std::fmt::Debug for SharedTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedTicket")
+            .field("view", &self.view)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Admission {
@@ -1042,22 +1113,58 @@ impl Admission {
         self.flags
     }
 
-    /// The run's settled spend now (zero without a run).
+    /// Attaches the call's admission in the shared state store: its figures
+    /// then take part in [`Admission::run_spent`], [`Admission::ceiling`] and
+    /// [`Admission::remaining`], and settling the call settles it there too.
+    pub fn attach_shared(&mut self, ticket: SharedTicket) {
+        self.global = Some(ticket);
+    }
+
+    fn shared_view(&self) -> Option<SharedView> {
+        self.global.as_ref().and_then(|t| t.view)
+    }
+
+    /// The run's settled spend now (zero without a run); with a shared
+    /// store, at least the fleet's spend when this call was admitted.
     pub fn run_spent(&self) -> Money {
-        self.run.as_ref().map_or(Money::ZERO, |r| r.lock().spent())
+        let local = self.run.as_ref().map_or(Money::ZERO, |r| r.lock().spent());
+        self.shared_view().map_or(local, |v| local.max(v.spent))
     }
 
     /// The run's ceiling; `None` when the call has no run.
     pub fn ceiling(&self) -> Option<Money> {
-        self.run.as_ref().map(|r| r.lock().ceiling)
+        let local = self.run.as_ref().map(|r| r.lock().ceiling)?;
+        Some(self.shared_view().map_or(local, |v| v.ceiling))
     }
 
     /// `ceiling − spent − reservations of the run's other calls in flight`.
     pub fn remaining(&self) -> Option<Money> {
         let run = self.run.as_ref()?;
-        let g = run.lock();
-        let others = g.reserved.saturating_sub(self.reservation);
-        Some(g.ceiling.saturating_sub(g.spent()).saturating_sub(others))
+        let (mut ceiling, mut spent, mut others) = {
+            let g = run.lock();
+            (
+                g.ceiling,
+                g.spent(),
+                g.reserved.saturating_sub(self.reservation),
+            )
+        };
+        if let Some(v) = self.shared_view() {
+            ceiling = v.ceiling;
+            spent = spent.max(v.spent);
+            others = others.max(v.reserved.saturating_sub(self.reservation));
+        }
+        Some(ceiling.saturating_sub(spent).saturating_sub(others))
+    }
+
+    /// Takes back an admission the shared state store did not confirm: the
+    /// reservation is released, the call is no longer counted, nothing is
+    /// charged. `refused`: the store refused it (counted as a refusal here
+    /// too); `None`: the store could not be asked.
+    pub fn withdraw(mut self, refused: Option<RefusalScope>) {
+        self.done = true;
+        self.global = None;
+        self.shared
+            .undo_admit(self.run.as_ref(), self.reservation, self.flags, refused);
     }
 
     /// True when `running_cost` of this call no longer fits in
@@ -1085,6 +1192,11 @@ impl Admission {
         end_run: Option<(RunStatus, Option<String>)>,
     ) {
         self.done = true;
+        // Before the local settle, which may end the run: the shared store
+        // must see this call's cost before the run's end.
+        if let Some(ticket) = self.global.take() {
+            (ticket.settle)(cost, kind, failed);
+        }
         self.shared.finish_call(
             self.run.as_ref(),
             &self.windows,
@@ -1103,6 +1215,9 @@ impl Drop for Admission {
             return;
         }
         self.done = true;
+        if let Some(ticket) = self.global.take() {
+            (ticket.settle)(self.reservation, self.kind, false);
+        }
         self.shared.finish_call(
             self.run.as_ref(),
             &self.windows,

@@ -34,6 +34,8 @@ pub enum ProxyError {
     Upstream(String),
     #[error("tollgate is shutting down")]
     ShuttingDown,
+    #[error("the shared budget state is unreachable and calls are refused until it answers (state.on_state_error = \"fail_closed\")")]
+    StateUnavailable,
 }
 
 impl ProxyError {
@@ -47,7 +49,9 @@ impl ProxyError {
             ProxyError::UnpricedModel(_) => StatusCode::BAD_REQUEST,
             ProxyError::UpstreamConnect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ShuttingDown | ProxyError::StateUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -65,6 +69,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::Upstream(_) => "upstream_error",
             ProxyError::ShuttingDown => "shutting_down",
+            ProxyError::StateUnavailable => "state_unavailable",
         }
     }
 
@@ -79,7 +84,9 @@ impl ProxyError {
             | ProxyError::Connect => "invalid_request_error",
             ProxyError::BodyTooLarge { .. } => "request_too_large",
             ProxyError::UpstreamTimeout(_) => "timeout_error",
-            ProxyError::UpstreamConnect(_) | ProxyError::Upstream(_) => "api_error",
+            ProxyError::UpstreamConnect(_)
+            | ProxyError::Upstream(_)
+            | ProxyError::StateUnavailable => "api_error",
             ProxyError::ShuttingDown => "overloaded_error",
         }
     }
@@ -118,6 +125,12 @@ impl ProxyError {
             // The official SDKs obey this before looking at the status.
             headers.insert("x-should-retry", HeaderValue::from_static("false"));
         }
+        if matches!(self, ProxyError::StateUnavailable) {
+            // A short outage of the shared state: the SDKs' backoff (they
+            // retry 503, and obey this header first) usually outlasts it.
+            headers.insert("x-should-retry", HeaderValue::from_static("true"));
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         response
     }
 }
@@ -132,8 +145,9 @@ fn google_status(error: &ProxyError) -> &'static str {
         | ProxyError::Connect
         | ProxyError::BodyTooLarge { .. } => "INVALID_ARGUMENT",
         ProxyError::UpstreamTimeout(_) => "DEADLINE_EXCEEDED",
-        ProxyError::UpstreamConnect(_) | ProxyError::Upstream(_) | ProxyError::ShuttingDown => {
-            "UNAVAILABLE"
-        }
+        ProxyError::UpstreamConnect(_)
+        | ProxyError::Upstream(_)
+        | ProxyError::ShuttingDown
+        | ProxyError::StateUnavailable => "UNAVAILABLE",
     }
 }

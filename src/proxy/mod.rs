@@ -6,7 +6,9 @@
 //!    the limit (413), peek at model/stream/output limit, usage injection.
 //! 2. `admission`: estimate the call's cost, reserve it against the run's
 //!    ceiling and the window caps (refused: 402 in the provider's shape, the
-//!    upstream is never contacted).
+//!    upstream is never contacted); with a shared state backend, then
+//!    against the fleet's figures in one round trip
+//!    ([`crate::state_backend`]).
 //! 3. `upstream_request`: rewrite and send on the pooled client (502/504).
 //! 4. `response_filter`: wrap the body in [`body::MeteredBody`], which
 //!    forwards each frame as it arrives and settles the call exactly once.
@@ -33,8 +35,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::budget::{CallFlags, CallRequest, CostKind, RefusalScope};
-use crate::config::{RouteKind, ToolCost};
+use crate::budget::{CallFlags, CallRequest, CostKind, Refusal, RefusalScope};
+use crate::config::{OnStateError, RouteKind, ToolCost};
 use crate::ledger::CallRecord;
 use crate::metrics::{RejectionLabels, ReleaseLabel, RetryLabels};
 use crate::money::Money;
@@ -42,6 +44,7 @@ use crate::proxy::body::{BoxError, MeteredBody};
 use crate::proxy::error::ProxyError;
 use crate::proxy::settle::{CallMeter, Settled};
 use crate::state::AppState;
+use crate::state_backend::SharedAdmit;
 use crate::usage::{TapLimits, UsageChunkFilter, UsageTap};
 
 /// Response body type of every tollgate response.
@@ -178,75 +181,72 @@ pub async fn handle(
             }
         }
     }
-    let admission = state.budgets.admit(&call(reservation));
-    let admission = match admission {
-        Ok(admission) => admission,
-        Err(refusal) => {
-            let metrics = &state.metrics;
-            let scope = match refusal.scope {
-                RefusalScope::Run => "run",
-                RefusalScope::Window => "window",
-            };
-            metrics
-                .budget_rejections
-                .get_or_create(&RejectionLabels {
-                    release: metrics.release(&attribution.release),
-                    scope: scope.into(),
-                })
-                .inc();
-            let (message, code) = match refusal.scope {
-                RefusalScope::Run => (
-                    format!(
-                        "run `{}` has spent ${} of its ${} budget; this call (reserving ${}) would pass the ceiling",
-                        refusal.run_id.as_deref().unwrap_or(""),
-                        refusal.spent,
-                        refusal.ceiling,
-                        reservation
-                    ),
-                    "run_budget_exceeded",
-                ),
-                RefusalScope::Window => (
-                    format!(
-                        "spend cap {} reached: ${} spent of ${}{}",
-                        refusal.window.as_deref().unwrap_or("window"),
-                        refusal.spent,
-                        refusal.ceiling,
-                        refusal
-                            .run_id
-                            .as_deref()
-                            .map(|r| format!(" (run `{r}`)"))
-                            .unwrap_or_default()
-                    ),
-                    "window_budget_exceeded",
-                ),
-            };
-            tracing::info!(target: "tollgate::call", run_id = refusal.run_id.as_deref().unwrap_or(""), release = %attribution.release, route = %route.name, status = 402, scope, "refused");
-            record_unmetered(
-                &state,
-                Unmetered {
-                    started_ms,
-                    started,
-                    attribution: &attribution,
-                    route: &route.name,
-                    kind,
-                    model: info.model.clone(),
-                    tool: route.tool.clone(),
-                    status: 402,
-                    outcome: "refused",
-                    flags: CallFlags::default(),
-                    run_ceiling: Some(refusal.ceiling)
-                        .filter(|_| refusal.scope == RefusalScope::Run),
-                },
-            );
-            let mut response = ProxyError::Budget { message, code }.into_response(Some(kind));
-            set_cost_headers(
-                &mut response,
-                refusal.spent,
-                Some(refusal.ceiling.saturating_sub(refusal.spent)),
-            );
-            return Ok(response);
-        }
+    let unmetered = |status: u16, outcome: &'static str, run_ceiling: Option<Money>| Unmetered {
+        started_ms,
+        started,
+        attribution: &attribution,
+        route: &route.name,
+        kind,
+        model: info.model.clone(),
+        tool: route.tool.clone(),
+        status,
+        outcome,
+        flags: CallFlags::default(),
+        run_ceiling,
     };
+    let refuse = |refusal: Refusal| {
+        let run_ceiling = Some(refusal.ceiling).filter(|_| refusal.scope == RefusalScope::Run);
+        refusal_response(
+            &state,
+            refusal,
+            reservation,
+            unmetered(402, "refused", run_ceiling),
+        )
+    };
+    let mut admission = match state.budgets.admit(&call(reservation)) {
+        Ok(admission) => admission,
+        Err(refusal) => return Ok(refuse(refusal)),
+    };
+    if let Some(shared) = state.shared.clone() {
+        // The fleet's figures: one round trip to the shared state.
+        let idle_ms = state
+            .budgets
+            .runs_config()
+            .idle_timeout_secs
+            .saturating_mul(1000);
+        match shared
+            .reserve(&call(reservation), &policy, admission.flags(), idle_ms)
+            .await
+        {
+            Ok(SharedAdmit::Admitted(ticket)) => admission.attach_shared(ticket),
+            Ok(SharedAdmit::Refused(refusal)) => {
+                admission.withdraw(Some(refusal.scope));
+                return Ok(refuse(refusal));
+            }
+            Err(_) => match shared.on_error() {
+                OnStateError::FailOpen => admission.attach_shared(shared.unconfirmed_ticket(
+                    &call(reservation),
+                    &policy,
+                    idle_ms,
+                )),
+                OnStateError::FailClosed => {
+                    let ceiling = admission.ceiling();
+                    admission.withdraw(None);
+                    let error = ProxyError::StateUnavailable;
+                    state
+                        .metrics
+                        .calls
+                        .get_or_create(&crate::metrics::CallLabels {
+                            route: state.metrics.route(&route.name),
+                            status: error.status().as_u16().to_string(),
+                        })
+                        .inc();
+                    record_unmetered(&state, unmetered(503, error.kind(), ceiling));
+                    return Ok(error.into_response(Some(kind)));
+                }
+            },
+        }
+    }
     let flags = admission.flags();
     let release_label = state.metrics.release(&attribution.release);
     // A call counts once as a retry: an SDK retry is the more specific kind.
@@ -457,6 +457,62 @@ pub async fn handle(
     set_cost_headers(&mut response, spent_before, remaining_before);
     note_clamp(&mut response, clamped_to);
     Ok(response)
+}
+
+/// The answer to a refused call (a local or a fleet-wide refusal alike):
+/// 402 in the provider's shape, counted, logged and recorded in the ledger.
+fn refusal_response(
+    state: &AppState,
+    refusal: Refusal,
+    reservation: Money,
+    call: Unmetered<'_>,
+) -> Response<ProxyBody> {
+    let metrics = &state.metrics;
+    let scope = refusal.scope.as_label();
+    let kind = call.kind;
+    let release = &call.attribution.release;
+    metrics
+        .budget_rejections
+        .get_or_create(&RejectionLabels {
+            release: metrics.release(release),
+            scope: scope.into(),
+        })
+        .inc();
+    let (message, code) = match refusal.scope {
+        RefusalScope::Run => (
+            format!(
+                "run `{}` has spent ${} of its ${} budget; this call (reserving ${}) would pass the ceiling",
+                refusal.run_id.as_deref().unwrap_or(""),
+                refusal.spent,
+                refusal.ceiling,
+                reservation
+            ),
+            "run_budget_exceeded",
+        ),
+        RefusalScope::Window => (
+            format!(
+                "spend cap {} reached: ${} spent of ${}{}",
+                refusal.window.as_deref().unwrap_or("window"),
+                refusal.spent,
+                refusal.ceiling,
+                refusal
+                    .run_id
+                    .as_deref()
+                    .map(|r| format!(" (run `{r}`)"))
+                    .unwrap_or_default()
+            ),
+            "window_budget_exceeded",
+        ),
+    };
+    tracing::info!(target: "tollgate::call", run_id = refusal.run_id.as_deref().unwrap_or(""), release = %release, route = %call.route, status = 402, scope, "refused");
+    record_unmetered(state, call);
+    let mut response = ProxyError::Budget { message, code }.into_response(Some(kind));
+    set_cost_headers(
+        &mut response,
+        refusal.spent,
+        Some(refusal.ceiling.saturating_sub(refusal.spent)),
+    );
+    response
 }
 
 /// A failure after admission: release the reservation without charging
