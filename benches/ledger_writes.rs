@@ -1,21 +1,39 @@
 //! Sustained ledger write rate: queues N call records (default 200 000) as
 //! fast as one thread can, waits until all are committed, and prints
 //! records per second, with the default batch and queue settings.
-//! Run with `cargo bench --bench ledger_writes` (optionally `-- 500000`).
+//! Run with `cargo bench --bench ledger_writes` (optionally `-- 500000`);
+//! with a `postgres://…` argument it writes to that database instead of a
+//! SQLite file (`-- 200000 postgres://tollgate@127.0.0.1:5432/tollgate`).
 
 use std::time::{Duration, Instant};
 
-use tollgate::ledger::{CallRecord, Ledger, LedgerSettings};
+use tollgate::ledger::postgres::PostgresSettings;
+use tollgate::ledger::{CallRecord, Ledger, LedgerBackend, LedgerSettings};
 use tollgate::money::Money;
 
 fn main() {
-    let count: u64 = std::env::args()
-        .skip(1)
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let count: u64 = args
+        .iter()
         .find_map(|a| a.parse().ok())
         .unwrap_or(200_000);
     let dir = std::env::temp_dir().join(format!("tollgate-ledger-bench-{}", std::process::id()));
+    let backend = match args.iter().find(|a| a.starts_with("postgres")) {
+        Some(url) => LedgerBackend::Postgres(PostgresSettings {
+            url: url.clone(),
+            pool_size: 2,
+            max_buffered_records: count as usize,
+        }),
+        None => LedgerBackend::Sqlite {
+            path: dir.join("ledger.db"),
+        },
+    };
+    let name = match backend {
+        LedgerBackend::Sqlite { .. } => "sqlite",
+        LedgerBackend::Postgres(_) => "postgres",
+    };
     let settings = LedgerSettings {
-        path: dir.join("ledger.db"),
+        backend,
         flush_interval: Duration::from_millis(200),
         queue_capacity: 65_536,
         retention_days: 30,
@@ -63,7 +81,7 @@ fn main() {
         .backpressure_waits
         .load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "ledger: {count} records committed in {:.2} s = {:.0} records/s sustained (queueing took {:.2} s; {waits} backpressure waits)",
+        "ledger ({name}): {count} records committed in {:.2} s = {:.0} records/s sustained (queueing took {:.2} s; {waits} backpressure waits)",
         total.as_secs_f64(),
         count as f64 / total.as_secs_f64(),
         queued.as_secs_f64()

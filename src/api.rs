@@ -8,8 +8,8 @@
 //! - `GET /api/compare`: one release against another, per run, and which
 //!   signal combinations the difference matches.
 //!
-//! Ended runs and calls come from the ledger ([`crate::ledger::query`], run
-//! in `spawn_blocking`); live runs from the budget registry. "Now" is the
+//! Ended runs and calls come from the ledger ([`crate::ledger::query`], on
+//! SQLite or the shared PostgreSQL alike); live runs from the budget registry. "Now" is the
 //! instance's clock, so windows given as durations are relative to it.
 
 use std::collections::BTreeMap;
@@ -24,7 +24,8 @@ use crate::ledger::query::{
     self, CallAggregate, CallRow, EndedRun, RunFilter, RunSort, SegmentKey, SegmentValues, Tokens,
     Window,
 };
-use crate::ledger::Ledger;
+use crate::ledger::reader::Reader;
+use crate::ledger::LedgerError;
 use crate::money::Money;
 use crate::proxy::ProxyBody;
 use crate::state::AppState;
@@ -124,22 +125,15 @@ fn no_ledger() -> ApiError {
     }
 }
 
-/// Runs `f` on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(format!("query task failed: {e}")))?
-}
-
-fn read<T>(
-    ledger: &Ledger,
-    f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
-) -> Result<T, ApiError> {
-    ledger
-        .read(f)
-        .map_err(|e| ApiError::internal(e.to_string()))
+/// A failed ledger query: 503 while its database is unreachable, else 500.
+fn ledger_error(error: LedgerError) -> ApiError {
+    match error {
+        LedgerError::Unavailable(_) => ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: error.to_string(),
+        },
+        other => ApiError::internal(other.to_string()),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -597,41 +591,43 @@ async fn run_detail(state: &AppState, run_id: &str, query: Option<&str>) -> ApiR
             ))),
         };
     };
-    let id = run_id.to_string();
-    blocking(move || {
-        let (summary, after, until) = match live {
-            Some(run) => {
-                let after = read(&ledger, |c| query::last_end(c, &id))?;
-                let (tokens, estimated) =
-                    read(&ledger, |c| query::run_call_totals(c, &id, after, None))?;
-                (Summary::live(&run, tokens, estimated), after, None)
+    let id = run_id;
+    let reader = ledger.reader();
+    let (summary, after, until) = match live {
+        Some(run) => {
+            let after = query::last_end(reader, id).await.map_err(ledger_error)?;
+            let (tokens, estimated) = query::run_call_totals(reader, id, after, None)
+                .await
+                .map_err(ledger_error)?;
+            (Summary::live(&run, tokens, estimated), after, None)
+        }
+        None => match query::ended_run(reader, id, started_ms)
+            .await
+            .map_err(ledger_error)?
+        {
+            Some(run) => (
+                Summary::ended(&run),
+                run.prev_end_ms,
+                Some(run.record.ended_ms),
+            ),
+            None => {
+                return Err(ApiError::not_found(match started_ms {
+                    Some(s) => format!("no run `{id}` started at started_ms={s}"),
+                    None => format!("no run `{id}`"),
+                }))
             }
-            None => match read(&ledger, |c| query::ended_run(c, &id, started_ms))? {
-                Some(run) => (
-                    Summary::ended(&run),
-                    run.prev_end_ms,
-                    Some(run.record.ended_ms),
-                ),
-                None => {
-                    return Err(ApiError::not_found(match started_ms {
-                        Some(s) => format!("no run `{id}` started at started_ms={s}"),
-                        None => format!("no run `{id}`"),
-                    }))
-                }
-            },
-        };
-        let (calls, total) = read(&ledger, |c| {
-            query::run_calls(c, &id, after, until, limit, offset)
-        })?;
-        Ok(json!({
-            "run": summary.to_json(),
-            "calls": calls.iter().map(call_json).collect::<Vec<_>>(),
-            "limit": limit,
-            "offset": offset,
-            "total": total,
-        }))
-    })
-    .await
+        },
+    };
+    let (calls, total) = query::run_calls(reader, id, after, until, limit, offset)
+        .await
+        .map_err(ledger_error)?;
+    Ok(json!({
+        "run": summary.to_json(),
+        "calls": calls.iter().map(call_json).collect::<Vec<_>>(),
+        "limit": limit,
+        "offset": offset,
+        "total": total,
+    }))
 }
 
 fn sort_key_cmp(sort: RunSort, a: &Summary, b: &Summary) -> std::cmp::Ordering {
@@ -652,13 +648,15 @@ fn sort_key_cmp(sort: RunSort, a: &Summary, b: &Summary) -> std::cmp::Ordering {
 }
 
 /// Live runs matching the filter, with their call totals from the ledger.
-fn live_runs(
-    ledger: &Ledger,
+async fn live_runs(
+    reader: &Reader,
     budgets: &Budgets,
     filter: &RunFilter,
     recent_ms: u64,
 ) -> Result<Vec<Summary>, ApiError> {
-    let candidates = read(ledger, |c| query::live_run_candidates(c, recent_ms))?;
+    let candidates = query::live_run_candidates(reader, recent_ms)
+        .await
+        .map_err(ledger_error)?;
     let mut out = Vec::new();
     for id in candidates {
         let Some(run) = budgets.run_snapshot(&id) else {
@@ -673,10 +671,10 @@ fn live_runs(
         if !keep {
             continue;
         }
-        let (tokens, estimated) = read(ledger, |c| {
-            let after = query::last_end(c, &id)?;
-            query::run_call_totals(c, &id, after, None)
-        })?;
+        let after = query::last_end(reader, &id).await.map_err(ledger_error)?;
+        let (tokens, estimated) = query::run_call_totals(reader, &id, after, None)
+            .await
+            .map_err(ledger_error)?;
         out.push(Summary::live(&run, tokens, estimated));
     }
     Ok(out)
@@ -746,54 +744,54 @@ async fn runs_list(state: &AppState, query: Option<&str>) -> ApiResult {
         .idle_timeout_secs
         .saturating_mul(1_000);
     let recent_ms = now_ms.saturating_sub(idle_ms.saturating_add(LIVE_LOOKBACK_MS));
-    blocking(move || {
-        let live = if want_live {
-            live_runs(&ledger, &budgets, &filter, recent_ms)?
-        } else {
-            Vec::new()
-        };
-        // Ended rows come without their call totals; those are summed for
-        // the rows of the page only.
-        let (ended, ended_total) = match (want_ended, live.is_empty()) {
-            (false, _) => (Vec::new(), 0),
-            (true, true) => read(&ledger, |c| {
-                query::ended_runs(c, &filter, sort, limit, offset)
-            })?,
-            // Merged with live runs: the first `offset + limit` ended runs
-            // and every live run hold the page.
-            (true, false) => read(&ledger, |c| {
-                query::ended_runs(c, &filter, sort, offset.saturating_add(limit), 0)
-            })?,
-        };
-        let total = ended_total + live.len() as u64;
-        let mut page: Vec<(Summary, Option<EndedRun>)> = ended
+    let reader = ledger.reader();
+    let live = if want_live {
+        live_runs(reader, &budgets, &filter, recent_ms).await?
+    } else {
+        Vec::new()
+    };
+    // Ended rows come without their call totals; those are summed for
+    // the rows of the page only.
+    let (ended, ended_total) = match (want_ended, live.is_empty()) {
+        (false, _) => (Vec::new(), 0),
+        (true, true) => query::ended_runs(reader, &filter, sort, limit, offset)
+            .await
+            .map_err(ledger_error)?,
+        // Merged with live runs: the first `offset + limit` ended runs
+        // and every live run hold the page.
+        (true, false) => query::ended_runs(reader, &filter, sort, offset.saturating_add(limit), 0)
+            .await
+            .map_err(ledger_error)?,
+    };
+    let total = ended_total + live.len() as u64;
+    let mut page: Vec<(Summary, Option<EndedRun>)> = ended
+        .into_iter()
+        .map(|run| (Summary::ended(&run), Some(run)))
+        .collect();
+    if !live.is_empty() {
+        page.extend(live.into_iter().map(|summary| (summary, None)));
+        page.sort_by(|a, b| sort_key_cmp(sort, &a.0, &b.0));
+        page = page
             .into_iter()
-            .map(|run| (Summary::ended(&run), Some(run)))
+            .skip(offset as usize)
+            .take(limit as usize)
             .collect();
-        if !live.is_empty() {
-            page.extend(live.into_iter().map(|summary| (summary, None)));
-            page.sort_by(|a, b| sort_key_cmp(sort, &a.0, &b.0));
-            page = page
-                .into_iter()
-                .skip(offset as usize)
-                .take(limit as usize)
-                .collect();
+    }
+    for (summary, ended) in &mut page {
+        if let Some(run) = ended {
+            query::fill_call_totals(reader, run)
+                .await
+                .map_err(ledger_error)?;
+            summary.tokens = run.tokens;
+            summary.estimated_calls = run.estimated_calls;
         }
-        for (summary, ended) in &mut page {
-            if let Some(run) = ended {
-                read(&ledger, |c| query::fill_call_totals(c, run))?;
-                summary.tokens = run.tokens;
-                summary.estimated_calls = run.estimated_calls;
-            }
-        }
-        Ok(json!({
-            "runs": page.iter().map(|(s, _)| s.to_json()).collect::<Vec<_>>(),
-            "limit": limit,
-            "offset": offset,
-            "total": total,
-        }))
-    })
-    .await
+    }
+    Ok(json!({
+        "runs": page.iter().map(|(s, _)| s.to_json()).collect::<Vec<_>>(),
+        "limit": limit,
+        "offset": offset,
+        "total": total,
+    }))
 }
 
 // ---------------------------------------------------------------------------
@@ -900,13 +898,13 @@ async fn segments_report(state: &AppState, query: Option<&str>) -> ApiResult {
     let Some(ledger) = state.ledger.clone() else {
         return Err(no_ledger());
     };
-    let query_keys = keys.clone();
-    let (calls, runs) = blocking(move || {
-        let calls = read(&ledger, |c| query::segment_calls(c, window, &query_keys))?;
-        let runs = read(&ledger, |c| query::segment_runs(c, window, &query_keys))?;
-        Ok((calls, runs))
-    })
-    .await?;
+    let reader = ledger.reader();
+    let calls = query::segment_calls(reader, window, &keys)
+        .await
+        .map_err(ledger_error)?;
+    let runs = query::segment_runs(reader, window, &keys)
+        .await
+        .map_err(ledger_error)?;
     let mut merged: BTreeMap<SegmentValues, (CallAggregate, Vec<Money>)> = BTreeMap::new();
     for (key, aggregate) in calls {
         merged.entry(key).or_default().0 = aggregate;
@@ -1089,13 +1087,13 @@ async fn compare_report(state: &AppState, query: Option<&str>) -> ApiResult {
     let Some(ledger) = state.ledger.clone() else {
         return Err(no_ledger());
     };
-    let (b, h) = (base.clone(), head.clone());
-    let (base_runs, head_runs) = blocking(move || {
-        let base_runs = read(&ledger, |c| query::release_runs(c, window, &b))?;
-        let head_runs = read(&ledger, |c| query::release_runs(c, window, &h))?;
-        Ok((base_runs, head_runs))
-    })
-    .await?;
+    let reader = ledger.reader();
+    let base_runs = query::release_runs(reader, window, &base)
+        .await
+        .map_err(ledger_error)?;
+    let head_runs = query::release_runs(reader, window, &head)
+        .await
+        .map_err(ledger_error)?;
     for (param, release, runs) in [("base", &base, &base_runs), ("head", &head, &head_runs)] {
         if runs.costs.is_empty() && runs.window_calls == 0 {
             return Err(ApiError::not_found(format!(

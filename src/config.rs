@@ -141,8 +141,21 @@ pub struct RouteConfig {
 pub struct LedgerConfig {
     /// Write the ledger at all.
     pub enabled: bool,
+    /// `sqlite` (the embedded file at `path`) or `postgres` (one database
+    /// shared by every replica, at `url`).
+    pub backend: LedgerBackendKind,
     /// Path of the embedded ledger database (SQLite, WAL mode).
     pub path: String,
+    /// PostgreSQL connection URL, `postgres://user:password@host:port/db`.
+    pub url: Option<String>,
+    /// Environment variable holding the URL instead (keeps the password out
+    /// of the file).
+    pub url_env: Option<String>,
+    /// PostgreSQL connections the investigation API may hold at once.
+    pub pool_size: usize,
+    /// Records held in memory while PostgreSQL is unreachable; later ones
+    /// are dropped and counted.
+    pub max_buffered_records: usize,
     /// Records are committed at most this long after their call ends: the
     /// most a SIGKILL can lose.
     pub flush_interval_ms: u64,
@@ -152,11 +165,23 @@ pub struct LedgerConfig {
     pub retention_days: u64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LedgerBackendKind {
+    Sqlite,
+    Postgres,
+}
+
 impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
             enabled: true,
+            backend: LedgerBackendKind::Sqlite,
             path: "data/tollgate.db".into(),
+            url: None,
+            url_env: None,
+            pool_size: 8,
+            max_buffered_records: 100_000,
             flush_interval_ms: 200,
             queue_capacity: 65_536,
             retention_days: 30,
@@ -165,14 +190,86 @@ impl Default for LedgerConfig {
 }
 
 impl LedgerConfig {
-    /// Settings with the path resolved against `base_dir`; `None` when off.
+    /// Settings with the path resolved against `base_dir` and the URL read
+    /// from `url_env` when set; `None` when off.
     pub fn settings(&self, base_dir: &Path) -> Option<crate::ledger::LedgerSettings> {
+        use crate::ledger::{postgres::PostgresSettings, LedgerBackend};
+        let backend = match self.backend {
+            LedgerBackendKind::Sqlite => LedgerBackend::Sqlite {
+                path: base_dir.join(&self.path),
+            },
+            LedgerBackendKind::Postgres => LedgerBackend::Postgres(PostgresSettings {
+                url: self.postgres_url().unwrap_or_default(),
+                pool_size: self.pool_size,
+                max_buffered_records: self.max_buffered_records,
+            }),
+        };
         self.enabled.then(|| crate::ledger::LedgerSettings {
-            path: base_dir.join(&self.path),
+            backend,
             flush_interval: Duration::from_millis(self.flush_interval_ms),
             queue_capacity: self.queue_capacity,
             retention_days: self.retention_days,
         })
+    }
+
+    /// `url`, or the value of the `url_env` variable.
+    fn postgres_url(&self) -> Option<String> {
+        match (&self.url, &self.url_env) {
+            (Some(url), _) => Some(url.clone()),
+            (None, Some(var)) => std::env::var(var).ok().filter(|v| !v.is_empty()),
+            (None, None) => None,
+        }
+    }
+
+    /// Problems of the backend keys, as `(key path, message)`.
+    fn problems(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut push = |key: &str, message: &str| {
+            problems.push((format!("ledger.{key}"), message.to_string()));
+        };
+        match self.backend {
+            LedgerBackendKind::Sqlite => {
+                if self.url.is_some() || self.url_env.is_some() {
+                    push(
+                        "backend",
+                        "url/url_env are set but backend is \"sqlite\" (set backend = \"postgres\" to use them)",
+                    );
+                }
+                if self.path.is_empty() {
+                    push(
+                        "path",
+                        "must not be empty (set ledger.enabled = false to turn the ledger off)",
+                    );
+                }
+            }
+            LedgerBackendKind::Postgres => {
+                match (&self.url, &self.url_env) {
+                    (Some(_), Some(_)) => push("url", "set url or url_env, not both"),
+                    (None, None) => push(
+                        "url",
+                        "backend \"postgres\" needs url (or url_env naming a variable that holds it)",
+                    ),
+                    (None, Some(var)) if self.postgres_url().is_none() => push(
+                        "url_env",
+                        &format!("environment variable `{var}` is not set or empty"),
+                    ),
+                    _ => {}
+                }
+                if let Some(url) = self.postgres_url() {
+                    if let Err(message) = crate::ledger::postgres::parse_url(&url) {
+                        let key = if self.url.is_some() { "url" } else { "url_env" };
+                        push(key, &message);
+                    }
+                }
+                if self.pool_size == 0 {
+                    push("pool_size", "must be at least 1");
+                }
+                if self.max_buffered_records == 0 {
+                    push("max_buffered_records", "must be at least 1");
+                }
+            }
+        }
+        problems
     }
 }
 
@@ -742,12 +839,7 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
         ));
     }
     if raw.ledger.enabled {
-        if raw.ledger.path.is_empty() {
-            problems.push((
-                "ledger.path".into(),
-                "must not be empty (set ledger.enabled = false to turn the ledger off)".into(),
-            ));
-        }
+        problems.extend(raw.ledger.problems());
         if raw.ledger.flush_interval_ms == 0 {
             problems.push((
                 "ledger.flush_interval_ms".into(),

@@ -237,6 +237,8 @@ pub struct Metrics {
     pub ledger_queue: Gauge,
     pub ledger_write_errors: Gauge,
     pub ledger_backpressure: Gauge,
+    pub ledger_buffered: Gauge,
+    pub ledger_dropped: Counter,
     /// Shared state backend (`[state]`): failed or timed-out operations.
     pub state_errors: Family<StateErrorLabels, Counter>,
     pub state_reconcile_pending: Gauge,
@@ -294,6 +296,8 @@ impl Metrics {
             ledger_queue: Gauge::default(),
             ledger_write_errors: Gauge::default(),
             ledger_backpressure: Gauge::default(),
+            ledger_buffered: Gauge::default(),
+            ledger_dropped: Counter::default(),
             state_errors: Family::default(),
             state_reconcile_pending: Gauge::default(),
             state_reconcile_dropped: Counter::default(),
@@ -440,6 +444,16 @@ impl Metrics {
             "agent_ledger_backpressure_waits",
             "Times a call waited for room in the ledger queue since start (a running total)",
             m.ledger_backpressure.clone(),
+        );
+        r.register(
+            "agent_ledger_buffered_records",
+            "Ledger records accepted and not yet committed (PostgreSQL: held through an outage)",
+            m.ledger_buffered.clone(),
+        );
+        r.register(
+            "agent_ledger_dropped",
+            "Ledger records dropped because the PostgreSQL outage buffer was full (ledger.max_buffered_records)",
+            m.ledger_dropped.clone(),
         );
         r.register(
             "agent_state_errors",

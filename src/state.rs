@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -217,6 +218,29 @@ impl AppState {
         self.metrics
             .active_runs
             .set(self.budgets.active_runs() as i64);
+        if let Some(ledger) = &self.ledger {
+            let stats = &ledger.stats;
+            let get = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
+            let gauge =
+                |n: &std::sync::atomic::AtomicU64| i64::try_from(get(n)).unwrap_or(i64::MAX);
+            let m = &self.metrics;
+            m.ledger_written.set(gauge(&stats.written));
+            m.ledger_queue.set(
+                i64::try_from(
+                    get(&stats.queued)
+                        .saturating_sub(get(&stats.written))
+                        .saturating_sub(get(&stats.dropped)),
+                )
+                .unwrap_or(i64::MAX),
+            );
+            m.ledger_write_errors.set(gauge(&stats.write_errors));
+            m.ledger_backpressure.set(gauge(&stats.backpressure_waits));
+            m.ledger_buffered.set(gauge(&stats.buffered));
+            // The writer's own count is the counter's value.
+            m.ledger_dropped
+                .inner()
+                .store(get(&stats.dropped), Ordering::Relaxed);
+        }
     }
 }
 

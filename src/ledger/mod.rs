@@ -1,40 +1,47 @@
 //! The ledger: one record per metered call and one per ended run, in an
-//! embedded SQLite file (WAL mode).
+//! embedded SQLite file (WAL mode, [`sqlite`]) or in a PostgreSQL database
+//! that several replicas share ([`postgres`]).
 //!
 //! # Flow
 //!
 //! 1. The request path hands a [`CallRecord`] or [`RunRecord`] to
 //!    [`Ledger::record_call`] / [`Ledger::record_run`]: a push onto a bounded
 //!    channel. When the channel is full the caller waits for room (bounded
-//!    backpressure, counted), so no record is ever dropped.
-//! 2. One writer thread drains the channel and commits in batches: when a
-//!    batch reaches [`MAX_BATCH`] records or `flush_interval_ms` after its
-//!    first record, whichever comes first. Between batches it applies the
-//!    retention, deleting expired calls a few thousand rows at a time so a
-//!    large cleanup never stalls writes.
-//! 3. Durability bound: a record is on disk at most `flush_interval_ms`
+//!    backpressure, counted).
+//! 2. One writer thread per backend drains the channel and commits in
+//!    batches: when a batch reaches [`MAX_BATCH`] records or
+//!    `flush_interval_ms` after its first record, whichever comes first.
+//!    Between batches it applies the retention, deleting expired calls a few
+//!    thousand rows at a time so a large cleanup never stalls writes.
+//! 3. Durability bound: a record is committed at most `flush_interval_ms`
 //!    after its call ended (plus the commit). After SIGKILL at most the last
 //!    flush interval is missing; on SIGTERM the writer drains the channel and
 //!    commits before the process exits ([`Ledger::close`]).
-//! 4. Readers (the investigation API, the restore at start) use their own
-//!    connection; WAL lets them read while the writer writes.
+//! 4. Readers (the investigation API, the restore at start) go through
+//!    [`reader::Reader`]: SQLite's own reader connection, or the PostgreSQL
+//!    pool; [`query`] holds each query once for both.
 //!
-//! A write that fails (disk full, file removed) is retried with the batch
-//! kept; each failure is logged and counted, never silent.
+//! A write that fails (disk full, file removed, PostgreSQL down) is retried
+//! with the records kept; each failure is logged and counted, never silent.
+//! SQLite never drops a record. PostgreSQL keeps up to
+//! `max_buffered_records` in memory during an outage and drops (counts and
+//! logs) what comes past that, so the request path never waits on it.
 
+pub mod postgres;
 pub mod query;
+pub mod reader;
+mod sqlite;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
-
-use rusqlite::{params, Connection};
+use std::time::Duration;
 
 use crate::budget::{RestoredRun, RunEnd, RunStatus};
 use crate::money::Money;
+use reader::{clamp, Param, Reader};
 
 /// Most records committed in one transaction.
 pub const MAX_BATCH: usize = 2_000;
@@ -46,10 +53,19 @@ const RETENTION_EVERY: Duration = Duration::from_secs(600);
 /// `[ledger]` settings, validated.
 #[derive(Debug, Clone)]
 pub struct LedgerSettings {
-    pub path: PathBuf,
+    pub backend: LedgerBackend,
     pub flush_interval: Duration,
     pub queue_capacity: usize,
     pub retention_days: u64,
+}
+
+/// Where the records go.
+#[derive(Debug, Clone)]
+pub enum LedgerBackend {
+    /// The embedded file.
+    Sqlite { path: PathBuf },
+    /// A PostgreSQL database shared by every replica.
+    Postgres(postgres::PostgresSettings),
 }
 
 /// One metered (or refused) call.
@@ -143,6 +159,8 @@ enum Entry {
     Run(Box<RunRecord>),
     /// Commit everything before this and answer.
     Flush(mpsc::Sender<()>),
+    /// Find the runs to restore (PostgreSQL: on the writer's connection).
+    Restore(postgres::RestoreRequest),
 }
 
 /// Counters the writer keeps (exported as metrics).
@@ -152,6 +170,11 @@ pub struct LedgerStats {
     pub written: AtomicU64,
     pub write_errors: AtomicU64,
     pub backpressure_waits: AtomicU64,
+    /// Records accepted and not yet committed (PostgreSQL: its outage
+    /// buffer).
+    pub buffered: AtomicU64,
+    /// Records dropped because the outage buffer was full.
+    pub dropped: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,119 +183,187 @@ pub enum LedgerError {
     Open { path: String, message: String },
     #[error("ledger query failed: {0}")]
     Query(String),
+    #[error("ledger database unreachable: {0}")]
+    Unavailable(String),
 }
 
 pub struct Ledger {
     tx: Mutex<Option<SyncSender<Entry>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    reader: Mutex<Connection>,
+    reader: Reader,
     pub stats: Arc<LedgerStats>,
-    path: PathBuf,
+    path: Option<PathBuf>,
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS calls (
-    id INTEGER PRIMARY KEY,
-    ts_ms INTEGER NOT NULL,
-    run_id TEXT,
-    release TEXT NOT NULL,
-    request_type TEXT NOT NULL,
-    route TEXT NOT NULL,
-    provider TEXT NOT NULL,
-    model TEXT,
-    price_entry TEXT,
-    tool TEXT,
-    status INTEGER NOT NULL,
-    outcome TEXT NOT NULL,
-    prompt_tokens INTEGER,
-    cached_tokens INTEGER,
-    cache_write_tokens INTEGER,
-    completion_tokens INTEGER,
-    reasoning_tokens INTEGER,
-    cost_pico INTEGER NOT NULL,
-    latency_ms INTEGER NOT NULL,
-    ttfb_ms INTEGER,
-    streamed INTEGER NOT NULL,
-    estimated INTEGER NOT NULL,
-    sdk_retry INTEGER NOT NULL,
-    repeat_after_failure INTEGER NOT NULL,
-    duplicate_body INTEGER NOT NULL,
-    run_ceiling_pico INTEGER,
-    price_version TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts_ms);
-CREATE INDEX IF NOT EXISTS calls_run ON calls(run_id, ts_ms);
-CREATE INDEX IF NOT EXISTS calls_release ON calls(release, ts_ms);
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT NOT NULL,
-    started_ms INTEGER NOT NULL,
-    ended_ms INTEGER NOT NULL,
-    release TEXT NOT NULL,
-    request_type TEXT NOT NULL,
-    status TEXT NOT NULL,
-    stop_reason TEXT NOT NULL,
-    ceiling_pico INTEGER NOT NULL,
-    cost_pico INTEGER NOT NULL,
-    llm_cost_pico INTEGER NOT NULL,
-    tool_cost_pico INTEGER NOT NULL,
-    calls INTEGER NOT NULL,
-    refusals INTEGER NOT NULL,
-    retries INTEGER NOT NULL,
-    repeated_calls INTEGER NOT NULL,
-    breached INTEGER NOT NULL,
-    evicted INTEGER NOT NULL,
-    PRIMARY KEY (run_id, started_ms)
-);
-CREATE INDEX IF NOT EXISTS runs_ended ON runs(ended_ms);
-CREATE INDEX IF NOT EXISTS runs_release ON runs(release, ended_ms);
-";
+/// Columns of `calls` a record fills, in the order of [`call_values`].
+const CALL_COLUMNS: [&str; 26] = [
+    "ts_ms",
+    "run_id",
+    "release",
+    "request_type",
+    "route",
+    "provider",
+    "model",
+    "price_entry",
+    "tool",
+    "status",
+    "outcome",
+    "prompt_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "cost_pico",
+    "latency_ms",
+    "ttfb_ms",
+    "streamed",
+    "estimated",
+    "sdk_retry",
+    "repeat_after_failure",
+    "duplicate_body",
+    "run_ceiling_pico",
+    "price_version",
+];
 
-fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(path)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    // NORMAL is durable in WAL mode against process crashes (SIGKILL); a
-    // power loss may lose the last commits, which FULL would also fsync.
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    Ok(conn)
+fn flag(v: bool) -> Param {
+    Param::Int(Some(i64::from(v)))
+}
+
+fn opt_uint(v: Option<u64>) -> Param {
+    Param::Int(v.map(clamp))
+}
+
+fn call_values(c: &CallRecord) -> [Param; 26] {
+    [
+        Param::uint(c.ts_ms),
+        Param::Text(c.run_id.clone()),
+        Param::text(&c.release),
+        Param::text(&c.request_type),
+        Param::text(&c.route),
+        Param::text(&c.provider),
+        Param::Text(c.model.clone()),
+        Param::Text(c.price_entry.clone()),
+        Param::Text(c.tool.clone()),
+        Param::uint(u64::from(c.status)),
+        Param::text(&c.outcome),
+        opt_uint(c.prompt_tokens),
+        opt_uint(c.cached_tokens),
+        opt_uint(c.cache_write_tokens),
+        opt_uint(c.completion_tokens),
+        opt_uint(c.reasoning_tokens),
+        Param::uint(c.cost.picos()),
+        Param::uint(c.latency_ms),
+        opt_uint(c.ttfb_ms),
+        flag(c.streamed),
+        flag(c.estimated),
+        flag(c.sdk_retry),
+        flag(c.repeat_after_failure),
+        flag(c.duplicate_body),
+        opt_uint(c.run_ceiling.map(Money::picos)),
+        Param::text(&c.price_version),
+    ]
+}
+
+/// Columns of `runs`, in the order of [`run_values`]; the first two are
+/// the key.
+const RUN_COLUMNS: [&str; 17] = [
+    "run_id",
+    "started_ms",
+    "ended_ms",
+    "release",
+    "request_type",
+    "status",
+    "stop_reason",
+    "ceiling_pico",
+    "cost_pico",
+    "llm_cost_pico",
+    "tool_cost_pico",
+    "calls",
+    "refusals",
+    "retries",
+    "repeated_calls",
+    "breached",
+    "evicted",
+];
+
+fn run_values(r: &RunRecord) -> [Param; 17] {
+    [
+        Param::text(&r.run_id),
+        Param::uint(r.started_ms),
+        Param::uint(r.ended_ms),
+        Param::text(&r.release),
+        Param::text(&r.request_type),
+        Param::text(&r.status),
+        Param::text(&r.stop_reason),
+        Param::uint(r.ceiling.picos()),
+        Param::uint(r.cost.picos()),
+        Param::uint(r.llm_cost.picos()),
+        Param::uint(r.tool_cost.picos()),
+        Param::uint(r.calls),
+        Param::uint(r.refusals),
+        Param::uint(r.retries),
+        Param::uint(r.repeated_calls),
+        flag(r.breached),
+        flag(r.evicted),
+    ]
+}
+
+/// Unix milliseconds now.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| clamp(d.as_millis() as u64))
 }
 
 impl Ledger {
-    /// Opens (creating if needed) the ledger file and starts its writer.
+    /// Opens the backend and starts its writer. SQLite: creates the file
+    /// and its schema (an error here is fatal). PostgreSQL: builds the pool;
+    /// the writer connects, migrates and writes in the background, so an
+    /// unreachable database at start only delays the writes.
     pub fn open(settings: &LedgerSettings) -> Result<Ledger, LedgerError> {
-        let fail = |message: String| LedgerError::Open {
-            path: settings.path.display().to_string(),
-            message,
-        };
-        if let Some(dir) = settings.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
-        }
-        let writer_conn = open_connection(&settings.path).map_err(|e| fail(e.to_string()))?;
-        writer_conn
-            .execute_batch(SCHEMA)
-            .map_err(|e| fail(format!("schema: {e}")))?;
-        let reader = open_connection(&settings.path).map_err(|e| fail(e.to_string()))?;
         let (tx, rx) = mpsc::sync_channel(settings.queue_capacity.max(1));
         let stats = Arc::new(LedgerStats::default());
-        let writer_stats = stats.clone();
-        let flush_interval = settings.flush_interval;
         let retention = Duration::from_secs(settings.retention_days.saturating_mul(86_400));
-        let writer = std::thread::Builder::new()
-            .name("tollgate-ledger".into())
-            .spawn(move || write_loop(writer_conn, rx, flush_interval, retention, writer_stats))
-            .map_err(|e| fail(format!("cannot start the writer thread: {e}")))?;
+        let (writer, reader, path) = match &settings.backend {
+            LedgerBackend::Sqlite { path } => {
+                let (writer_conn, reader_conn) = sqlite::open(path)?;
+                let writer_stats = stats.clone();
+                let flush_interval = settings.flush_interval;
+                let writer = std::thread::Builder::new()
+                    .name("tollgate-ledger".into())
+                    .spawn(move || {
+                        sqlite::write_loop(writer_conn, rx, flush_interval, retention, writer_stats)
+                    })
+                    .map_err(|e| LedgerError::Open {
+                        path: path.display().to_string(),
+                        message: format!("cannot start the writer thread: {e}"),
+                    })?;
+                let reader = Reader::Sqlite(Arc::new(Mutex::new(reader_conn)));
+                (writer, reader, Some(path.clone()))
+            }
+            LedgerBackend::Postgres(pg) => {
+                let (writer, pool) =
+                    postgres::start(pg, settings.flush_interval, retention, rx, stats.clone())?;
+                (writer, Reader::Postgres(pool), None)
+            }
+        };
         Ok(Ledger {
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
-            reader: Mutex::new(reader),
+            reader,
             stats,
-            path: settings.path.clone(),
+            path,
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The SQLite file (`None` with PostgreSQL).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Where read queries ([`query`]) run.
+    pub fn reader(&self) -> &Reader {
+        &self.reader
     }
 
     pub fn record_call(&self, record: CallRecord) {
@@ -308,7 +399,8 @@ impl Ledger {
         }
     }
 
-    /// Waits until every record queued before this call is committed.
+    /// Waits until every record queued before this call is committed (or,
+    /// with PostgreSQL, dropped because the outage buffer was full).
     pub fn flush(&self) {
         let Some(tx) = lock(&self.tx).clone() else {
             return;
@@ -327,57 +419,41 @@ impl Ledger {
         }
     }
 
-    /// Runs a read query on the reader connection.
-    pub fn read<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, LedgerError> {
-        f(&lock(&self.reader)).map_err(|e| LedgerError::Query(e.to_string()))
-    }
-
     /// Runs that were live within `idle_ms` of `now_ms` and have no end
     /// record: their spend goes back into the budgets after a restart.
+    /// With PostgreSQL unreachable at start this logs a warning and returns
+    /// none: serving goes on, those runs start from zero.
     pub fn runs_to_restore(
         &self,
         now_ms: u64,
         idle_ms: u64,
     ) -> Result<Vec<RestoredRun>, LedgerError> {
-        let since = now_ms.saturating_sub(idle_ms) as i64;
-        self.read(|conn| {
-            let mut stmt = conn.prepare(
-                "SELECT c.run_id, c.release, c.request_type,
-                        MIN(c.ts_ms), MAX(c.ts_ms),
-                        SUM(CASE WHEN c.provider = 'tool' THEN 0 ELSE c.cost_pico END),
-                        SUM(CASE WHEN c.provider = 'tool' THEN c.cost_pico ELSE 0 END),
-                        SUM(CASE WHEN c.outcome = 'refused' THEN 0 ELSE 1 END),
-                        SUM(CASE WHEN c.outcome = 'refused' THEN 1 ELSE 0 END),
-                        SUM(c.sdk_retry OR c.repeat_after_failure), SUM(c.duplicate_body),
-                        MAX(c.run_ceiling_pico)
-                 FROM calls c
-                 WHERE c.run_id IS NOT NULL
-                   AND c.ts_ms > COALESCE((SELECT MAX(r.ended_ms) FROM runs r WHERE r.run_id = c.run_id), -1)
-                 GROUP BY c.run_id
-                 HAVING MAX(c.ts_ms) >= ?1",
-            )?;
-            let rows = stmt.query_map(params![since], |row| {
-                let pico = |i: usize| -> rusqlite::Result<Money> { Ok(Money::from_picos(row.get::<_, i64>(i)?.max(0) as u64)) };
-                Ok(RestoredRun {
-                    run_id: row.get(0)?,
-                    release: row.get(1)?,
-                    request_type: row.get(2)?,
-                    started_ms: row.get::<_, i64>(3)?.max(0) as u64,
-                    last_seen_ms: row.get::<_, i64>(4)?.max(0) as u64,
-                    llm_cost: pico(5)?,
-                    tool_cost: pico(6)?,
-                    calls: row.get::<_, i64>(7)?.max(0) as u64,
-                    refusals: row.get::<_, i64>(8)?.max(0) as u64,
-                    retries: row.get::<_, i64>(9)?.max(0) as u64,
-                    repeated_calls: row.get::<_, i64>(10)?.max(0) as u64,
-                    ceiling: row.get::<_, Option<i64>>(11)?.map(|p| Money::from_picos(p.max(0) as u64)),
-                })
-            })?;
-            rows.collect()
-        })
+        let since_ms = now_ms.saturating_sub(idle_ms);
+        match &self.reader {
+            Reader::Sqlite(conn) => sqlite::rows(
+                &lock(conn),
+                query::RUNS_TO_RESTORE,
+                &[Param::uint(since_ms)],
+            )?
+            .iter()
+            .map(query::restored_run)
+            .collect(),
+            Reader::Postgres(_) => {
+                let Some(tx) = lock(&self.tx).clone() else {
+                    return Ok(Vec::new());
+                };
+                match postgres::restore_through_writer(&tx, since_ms) {
+                    Ok(runs) => Ok(runs),
+                    Err(error) => {
+                        tracing::warn!(
+                            message = "PostgreSQL ledger unreachable at start: live runs' spend not restored",
+                            %error
+                        );
+                        Ok(Vec::new())
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -394,192 +470,15 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     }
 }
 
-fn write_loop(
-    mut conn: Connection,
-    rx: Receiver<Entry>,
-    flush_interval: Duration,
-    retention: Duration,
-    stats: Arc<LedgerStats>,
-) {
-    let mut batch: Vec<Entry> = Vec::with_capacity(MAX_BATCH);
-    let mut waiters: Vec<mpsc::Sender<()>> = Vec::new();
-    let mut batch_started: Option<Instant> = None;
-    let mut last_retention = Instant::now() - RETENTION_EVERY;
-    let mut open = true;
-    while open || !batch.is_empty() {
-        let timeout = match batch_started {
-            Some(started) => flush_interval.saturating_sub(started.elapsed()),
-            None => RETENTION_EVERY,
-        };
-        let mut commit_now = if open {
-            match rx.recv_timeout(timeout) {
-                Ok(Entry::Flush(done)) => {
-                    waiters.push(done);
-                    true
-                }
-                Ok(entry) => {
-                    batch_started.get_or_insert_with(Instant::now);
-                    batch.push(entry);
-                    batch.len() >= MAX_BATCH
-                }
-                Err(RecvTimeoutError::Timeout) => true,
-                Err(RecvTimeoutError::Disconnected) => {
-                    open = false;
-                    true
-                }
-            }
-        } else {
-            true
-        };
-        if batch_started.is_some_and(|s| s.elapsed() >= flush_interval) {
-            commit_now = true;
-        }
-        if !commit_now {
-            continue;
-        }
-        if !batch.is_empty() {
-            match commit(&mut conn, &batch) {
-                Ok(()) => {
-                    stats
-                        .written
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    batch.clear();
-                    batch_started = None;
-                }
-                Err(error) => {
-                    stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(message = "ledger write failed; keeping the batch and retrying", %error, records = batch.len());
-                    std::thread::sleep(Duration::from_millis(500));
-                    if !open {
-                        // Shutting down and the disk refuses: say exactly
-                        // what is lost rather than spin forever.
-                        tracing::error!(
-                            message = "ledger records lost at shutdown",
-                            records = batch.len()
-                        );
-                        batch.clear();
-                    }
-                    continue;
-                }
-            }
-        }
-        for waiter in waiters.drain(..) {
-            let _ = waiter.send(());
-        }
-        if retention > Duration::ZERO && last_retention.elapsed() >= RETENTION_EVERY && open {
-            last_retention = Instant::now();
-            apply_retention(&conn, retention);
-        }
-    }
-}
-
-fn commit(conn: &mut Connection, batch: &[Entry]) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
-    {
-        let mut call_stmt = tx.prepare_cached(
-            "INSERT INTO calls (ts_ms, run_id, release, request_type, route, provider, model, price_entry, tool,
-                status, outcome, prompt_tokens, cached_tokens, cache_write_tokens, completion_tokens, reasoning_tokens,
-                cost_pico, latency_ms, ttfb_ms, streamed, estimated, sdk_retry, repeat_after_failure, duplicate_body,
-                run_ceiling_pico, price_version)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)",
-        )?;
-        let mut run_stmt = tx.prepare_cached(
-            "INSERT OR REPLACE INTO runs (run_id, started_ms, ended_ms, release, request_type, status, stop_reason,
-                ceiling_pico, cost_pico, llm_cost_pico, tool_cost_pico, calls, refusals, retries, repeated_calls, breached, evicted)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
-        )?;
-        let int = |v: u64| v.min(i64::MAX as u64) as i64;
-        let opt = |v: Option<u64>| v.map(int);
-        for entry in batch {
-            match entry {
-                Entry::Call(c) => {
-                    call_stmt.execute(params![
-                        int(c.ts_ms),
-                        c.run_id,
-                        c.release,
-                        c.request_type,
-                        c.route,
-                        c.provider,
-                        c.model,
-                        c.price_entry,
-                        c.tool,
-                        c.status,
-                        c.outcome,
-                        opt(c.prompt_tokens),
-                        opt(c.cached_tokens),
-                        opt(c.cache_write_tokens),
-                        opt(c.completion_tokens),
-                        opt(c.reasoning_tokens),
-                        int(c.cost.picos()),
-                        int(c.latency_ms),
-                        opt(c.ttfb_ms),
-                        c.streamed,
-                        c.estimated,
-                        c.sdk_retry,
-                        c.repeat_after_failure,
-                        c.duplicate_body,
-                        opt(c.run_ceiling.map(Money::picos)),
-                        c.price_version,
-                    ])?;
-                }
-                Entry::Run(r) => {
-                    run_stmt.execute(params![
-                        r.run_id,
-                        int(r.started_ms),
-                        int(r.ended_ms),
-                        r.release,
-                        r.request_type,
-                        r.status,
-                        r.stop_reason,
-                        int(r.ceiling.picos()),
-                        int(r.cost.picos()),
-                        int(r.llm_cost.picos()),
-                        int(r.tool_cost.picos()),
-                        int(r.calls),
-                        int(r.refusals),
-                        int(r.retries),
-                        int(r.repeated_calls),
-                        r.breached,
-                        r.evicted,
-                    ])?;
-                }
-                Entry::Flush(_) => {}
-            }
-        }
-    }
-    tx.commit()
-}
-
-/// Deletes calls and runs older than `retention`, a step at a time.
-fn apply_retention(conn: &Connection, retention: Duration) {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    let cutoff = now_ms - retention.as_millis() as i64;
-    for (table, column) in [("calls", "ts_ms"), ("runs", "ended_ms")] {
-        loop {
-            let sql = format!(
-                "DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE {column} < ?1 LIMIT {RETENTION_STEP})"
-            );
-            match conn.execute(&sql, params![cutoff]) {
-                Ok(n) if n == RETENTION_STEP => continue,
-                Ok(_) => break,
-                Err(error) => {
-                    tracing::warn!(message = "ledger retention step failed", %error);
-                    break;
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn settings(dir: &Path) -> LedgerSettings {
         LedgerSettings {
-            path: dir.join("ledger.db"),
+            backend: LedgerBackend::Sqlite {
+                path: dir.join("ledger.db"),
+            },
             flush_interval: Duration::from_millis(50),
             queue_capacity: 16,
             retention_days: 30,
@@ -624,8 +523,8 @@ mod tests {
         ledger.record_call(old);
         ledger.record_call(recent);
         ledger.flush();
-        let conn = ledger.reader.lock().unwrap();
-        apply_retention(&conn, Duration::from_secs(30 * 86_400));
+        let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+        sqlite::apply_retention(&conn, Duration::from_secs(30 * 86_400));
         let runs: Vec<String> = conn
             .prepare("SELECT run_id FROM calls")
             .unwrap()
@@ -645,11 +544,10 @@ mod tests {
             ledger.record_call(call("a", i, 7));
         }
         ledger.flush();
-        let (count, sum): (i64, i64) = ledger
-            .read(|c| {
-                c.query_row("SELECT COUNT(*), SUM(cost_pico) FROM calls", [], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
+        let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+        let (count, sum): (i64, i64) = conn
+            .query_row("SELECT COUNT(*), SUM(cost_pico) FROM calls", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
             })
             .unwrap();
         assert_eq!((count, sum), (5000, 35_000));
@@ -664,7 +562,7 @@ mod tests {
             ledger.record_call(call("a", i, 1));
         }
         ledger.close();
-        let conn = Connection::open(dir.path().join("ledger.db")).unwrap();
+        let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
         let count: i64 = conn
             .query_row("SELECT COUNT(*) FROM calls", [], |r| r.get(0))
             .unwrap();

@@ -10,14 +10,16 @@
 //! `prev_end < ts_ms <= ended_ms`. The calls of a live run are those after
 //! the id's last end.
 //!
-//! Every function here is blocking (SQLite); the API runs them in
-//! `spawn_blocking`. Time bounds are inclusive on both ends.
+//! Every query is written once, in the portable SQL of
+//! [`super::reader`], and runs on SQLite or PostgreSQL alike. Time bounds
+//! are inclusive on both ends.
 
-use super::RunRecord;
-use rusqlite::types::Value;
-use rusqlite::{params, params_from_iter, Connection, Row};
-
+use super::reader::{clamp, Param, Reader, Row};
+use super::{LedgerError, RunRecord};
+use crate::budget::RestoredRun;
 use crate::money::Money;
+
+type Result<T> = std::result::Result<T, LedgerError>;
 
 /// `[since, until]` in unix milliseconds, both inclusive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,18 +176,6 @@ pub struct ReleaseRuns {
     pub window_calls: u64,
 }
 
-fn u(row: &Row<'_>, i: usize) -> rusqlite::Result<u64> {
-    Ok(row.get::<_, Option<i64>>(i)?.unwrap_or(0).max(0) as u64)
-}
-
-fn money(row: &Row<'_>, i: usize) -> rusqlite::Result<Money> {
-    u(row, i).map(Money::from_picos)
-}
-
-fn int(v: u64) -> i64 {
-    v.min(i64::MAX as u64) as i64
-}
-
 /// `prev_end` of the run row aliased `r`.
 const PREV_END: &str = "COALESCE((SELECT MAX(p.ended_ms) FROM runs p
     WHERE p.run_id = r.run_id AND p.started_ms < r.started_ms), -1)";
@@ -194,28 +184,28 @@ const RUN_COLUMNS: &str = "r.run_id, r.release, r.request_type, r.status, r.stop
     r.started_ms, r.ended_ms, r.ceiling_pico, r.cost_pico, r.llm_cost_pico, r.tool_cost_pico,
     r.calls, r.refusals, r.retries, r.repeated_calls, r.breached, r.evicted";
 
-fn ended_run_from_row(row: &Row<'_>) -> rusqlite::Result<EndedRun> {
+fn ended_run_from_row(row: &Row) -> Result<EndedRun> {
     Ok(EndedRun {
         record: RunRecord {
-            run_id: row.get(0)?,
-            release: row.get(1)?,
-            request_type: row.get(2)?,
-            status: row.get(3)?,
-            stop_reason: row.get(4)?,
-            started_ms: u(row, 5)?,
-            ended_ms: u(row, 6)?,
-            ceiling: money(row, 7)?,
-            cost: money(row, 8)?,
-            llm_cost: money(row, 9)?,
-            tool_cost: money(row, 10)?,
-            calls: u(row, 11)?,
-            refusals: u(row, 12)?,
-            retries: u(row, 13)?,
-            repeated_calls: u(row, 14)?,
-            breached: row.get(15)?,
-            evicted: row.get(16)?,
+            run_id: row.text(0)?,
+            release: row.text(1)?,
+            request_type: row.text(2)?,
+            status: row.text(3)?,
+            stop_reason: row.text(4)?,
+            started_ms: row.uint(5)?,
+            ended_ms: row.uint(6)?,
+            ceiling: row.money(7)?,
+            cost: row.money(8)?,
+            llm_cost: row.money(9)?,
+            tool_cost: row.money(10)?,
+            calls: row.uint(11)?,
+            refusals: row.uint(12)?,
+            retries: row.uint(13)?,
+            repeated_calls: row.uint(14)?,
+            breached: row.flag(15)?,
+            evicted: row.flag(16)?,
         },
-        prev_end_ms: row.get(17)?,
+        prev_end_ms: row.int(17)?,
         tokens: Tokens::default(),
         estimated_calls: 0,
     })
@@ -223,201 +213,224 @@ fn ended_run_from_row(row: &Row<'_>) -> rusqlite::Result<EndedRun> {
 
 /// Tokens and estimated-call count of the calls of `run_id` with
 /// `after_ms < ts_ms <= until_ms` (`until_ms` `None`: no upper bound).
-pub fn run_call_totals(
-    conn: &Connection,
+pub async fn run_call_totals(
+    reader: &Reader,
     run_id: &str,
     after_ms: i64,
     until_ms: Option<u64>,
-) -> rusqlite::Result<(Tokens, u64)> {
-    conn.query_row(
-        "SELECT SUM(prompt_tokens), SUM(cached_tokens), SUM(cache_write_tokens),
-                SUM(completion_tokens), SUM(reasoning_tokens), SUM(estimated)
-         FROM calls WHERE run_id = ?1 AND ts_ms > ?2 AND ts_ms <= ?3",
-        params![run_id, after_ms, int(until_ms.unwrap_or(u64::MAX))],
-        |row| {
-            Ok((
-                Tokens {
-                    prompt: u(row, 0)?,
-                    cached_prompt: u(row, 1)?,
-                    cache_write: u(row, 2)?,
-                    completion: u(row, 3)?,
-                    reasoning: u(row, 4)?,
-                },
-                u(row, 5)?,
-            ))
+) -> Result<(Tokens, u64)> {
+    let row = reader
+        .row(
+            "SELECT CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(cached_tokens) AS BIGINT),
+                    CAST(SUM(cache_write_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT),
+                    CAST(SUM(reasoning_tokens) AS BIGINT), CAST(SUM(estimated) AS BIGINT)
+             FROM calls WHERE run_id = ?1 AND ts_ms > ?2 AND ts_ms <= ?3",
+            vec![
+                Param::text(run_id),
+                Param::Int(Some(after_ms)),
+                Param::uint(until_ms.unwrap_or(u64::MAX)),
+            ],
+        )
+        .await?;
+    Ok((
+        Tokens {
+            prompt: row.uint(0)?,
+            cached_prompt: row.uint(1)?,
+            cache_write: row.uint(2)?,
+            completion: row.uint(3)?,
+            reasoning: row.uint(4)?,
         },
-    )
+        row.uint(5)?,
+    ))
 }
 
 /// Sums `tokens` and `estimated_calls` of an ended run from its calls.
-pub fn fill_call_totals(conn: &Connection, run: &mut EndedRun) -> rusqlite::Result<()> {
+pub async fn fill_call_totals(reader: &Reader, run: &mut EndedRun) -> Result<()> {
     let (tokens, estimated) = run_call_totals(
-        conn,
+        reader,
         &run.record.run_id,
         run.prev_end_ms,
         Some(run.record.ended_ms),
-    )?;
+    )
+    .await?;
     run.tokens = tokens;
     run.estimated_calls = estimated;
     Ok(())
 }
 
-fn with_call_totals(conn: &Connection, mut run: EndedRun) -> rusqlite::Result<EndedRun> {
-    let (tokens, estimated) = run_call_totals(
-        conn,
-        &run.record.run_id,
-        run.prev_end_ms,
-        Some(run.record.ended_ms),
-    )?;
-    run.tokens = tokens;
-    run.estimated_calls = estimated;
-    Ok(run)
-}
-
 /// The ended run `run_id`: the one that started at `started_ms`, else the
 /// latest.
-pub fn ended_run(
-    conn: &Connection,
+pub async fn ended_run(
+    reader: &Reader,
     run_id: &str,
     started_ms: Option<u64>,
-) -> rusqlite::Result<Option<EndedRun>> {
+) -> Result<Option<EndedRun>> {
     let sql = format!(
         "SELECT {RUN_COLUMNS}, {PREV_END} FROM runs r
          WHERE r.run_id = ?1 AND (?2 IS NULL OR r.started_ms = ?2)
          ORDER BY r.started_ms DESC LIMIT 1"
     );
-    let mut stmt = conn.prepare(&sql)?;
-    let mut rows = stmt.query_map(params![run_id, started_ms.map(int)], ended_run_from_row)?;
-    match rows.next() {
-        Some(run) => with_call_totals(conn, run?).map(Some),
+    let rows = reader
+        .rows(
+            &sql,
+            vec![Param::text(run_id), Param::Int(started_ms.map(clamp))],
+        )
+        .await?;
+    match rows.first() {
+        Some(row) => {
+            let mut run = ended_run_from_row(row)?;
+            fill_call_totals(reader, &mut run).await?;
+            Ok(Some(run))
+        }
         None => Ok(None),
     }
 }
 
 /// When the id's latest ended run ended (`-1`: never): a live run's calls
 /// are the ones after it.
-pub fn last_end(conn: &Connection, run_id: &str) -> rusqlite::Result<i64> {
-    conn.query_row(
-        "SELECT COALESCE(MAX(ended_ms), -1) FROM runs WHERE run_id = ?1",
-        params![run_id],
-        |row| row.get(0),
-    )
+pub async fn last_end(reader: &Reader, run_id: &str) -> Result<i64> {
+    reader
+        .row(
+            "SELECT COALESCE(MAX(ended_ms), -1) FROM runs WHERE run_id = ?1",
+            vec![Param::text(run_id)],
+        )
+        .await?
+        .int(0)
 }
 
 /// Calls of `run_id` with `after_ms < ts_ms <= until_ms`, in call order,
 /// one page, and how many there are.
-pub fn run_calls(
-    conn: &Connection,
+pub async fn run_calls(
+    reader: &Reader,
     run_id: &str,
     after_ms: i64,
     until_ms: Option<u64>,
     limit: u64,
     offset: u64,
-) -> rusqlite::Result<(Vec<CallRow>, u64)> {
-    let until = int(until_ms.unwrap_or(u64::MAX));
-    let total: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM calls WHERE run_id = ?1 AND ts_ms > ?2 AND ts_ms <= ?3",
-        params![run_id, after_ms, until],
-        |row| row.get(0),
-    )?;
-    let mut stmt = conn.prepare(
-        "SELECT ts_ms, route, provider, model, tool, status, outcome,
-                prompt_tokens, cached_tokens, cache_write_tokens, completion_tokens, reasoning_tokens,
-                cost_pico, latency_ms, ttfb_ms, streamed, estimated, sdk_retry, repeat_after_failure,
-                duplicate_body, price_entry, price_version
-         FROM calls WHERE run_id = ?1 AND ts_ms > ?2 AND ts_ms <= ?3
-         ORDER BY ts_ms, id LIMIT ?4 OFFSET ?5",
-    )?;
-    let rows = stmt.query_map(
-        params![run_id, after_ms, until, int(limit), int(offset)],
-        |row| {
+) -> Result<(Vec<CallRow>, u64)> {
+    let bounds = vec![
+        Param::text(run_id),
+        Param::Int(Some(after_ms)),
+        Param::uint(until_ms.unwrap_or(u64::MAX)),
+    ];
+    let total = reader
+        .row(
+            "SELECT COUNT(*) FROM calls WHERE run_id = ?1 AND ts_ms > ?2 AND ts_ms <= ?3",
+            bounds.clone(),
+        )
+        .await?
+        .uint(0)?;
+    let mut page = bounds;
+    page.extend([Param::uint(limit), Param::uint(offset)]);
+    let rows = reader
+        .rows(
+            "SELECT ts_ms, route, provider, model, tool, status, outcome,
+                    prompt_tokens, cached_tokens, cache_write_tokens, completion_tokens, reasoning_tokens,
+                    cost_pico, latency_ms, ttfb_ms, streamed, estimated, sdk_retry, repeat_after_failure,
+                    duplicate_body, price_entry, price_version
+             FROM calls WHERE run_id = ?1 AND ts_ms > ?2 AND ts_ms <= ?3
+             ORDER BY ts_ms, id LIMIT ?4 OFFSET ?5",
+            page,
+        )
+        .await?;
+    let calls = rows
+        .iter()
+        .map(|row| {
             Ok(CallRow {
-                ts_ms: u(row, 0)?,
-                route: row.get(1)?,
-                provider: row.get(2)?,
-                model: row.get(3)?,
-                tool: row.get(4)?,
-                status: u16::try_from(u(row, 5)?).unwrap_or(0),
-                outcome: row.get(6)?,
+                ts_ms: row.uint(0)?,
+                route: row.text(1)?,
+                provider: row.text(2)?,
+                model: row.opt_text(3)?,
+                tool: row.opt_text(4)?,
+                status: u16::try_from(row.uint(5)?).unwrap_or(0),
+                outcome: row.text(6)?,
                 tokens: Tokens {
-                    prompt: u(row, 7)?,
-                    cached_prompt: u(row, 8)?,
-                    cache_write: u(row, 9)?,
-                    completion: u(row, 10)?,
-                    reasoning: u(row, 11)?,
+                    prompt: row.uint(7)?,
+                    cached_prompt: row.uint(8)?,
+                    cache_write: row.uint(9)?,
+                    completion: row.uint(10)?,
+                    reasoning: row.uint(11)?,
                 },
-                cost: money(row, 12)?,
-                latency_ms: u(row, 13)?,
-                ttfb_ms: row.get::<_, Option<i64>>(14)?.map(|v| v.max(0) as u64),
-                streamed: row.get(15)?,
-                estimated: row.get(16)?,
-                sdk_retry: row.get(17)?,
-                repeat_after_failure: row.get(18)?,
-                duplicate_body: row.get(19)?,
-                price_entry: row.get(20)?,
-                price_version: row.get(21)?,
+                cost: row.money(12)?,
+                latency_ms: row.uint(13)?,
+                ttfb_ms: row.opt_uint(14)?,
+                streamed: row.flag(15)?,
+                estimated: row.flag(16)?,
+                sdk_retry: row.flag(17)?,
+                repeat_after_failure: row.flag(18)?,
+                duplicate_body: row.flag(19)?,
+                price_entry: row.opt_text(20)?,
+                price_version: row.text(21)?,
             })
-        },
-    )?;
-    let calls = rows.collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok((calls, total.max(0) as u64))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((calls, total))
 }
 
 /// Ended runs matching `filter` (ended in `[since, until]`), sorted, one
 /// page (`limit` rows from `offset`), and how many match. `tokens` and
 /// `estimated_calls` are left at zero: [`fill_call_totals`] adds them for
 /// the rows that are shown.
-pub fn ended_runs(
-    conn: &Connection,
+pub async fn ended_runs(
+    reader: &Reader,
     filter: &RunFilter,
     sort: RunSort,
     limit: u64,
     offset: u64,
-) -> rusqlite::Result<(Vec<EndedRun>, u64)> {
+) -> Result<(Vec<EndedRun>, u64)> {
     const WHERE: &str = "r.ended_ms >= ?1 AND r.ended_ms <= ?2
         AND (?3 IS NULL OR r.release = ?3)
         AND (?4 IS NULL OR r.request_type = ?4)
         AND (?5 IS NULL OR r.status = ?5)";
-    let mut args: Vec<Value> = vec![
-        Value::Integer(int(filter.since_ms.unwrap_or(0))),
-        Value::Integer(int(filter.until_ms)),
+    let mut args = vec![
+        Param::uint(filter.since_ms.unwrap_or(0)),
+        Param::uint(filter.until_ms),
     ];
     for value in [&filter.release, &filter.request_type, &filter.status] {
-        args.push(value.clone().map_or(Value::Null, Value::Text));
+        args.push(Param::Text(value.clone()));
     }
-    let total: i64 = conn.query_row(
-        &format!("SELECT COUNT(*) FROM runs r WHERE {WHERE}"),
-        params_from_iter(args.iter()),
-        |row| row.get(0),
-    )?;
+    let total = reader
+        .row(
+            &format!("SELECT COUNT(*) FROM runs r WHERE {WHERE}"),
+            args.clone(),
+        )
+        .await?
+        .uint(0)?;
     let order = match sort {
         RunSort::Cost => "r.cost_pico DESC, r.started_ms DESC, r.run_id",
         RunSort::Started => "r.started_ms DESC, r.run_id",
         RunSort::Ended => "r.ended_ms DESC, r.started_ms DESC, r.run_id",
     };
-    args.push(Value::Integer(int(limit)));
-    args.push(Value::Integer(int(offset)));
+    args.extend([Param::uint(limit), Param::uint(offset)]);
     let sql = format!(
         "SELECT {RUN_COLUMNS}, {PREV_END} FROM runs r WHERE {WHERE}
          ORDER BY {order} LIMIT ?6 OFFSET ?7"
     );
-    let mut stmt = conn.prepare(&sql)?;
-    let rows = stmt.query_map(params_from_iter(args.iter()), ended_run_from_row)?;
-    let runs = rows.collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok((runs, total.max(0) as u64))
+    let runs = reader
+        .rows(&sql, args)
+        .await?
+        .iter()
+        .map(ended_run_from_row)
+        .collect::<Result<Vec<_>>>()?;
+    Ok((runs, total))
 }
 
 /// Ids with a call at or after `recent_ms` and no end after their last
 /// call: the runs that may be live (the budget registry decides).
-pub fn live_run_candidates(conn: &Connection, recent_ms: u64) -> rusqlite::Result<Vec<String>> {
-    let mut stmt = conn.prepare(
-        "SELECT c.run_id FROM calls c
-         WHERE c.ts_ms >= ?1 AND c.run_id IS NOT NULL
-         GROUP BY c.run_id
-         HAVING MAX(c.ts_ms) > COALESCE((SELECT MAX(r.ended_ms) FROM runs r WHERE r.run_id = c.run_id), -1)",
-    )?;
-    let rows = stmt.query_map(params![int(recent_ms)], |row| row.get(0))?;
-    rows.collect()
+pub async fn live_run_candidates(reader: &Reader, recent_ms: u64) -> Result<Vec<String>> {
+    reader
+        .rows(
+            "SELECT c.run_id FROM calls c
+             WHERE c.ts_ms >= ?1 AND c.run_id IS NOT NULL
+             GROUP BY c.run_id
+             HAVING MAX(c.ts_ms) > COALESCE((SELECT MAX(r.ended_ms) FROM runs r WHERE r.run_id = c.run_id), -1)
+             ORDER BY c.run_id",
+            vec![Param::uint(recent_ms)],
+        )
+        .await?
+        .iter()
+        .map(|row| row.text(0))
+        .collect()
 }
 
 fn key_columns(keys: &[SegmentKey], table: &str) -> String {
@@ -427,45 +440,50 @@ fn key_columns(keys: &[SegmentKey], table: &str) -> String {
         .join(", ")
 }
 
-fn key_values(row: &Row<'_>, count: usize) -> rusqlite::Result<SegmentValues> {
-    (0..count)
-        .map(|i| row.get::<_, Option<String>>(i))
-        .collect()
+fn key_values(row: &Row, count: usize) -> Result<SegmentValues> {
+    (0..count).map(|i| row.opt_text(i)).collect()
+}
+
+fn window_params(window: Window) -> Vec<Param> {
+    vec![Param::uint(window.since_ms), Param::uint(window.until_ms)]
 }
 
 /// Spend per segment of the calls made in `window`, grouped by the call's
 /// own `keys` columns.
-pub fn segment_calls(
-    conn: &Connection,
+pub async fn segment_calls(
+    reader: &Reader,
     window: Window,
     keys: &[SegmentKey],
-) -> rusqlite::Result<Vec<(SegmentValues, CallAggregate)>> {
+) -> Result<Vec<(SegmentValues, CallAggregate)>> {
     let cols = key_columns(keys, "c");
     let sql = format!(
         "SELECT {cols},
-                SUM(c.outcome <> 'refused'),
-                SUM(c.outcome <> 'refused' AND c.estimated),
-                SUM(c.cost_pico),
-                SUM(CASE WHEN c.provider = 'tool' THEN 0 ELSE c.cost_pico END),
-                SUM(CASE WHEN c.provider = 'tool' THEN c.cost_pico ELSE 0 END)
+                CAST(SUM(CASE WHEN c.outcome <> 'refused' THEN 1 ELSE 0 END) AS BIGINT),
+                CAST(SUM(CASE WHEN c.outcome <> 'refused' AND c.estimated <> 0 THEN 1 ELSE 0 END) AS BIGINT),
+                CAST(SUM(c.cost_pico) AS BIGINT),
+                CAST(SUM(CASE WHEN c.provider = 'tool' THEN 0 ELSE c.cost_pico END) AS BIGINT),
+                CAST(SUM(CASE WHEN c.provider = 'tool' THEN c.cost_pico ELSE 0 END) AS BIGINT)
          FROM calls c WHERE c.ts_ms >= ?1 AND c.ts_ms <= ?2
          GROUP BY {cols}"
     );
     let n = keys.len();
-    let mut stmt = conn.prepare(&sql)?;
-    let rows = stmt.query_map(params![int(window.since_ms), int(window.until_ms)], |row| {
-        Ok((
-            key_values(row, n)?,
-            CallAggregate {
-                calls: u(row, n)?,
-                estimated: u(row, n + 1)?,
-                cost: money(row, n + 2)?,
-                llm_cost: money(row, n + 3)?,
-                tool_cost: money(row, n + 4)?,
-            },
-        ))
-    })?;
-    rows.collect()
+    reader
+        .rows(&sql, window_params(window))
+        .await?
+        .iter()
+        .map(|row| {
+            Ok((
+                key_values(row, n)?,
+                CallAggregate {
+                    calls: row.uint(n)?,
+                    estimated: row.uint(n + 1)?,
+                    cost: row.money(n + 2)?,
+                    llm_cost: row.money(n + 3)?,
+                    tool_cost: row.money(n + 4)?,
+                },
+            ))
+        })
+        .collect()
 }
 
 /// One entry per (run that ended in `window`, segment it belongs to) with
@@ -473,79 +491,122 @@ pub fn segment_calls(
 /// run's total from the `runs` table; with `model` or `tool` among the keys,
 /// a run belongs to every segment it has calls in (grouped by the calls'
 /// columns) and its cost there is the cost of those calls.
-pub fn segment_runs(
-    conn: &Connection,
+pub async fn segment_runs(
+    reader: &Reader,
     window: Window,
     keys: &[SegmentKey],
-) -> rusqlite::Result<Vec<(SegmentValues, Money)>> {
+) -> Result<Vec<(SegmentValues, Money)>> {
     let n = keys.len();
-    let window_params = params![int(window.since_ms), int(window.until_ms)];
-    if keys.iter().all(|k| !k.is_call_level()) {
-        let sql = format!(
+    let sql = if keys.iter().all(|k| !k.is_call_level()) {
+        format!(
             "SELECT {}, r.cost_pico FROM runs r WHERE r.ended_ms >= ?1 AND r.ended_ms <= ?2",
             key_columns(keys, "r")
-        );
-        let mut stmt = conn.prepare(&sql)?;
-        let rows = stmt.query_map(window_params, |row| {
-            Ok((key_values(row, n)?, money(row, n)?))
-        })?;
-        return rows.collect();
-    }
-    let cols = key_columns(keys, "c");
-    let sql = format!(
-        "WITH w AS (
-            SELECT r.run_id, r.started_ms, r.ended_ms, {PREV_END} AS prev_end
-            FROM runs r WHERE r.ended_ms >= ?1 AND r.ended_ms <= ?2)
-         SELECT {cols}, SUM(c.cost_pico)
-         FROM w JOIN calls c ON c.run_id = w.run_id AND c.ts_ms > w.prev_end AND c.ts_ms <= w.ended_ms
-         GROUP BY w.run_id, w.started_ms, {cols}"
-    );
-    let mut stmt = conn.prepare(&sql)?;
-    let rows = stmt.query_map(window_params, |row| {
-        Ok((key_values(row, n)?, money(row, n)?))
-    })?;
-    rows.collect()
+        )
+    } else {
+        let cols = key_columns(keys, "c");
+        format!(
+            "WITH w AS (
+                SELECT r.run_id, r.started_ms, r.ended_ms, {PREV_END} AS prev_end
+                FROM runs r WHERE r.ended_ms >= ?1 AND r.ended_ms <= ?2)
+             SELECT {cols}, CAST(SUM(c.cost_pico) AS BIGINT)
+             FROM w JOIN calls c ON c.run_id = w.run_id AND c.ts_ms > w.prev_end AND c.ts_ms <= w.ended_ms
+             GROUP BY w.run_id, w.started_ms, {cols}"
+        )
+    };
+    reader
+        .rows(&sql, window_params(window))
+        .await?
+        .iter()
+        .map(|row| Ok((key_values(row, n)?, row.money(n)?)))
+        .collect()
 }
 
 /// Figures of `release` for `/api/compare`: its runs that ended in
 /// `window` (and their calls), and its calls in the window.
-pub fn release_runs(
-    conn: &Connection,
-    window: Window,
-    release: &str,
-) -> rusqlite::Result<ReleaseRuns> {
-    let bounds = (int(window.since_ms), int(window.until_ms));
+pub async fn release_runs(reader: &Reader, window: Window, release: &str) -> Result<ReleaseRuns> {
+    let mut args = window_params(window);
+    args.push(Param::text(release));
     let mut out = ReleaseRuns::default();
-    {
-        let mut stmt = conn.prepare(
+    let runs = reader
+        .rows(
             "SELECT cost_pico, llm_cost_pico, tool_cost_pico, retries, calls FROM runs
              WHERE release = ?3 AND ended_ms >= ?1 AND ended_ms <= ?2",
-        )?;
-        let mut rows = stmt.query(params![bounds.0, bounds.1, release])?;
-        while let Some(row) = rows.next()? {
-            out.costs.push(money(row, 0)?);
-            out.llm_cost = out.llm_cost.saturating_add(money(row, 1)?);
-            out.tool_cost = out.tool_cost.saturating_add(money(row, 2)?);
-            out.retries = out.retries.saturating_add(u(row, 3)?);
-            out.calls = out.calls.saturating_add(u(row, 4)?);
-        }
+            args.clone(),
+        )
+        .await?;
+    for row in &runs {
+        out.costs.push(row.money(0)?);
+        out.llm_cost = out.llm_cost.saturating_add(row.money(1)?);
+        out.tool_cost = out.tool_cost.saturating_add(row.money(2)?);
+        out.retries = out.retries.saturating_add(row.uint(3)?);
+        out.calls = out.calls.saturating_add(row.uint(4)?);
     }
-    out.tokens = conn.query_row(
-        &format!(
-            "WITH w AS (
-                SELECT r.run_id, r.ended_ms, {PREV_END} AS prev_end
-                FROM runs r WHERE r.release = ?3 AND r.ended_ms >= ?1 AND r.ended_ms <= ?2)
-             SELECT SUM(COALESCE(c.prompt_tokens, 0) + COALESCE(c.completion_tokens, 0))
-             FROM w JOIN calls c ON c.run_id = w.run_id AND c.ts_ms > w.prev_end AND c.ts_ms <= w.ended_ms"
-        ),
-        params![bounds.0, bounds.1, release],
-        |row| u(row, 0),
-    )?;
-    (out.window_spend, out.window_calls) = conn.query_row(
-        "SELECT SUM(cost_pico), COUNT(*) FROM calls
-         WHERE release = ?3 AND ts_ms >= ?1 AND ts_ms <= ?2",
-        params![bounds.0, bounds.1, release],
-        |row| Ok((money(row, 0)?, u(row, 1)?)),
-    )?;
+    out.tokens = reader
+        .row(
+            &format!(
+                "WITH w AS (
+                    SELECT r.run_id, r.ended_ms, {PREV_END} AS prev_end
+                    FROM runs r WHERE r.release = ?3 AND r.ended_ms >= ?1 AND r.ended_ms <= ?2)
+                 SELECT CAST(SUM(COALESCE(c.prompt_tokens, 0) + COALESCE(c.completion_tokens, 0)) AS BIGINT)
+                 FROM w JOIN calls c ON c.run_id = w.run_id AND c.ts_ms > w.prev_end AND c.ts_ms <= w.ended_ms"
+            ),
+            args.clone(),
+        )
+        .await?
+        .uint(0)?;
+    let spend = reader
+        .row(
+            "SELECT CAST(SUM(cost_pico) AS BIGINT), COUNT(*) FROM calls
+             WHERE release = ?3 AND ts_ms >= ?1 AND ts_ms <= ?2",
+            args,
+        )
+        .await?;
+    (out.window_spend, out.window_calls) = (spend.money(0)?, spend.uint(1)?);
     Ok(out)
+}
+
+/// Runs with a call since `since_ms` and no end record after it: after a
+/// restart their spend goes back into the budgets.
+pub const RUNS_TO_RESTORE: &str = "SELECT c.run_id, MAX(c.release), MAX(c.request_type),
+        MIN(c.ts_ms), MAX(c.ts_ms),
+        CAST(SUM(CASE WHEN c.provider = 'tool' THEN 0 ELSE c.cost_pico END) AS BIGINT),
+        CAST(SUM(CASE WHEN c.provider = 'tool' THEN c.cost_pico ELSE 0 END) AS BIGINT),
+        CAST(SUM(CASE WHEN c.outcome = 'refused' THEN 0 ELSE 1 END) AS BIGINT),
+        CAST(SUM(CASE WHEN c.outcome = 'refused' THEN 1 ELSE 0 END) AS BIGINT),
+        CAST(SUM(CASE WHEN c.sdk_retry <> 0 OR c.repeat_after_failure <> 0 THEN 1 ELSE 0 END) AS BIGINT),
+        CAST(SUM(c.duplicate_body) AS BIGINT),
+        MAX(c.run_ceiling_pico)
+     FROM calls c
+     WHERE c.run_id IS NOT NULL
+       AND c.ts_ms > COALESCE((SELECT MAX(r.ended_ms) FROM runs r WHERE r.run_id = c.run_id), -1)
+     GROUP BY c.run_id
+     HAVING MAX(c.ts_ms) >= ?1
+     ORDER BY c.run_id";
+
+/// One row of [`RUNS_TO_RESTORE`].
+pub fn restored_run(row: &Row) -> Result<RestoredRun> {
+    Ok(RestoredRun {
+        run_id: row.text(0)?,
+        release: row.text(1)?,
+        request_type: row.text(2)?,
+        started_ms: row.uint(3)?,
+        last_seen_ms: row.uint(4)?,
+        llm_cost: row.money(5)?,
+        tool_cost: row.money(6)?,
+        calls: row.uint(7)?,
+        refusals: row.uint(8)?,
+        retries: row.uint(9)?,
+        repeated_calls: row.uint(10)?,
+        ceiling: row.opt_uint(11)?.map(Money::from_picos),
+    })
+}
+
+/// [`RUNS_TO_RESTORE`] on `reader`.
+pub async fn runs_to_restore(reader: &Reader, since_ms: u64) -> Result<Vec<RestoredRun>> {
+    reader
+        .rows(RUNS_TO_RESTORE, vec![Param::uint(since_ms)])
+        .await?
+        .iter()
+        .map(restored_run)
+        .collect()
 }

@@ -9,7 +9,39 @@ use tollgate::api::format_rfc3339;
 use tollgate::budget::Clock;
 use tollgate::money::Money;
 
+use crate::ledger_postgres::postgres_ledger;
+use crate::services::PostgresServer;
 use crate::support::*;
+
+/// Where a test's ledger lives: the embedded file, or a private PostgreSQL.
+/// The same traffic must give the same figures on both.
+#[derive(Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The proxy on `backend` (and its PostgreSQL, kept for the test's
+/// lifetime); `None` when PostgreSQL is not installed (the test is skipped).
+async fn start_on(
+    backend: Backend,
+    test: &str,
+    config: &str,
+    upstream: &MockUpstream,
+) -> Option<(Proxy, Option<PostgresServer>)> {
+    match backend {
+        Backend::Sqlite => Some((Proxy::start(config, &upstream.url()).await, None)),
+        Backend::Postgres => {
+            let pg = PostgresServer::start(test)?;
+            let config = format!(
+                "{config}
+{}",
+                postgres_ledger(&pg.url())
+            );
+            Some((Proxy::start(&config, &upstream.url()).await, Some(pg)))
+        }
+    }
+}
 
 /// USD of `picos` as the API prints it.
 fn usd(picos: u64) -> f64 {
@@ -257,8 +289,24 @@ async fn scripted_mix(proxy: &Proxy) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_and_segments_over_a_scripted_mix() {
+    runs_and_segments(Backend::Sqlite, "runs_and_segments_over_a_scripted_mix").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_and_segments_over_a_scripted_mix_on_postgres() {
+    runs_and_segments(
+        Backend::Postgres,
+        "runs_and_segments_over_a_scripted_mix_on_postgres",
+    )
+    .await;
+}
+
+async fn runs_and_segments(backend: Backend, test: &str) {
     let upstream = upstream().await;
-    let proxy = Proxy::start(&config(SEGMENT_THRESHOLDS), &upstream.url()).await;
+    let Some((proxy, _pg)) = start_on(backend, test, &config(SEGMENT_THRESHOLDS), &upstream).await
+    else {
+        return;
+    };
     let t0 = scripted_mix(&proxy).await;
     let t = |i: u64| t0 + i * 1_000;
 
@@ -645,8 +693,23 @@ const SIGNALS: [&str; 5] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compare_names_each_signal_combination() {
+    compare_signals(Backend::Sqlite, "compare_names_each_signal_combination").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_names_each_signal_combination_on_postgres() {
+    compare_signals(
+        Backend::Postgres,
+        "compare_names_each_signal_combination_on_postgres",
+    )
+    .await;
+}
+
+async fn compare_signals(backend: Backend, test: &str) {
     let upstream = upstream().await;
-    let proxy = Proxy::start(&config(""), &upstream.url()).await;
+    let Some((proxy, _pg)) = start_on(backend, test, &config(""), &upstream).await else {
+        return;
+    };
     // Baseline: 10 runs of A (tokens 1100, LLM $0.0026, tool $0.001, p95 $0.0036).
     runs_of(&proxy, "base", &[(10, A)]).await;
     // 1. Twice the tokens, no tool call, 7 runs: tokens and LLM cost per run
@@ -776,8 +839,24 @@ async fn compare_names_each_signal_combination() {
 
 #[tokio::test]
 async fn compare_threshold_comes_from_the_config() {
+    compare_threshold(Backend::Sqlite, "compare_threshold_comes_from_the_config").await;
+}
+
+#[tokio::test]
+async fn compare_threshold_comes_from_the_config_on_postgres() {
+    compare_threshold(
+        Backend::Postgres,
+        "compare_threshold_comes_from_the_config_on_postgres",
+    )
+    .await;
+}
+
+async fn compare_threshold(backend: Backend, test: &str) {
     let upstream = upstream().await;
-    let proxy = Proxy::start(&config("[compare]\nthreshold_pct = 250\n"), &upstream.url()).await;
+    let config = config("[compare]\nthreshold_pct = 250\n");
+    let Some((proxy, _pg)) = start_on(backend, test, &config, &upstream).await else {
+        return;
+    };
     runs_of(&proxy, "base", &[(10, A)]).await;
     runs_of(&proxy, "s2", &[(6, shape("gpt-4o-mini", 1000, 100, 3))]).await;
     proxy.state.ledger.as_ref().unwrap().flush();

@@ -64,7 +64,7 @@ async fn every_call_is_one_record_under_concurrent_load() {
     }
     let ledger = proxy.state.ledger.clone().unwrap();
     ledger.flush();
-    let conn = open_db(ledger.path());
+    let conn = open_db(ledger.path().unwrap());
     let (calls, picos) = count_and_sum(&conn, "release = 'load'");
     assert_eq!(calls, 200);
     let llm = 150 * (25 * 2_000_000 + 50 * 6_000_000);
@@ -124,7 +124,7 @@ async fn refusals_and_run_ends_are_recorded() {
     assert_eq!(finish.status(), 200);
     let ledger = proxy.state.ledger.clone().unwrap();
     ledger.flush();
-    let conn = open_db(ledger.path());
+    let conn = open_db(ledger.path().unwrap());
     let outcomes: Vec<String> = conn
         .prepare("SELECT outcome FROM calls WHERE run_id = 'rec' ORDER BY id")
         .unwrap()

@@ -9,6 +9,7 @@ mod drain;
 mod errors;
 mod faults;
 mod ledger;
+mod ledger_postgres;
 mod lifecycle;
 mod passthrough;
 mod reload;

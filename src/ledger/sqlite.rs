@@ -1,0 +1,278 @@
+//! The embedded backend: one SQLite file in WAL mode, written by one thread
+//! in batches, read on a second connection (WAL lets it read while the
+//! writer writes).
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::types::{Value as SqlValue, ValueRef};
+use rusqlite::{params, params_from_iter, Connection};
+
+use super::reader::{Param, Row, Value};
+use super::{
+    call_values, run_values, Entry, LedgerError, LedgerStats, CALL_COLUMNS, MAX_BATCH,
+    RETENTION_EVERY, RETENTION_STEP, RUN_COLUMNS,
+};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS calls (
+    id INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    run_id TEXT,
+    release TEXT NOT NULL,
+    request_type TEXT NOT NULL,
+    route TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    model TEXT,
+    price_entry TEXT,
+    tool TEXT,
+    status INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    prompt_tokens INTEGER,
+    cached_tokens INTEGER,
+    cache_write_tokens INTEGER,
+    completion_tokens INTEGER,
+    reasoning_tokens INTEGER,
+    cost_pico INTEGER NOT NULL,
+    latency_ms INTEGER NOT NULL,
+    ttfb_ms INTEGER,
+    streamed INTEGER NOT NULL,
+    estimated INTEGER NOT NULL,
+    sdk_retry INTEGER NOT NULL,
+    repeat_after_failure INTEGER NOT NULL,
+    duplicate_body INTEGER NOT NULL,
+    run_ceiling_pico INTEGER,
+    price_version TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts_ms);
+CREATE INDEX IF NOT EXISTS calls_run ON calls(run_id, ts_ms);
+CREATE INDEX IF NOT EXISTS calls_release ON calls(release, ts_ms);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    ended_ms INTEGER NOT NULL,
+    release TEXT NOT NULL,
+    request_type TEXT NOT NULL,
+    status TEXT NOT NULL,
+    stop_reason TEXT NOT NULL,
+    ceiling_pico INTEGER NOT NULL,
+    cost_pico INTEGER NOT NULL,
+    llm_cost_pico INTEGER NOT NULL,
+    tool_cost_pico INTEGER NOT NULL,
+    calls INTEGER NOT NULL,
+    refusals INTEGER NOT NULL,
+    retries INTEGER NOT NULL,
+    repeated_calls INTEGER NOT NULL,
+    breached INTEGER NOT NULL,
+    evicted INTEGER NOT NULL,
+    PRIMARY KEY (run_id, started_ms)
+);
+CREATE INDEX IF NOT EXISTS runs_ended ON runs(ended_ms);
+CREATE INDEX IF NOT EXISTS runs_release ON runs(release, ended_ms);
+";
+
+pub(super) fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // NORMAL is durable in WAL mode against process crashes (SIGKILL); a
+    // power loss may lose the last commits, which FULL would also fsync.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// Opens (creating if needed) the file with its schema: the writer's
+/// connection and the reader's.
+pub(super) fn open(path: &Path) -> Result<(Connection, Connection), LedgerError> {
+    let fail = |message: String| LedgerError::Open {
+        path: path.display().to_string(),
+        message,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
+    }
+    let writer = open_connection(path).map_err(|e| fail(e.to_string()))?;
+    writer
+        .execute_batch(SCHEMA)
+        .map_err(|e| fail(format!("schema: {e}")))?;
+    let reader = open_connection(path).map_err(|e| fail(e.to_string()))?;
+    Ok((writer, reader))
+}
+
+fn sql_value(param: &Param) -> SqlValue {
+    match param {
+        Param::Int(Some(v)) => SqlValue::Integer(*v),
+        Param::Text(Some(v)) => SqlValue::Text(v.clone()),
+        Param::Int(None) | Param::Text(None) => SqlValue::Null,
+    }
+}
+
+/// Runs a portable read query (see [`super::reader`]).
+pub(super) fn rows(
+    conn: &Connection,
+    sql: &str,
+    params: &[Param],
+) -> Result<Vec<Row>, LedgerError> {
+    let query = |conn: &Connection| -> rusqlite::Result<Vec<Row>> {
+        let mut stmt = conn.prepare_cached(sql)?;
+        let columns = stmt.column_count();
+        let mut rows = stmt.query(params_from_iter(params.iter().map(sql_value)))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let values = (0..columns)
+                .map(|i| {
+                    Ok(match row.get_ref(i)? {
+                        ValueRef::Null => Value::Null,
+                        ValueRef::Integer(v) => Value::Int(v),
+                        ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+                        other => {
+                            return Err(rusqlite::Error::InvalidColumnType(
+                                i,
+                                format!("{other:?}"),
+                                other.data_type(),
+                            ))
+                        }
+                    })
+                })
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            out.push(Row(values));
+        }
+        Ok(out)
+    };
+    query(conn).map_err(|e| LedgerError::Query(e.to_string()))
+}
+
+pub(super) fn write_loop(
+    mut conn: Connection,
+    rx: Receiver<Entry>,
+    flush_interval: Duration,
+    retention: Duration,
+    stats: Arc<LedgerStats>,
+) {
+    let mut batch: Vec<Entry> = Vec::with_capacity(MAX_BATCH);
+    let mut waiters: Vec<mpsc::Sender<()>> = Vec::new();
+    let mut batch_started: Option<Instant> = None;
+    let mut last_retention = Instant::now() - RETENTION_EVERY;
+    let mut open = true;
+    while open || !batch.is_empty() {
+        let timeout = match batch_started {
+            Some(started) => flush_interval.saturating_sub(started.elapsed()),
+            None => RETENTION_EVERY,
+        };
+        let mut commit_now = if open {
+            match rx.recv_timeout(timeout) {
+                Ok(Entry::Flush(done)) => {
+                    waiters.push(done);
+                    true
+                }
+                Ok(entry) => {
+                    batch_started.get_or_insert_with(Instant::now);
+                    batch.push(entry);
+                    batch.len() >= MAX_BATCH
+                }
+                Err(RecvTimeoutError::Timeout) => true,
+                Err(RecvTimeoutError::Disconnected) => {
+                    open = false;
+                    true
+                }
+            }
+        } else {
+            true
+        };
+        if batch_started.is_some_and(|s| s.elapsed() >= flush_interval) {
+            commit_now = true;
+        }
+        if !commit_now {
+            continue;
+        }
+        if !batch.is_empty() {
+            match commit(&mut conn, &batch) {
+                Ok(()) => {
+                    stats
+                        .written
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    batch.clear();
+                    batch_started = None;
+                }
+                Err(error) => {
+                    stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(message = "ledger write failed; keeping the batch and retrying", %error, records = batch.len());
+                    std::thread::sleep(Duration::from_millis(500));
+                    if !open {
+                        // Shutting down and the disk refuses: say exactly
+                        // what is lost rather than spin forever.
+                        tracing::error!(
+                            message = "ledger records lost at shutdown",
+                            records = batch.len()
+                        );
+                        batch.clear();
+                    }
+                    continue;
+                }
+            }
+        }
+        for waiter in waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        if retention > Duration::ZERO && last_retention.elapsed() >= RETENTION_EVERY && open {
+            last_retention = Instant::now();
+            apply_retention(&conn, retention);
+        }
+    }
+}
+
+fn insert_sql(verb: &str, table: &str, columns: &[&str]) -> String {
+    let placeholders = (1..=columns.len())
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "{verb} INTO {table} ({}) VALUES ({placeholders})",
+        columns.join(", ")
+    )
+}
+
+fn commit(conn: &mut Connection, batch: &[Entry]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut call_stmt = tx.prepare_cached(&insert_sql("INSERT", "calls", &CALL_COLUMNS))?;
+        let mut run_stmt =
+            tx.prepare_cached(&insert_sql("INSERT OR REPLACE", "runs", &RUN_COLUMNS))?;
+        for entry in batch {
+            match entry {
+                Entry::Call(c) => {
+                    call_stmt.execute(params_from_iter(call_values(c).iter().map(sql_value)))?;
+                }
+                Entry::Run(r) => {
+                    run_stmt.execute(params_from_iter(run_values(r).iter().map(sql_value)))?;
+                }
+                Entry::Flush(_) | Entry::Restore(_) => {}
+            }
+        }
+    }
+    tx.commit()
+}
+
+/// Deletes calls and runs older than `retention`, a step at a time.
+pub(super) fn apply_retention(conn: &Connection, retention: Duration) {
+    let cutoff = super::now_ms() - retention.as_millis() as i64;
+    for (table, column) in [("calls", "ts_ms"), ("runs", "ended_ms")] {
+        loop {
+            let sql = format!(
+                "DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE {column} < ?1 LIMIT {RETENTION_STEP})"
+            );
+            match conn.execute(&sql, params![cutoff]) {
+                Ok(n) if n == RETENTION_STEP => continue,
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(message = "ledger retention step failed", %error);
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,479 @@
+//! The PostgreSQL ledger: every call one row under concurrent load, one
+//! ledger for two proxies, migrations (repeated, concurrent), an outage
+//! (records buffered and written when it returns, the overflow dropped and
+//! counted), and the SIGTERM drain with the real binary. Each test starts
+//! its own PostgreSQL and is skipped when PostgreSQL is not installed.
+
+use std::process::Command;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tollgate::ledger::postgres::PostgresSettings;
+use tollgate::ledger::{CallRecord, Ledger, LedgerBackend, LedgerSettings};
+use tollgate::money::Money;
+
+use crate::services::PostgresServer;
+use crate::support::*;
+
+const USAGE_BODY: &str = r#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":25,"completion_tokens":50,"total_tokens":75}}"#;
+/// gpt-4o-mini at the test prices: 25 prompt and 50 completion tokens.
+const CALL_PICOS: i64 = 25 * 2_000_000 + 50 * 6_000_000;
+/// Long enough for PostgreSQL to come back and the writer's backoff to end.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The `[ledger]` section for a PostgreSQL ledger at `url`.
+pub fn postgres_ledger(url: &str) -> String {
+    format!("[ledger]\nbackend = \"postgres\"\nurl = \"{url}\"\nflush_interval_ms = 20\n")
+}
+
+fn config_with(pg: &PostgresServer, extra: &str) -> String {
+    format!(
+        "{}\n[[routes]]\nname = \"search\"\nprefix = \"/tools/search\"\nupstream = \"{{upstream}}\"\nkind = \"tool\"\ncost_per_call_usd = 0.001\n{}{extra}",
+        config_all_routes(),
+        postgres_ledger(&pg.url())
+    )
+}
+
+async fn usage_upstream() -> MockUpstream {
+    MockUpstream::start(|request| match request.uri.path() {
+        "/v1/chat/completions" => MockReply::json(200, USAGE_BODY),
+        _ => MockReply::json(200, "{}"),
+    })
+    .await
+}
+
+/// One LLM call of `run` through `agent` (`host:port`); its status.
+async fn call(agent: &str, run: &str, release: &str) -> u16 {
+    let response = post_json(
+        format!("http://{agent}/openai/v1/chat/completions"),
+        &[("x-agent-run-id", run), ("x-agent-release", release)],
+        r#"{"model":"gpt-4o-mini"}"#,
+    )
+    .await;
+    let status = response.status().as_u16();
+    let _ = body_bytes(response).await;
+    status
+}
+
+/// `(rows, sum of cost_pico)` of the calls matching `filter`.
+fn count_and_sum(pg: &PostgresServer, filter: &str) -> (i64, i64) {
+    let out = pg.sql(&format!(
+        "SELECT COUNT(*), COALESCE(SUM(cost_pico), 0) FROM calls WHERE {filter}"
+    ));
+    let (count, sum) = out.split_once('|').expect("two columns");
+    (count.parse().unwrap(), sum.parse().unwrap())
+}
+
+/// Polls until `filter` matches `want` rows; panics after [`DEADLINE`].
+async fn wait_for_rows(pg: &PostgresServer, filter: &str, want: i64) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (rows, _) = count_and_sum(pg, filter);
+        if rows == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{rows} rows where {filter}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn api(admin: &str, path: &str) -> Value {
+    let response = send(
+        http::Request::get(format!("http://{admin}{path}"))
+            .body(bytes::Bytes::new())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), 200, "{path}");
+    serde_json::from_slice(&body_bytes(response).await).unwrap()
+}
+
+async fn metric(admin: &str, name: &str) -> f64 {
+    let response = send(
+        http::Request::get(format!("http://{admin}/metrics"))
+            .body(bytes::Bytes::new())
+            .unwrap(),
+    )
+    .await;
+    let text = String::from_utf8(body_bytes(response).await.to_vec()).unwrap();
+    metric_value(&text, name, &[]).unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_calls_are_two_hundred_rows() {
+    let Some(pg) = PostgresServer::start("two_hundred_concurrent_calls_are_two_hundred_rows")
+    else {
+        return;
+    };
+    let upstream = usage_upstream().await;
+    let proxy = Proxy::start(&config_with(&pg, ""), &upstream.url()).await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let path = if i % 4 == 0 {
+            "/tools/search"
+        } else {
+            "/openai/v1/chat/completions"
+        };
+        let (url, run) = (proxy.url(path), format!("load-{}", i % 10));
+        tasks.push(tokio::spawn(async move {
+            let response = post_json(
+                url,
+                &[("x-agent-run-id", &run), ("x-agent-release", "load")],
+                r#"{"model":"gpt-4o-mini"}"#,
+            )
+            .await;
+            let status = response.status();
+            let _ = body_bytes(response).await;
+            status
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    proxy.state.ledger.clone().unwrap().flush();
+    let (rows, picos) = count_and_sum(&pg, "release = 'load'");
+    assert_eq!(rows, 200);
+    assert_eq!(picos, 150 * CALL_PICOS + 50 * 1_000_000_000);
+    let metrics = proxy.metrics().await;
+    let metric_total = metric_value(
+        &metrics,
+        "agent_segment_cost_usd_total",
+        &[("release", "load")],
+    )
+    .unwrap();
+    assert_eq!(
+        metric_total,
+        Money::from_picos(picos as u64).as_usd_f64(),
+        "ledger and metrics agree"
+    );
+    assert_eq!(
+        metric_value(&metrics, "agent_ledger_records_written", &[]),
+        Some(200.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "agent_ledger_buffered_records", &[]),
+        Some(0.0)
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_share_one_ledger() {
+    let Some(pg) = PostgresServer::start("two_proxies_share_one_ledger") else {
+        return;
+    };
+    let upstream = usage_upstream().await;
+    let a = Proxy::start(&config_with(&pg, ""), &upstream.url()).await;
+    let b = Proxy::start(&config_with(&pg, ""), &upstream.url()).await;
+    let (agent_a, agent_b) = (a.agent.to_string(), b.agent.to_string());
+    // One run spread over both, and one more run on each.
+    for agent in [&agent_a, &agent_b, &agent_a, &agent_b, &agent_a] {
+        assert_eq!(call(agent, "shared", "two").await, 200);
+    }
+    assert_eq!(call(&agent_a, "only-a", "two").await, 200);
+    assert_eq!(call(&agent_b, "only-b", "two").await, 200);
+    a.state.ledger.clone().unwrap().flush();
+    b.state.ledger.clone().unwrap().flush();
+    for proxy in [&a, &b] {
+        let admin = proxy.admin.to_string();
+        let run = api(&admin, "/api/runs/shared").await;
+        assert_eq!(run["total"], 5, "{run}");
+        assert_eq!(run["calls"].as_array().unwrap().len(), 5);
+        let segments = api(&admin, "/api/segments").await;
+        let two = &segments["segments"][0];
+        assert_eq!(two["key"], serde_json::json!({"release": "two"}));
+        assert_eq!(two["calls"], 7, "{segments}");
+        assert_eq!(
+            two["cost_usd"].as_f64().unwrap(),
+            Money::from_picos(7 * CALL_PICOS as u64).as_usd_f64()
+        );
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+fn settings(pg: &PostgresServer, max_buffered_records: usize) -> LedgerSettings {
+    LedgerSettings {
+        backend: LedgerBackend::Postgres(PostgresSettings {
+            url: pg.url(),
+            pool_size: 2,
+            max_buffered_records,
+        }),
+        flush_interval: Duration::from_millis(20),
+        queue_capacity: 1024,
+        retention_days: 30,
+    }
+}
+
+fn record(run: &str, i: u64) -> CallRecord {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    CallRecord {
+        ts_ms: now_ms + i,
+        run_id: Some(run.into()),
+        release: "mig".into(),
+        request_type: "default".into(),
+        route: "openai".into(),
+        provider: "openai".into(),
+        status: 200,
+        outcome: "complete".into(),
+        cost: Money::from_picos(7),
+        price_version: "v".into(),
+        ..CallRecord::default()
+    }
+}
+
+#[test]
+fn migrations_run_once_when_replicas_start_together_and_again_is_a_no_op() {
+    let Some(pg) = PostgresServer::start(
+        "migrations_run_once_when_replicas_start_together_and_again_is_a_no_op",
+    ) else {
+        return;
+    };
+    // Four replicas at once: each opens, restores (which migrates) and writes.
+    let barrier = Arc::new(Barrier::new(4));
+    let replicas: Vec<_> = (0..4)
+        .map(|r| {
+            let (barrier, settings) = (barrier.clone(), settings(&pg, 1000));
+            std::thread::spawn(move || {
+                barrier.wait();
+                let ledger = Ledger::open(&settings).unwrap();
+                // Waits for the writer to connect and migrate.
+                ledger.runs_to_restore(0, 0).unwrap();
+                for i in 0..10 {
+                    ledger.record_call(record(&format!("replica-{r}"), i));
+                }
+                ledger.close();
+            })
+        })
+        .collect();
+    for replica in replicas {
+        replica.join().unwrap();
+    }
+    assert_eq!(count_and_sum(&pg, "release = 'mig'"), (40, 280));
+    assert_eq!(
+        pg.sql("SELECT string_agg(version::text, ',') FROM schema_migrations"),
+        "1"
+    );
+    // A restart on the migrated database: nothing to apply, writes go on.
+    let ledger = Ledger::open(&settings(&pg, 1000)).unwrap();
+    let restored = ledger.runs_to_restore(0, 0).unwrap();
+    assert_eq!(
+        restored.len(),
+        4,
+        "each replica's run is live: {restored:?}"
+    );
+    ledger.record_call(record("again", 0));
+    ledger.close();
+    assert_eq!(count_and_sum(&pg, "release = 'mig'").0, 41);
+    assert_eq!(pg.sql("SELECT COUNT(*) FROM schema_migrations"), "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_buffers_records_and_writes_them_when_postgres_returns() {
+    let Some(mut pg) =
+        PostgresServer::start("an_outage_buffers_records_and_writes_them_when_postgres_returns")
+    else {
+        return;
+    };
+    let upstream = usage_upstream().await;
+    let proxy = Proxy::start(&config_with(&pg, ""), &upstream.url()).await;
+    let agent = proxy.agent.to_string();
+    let admin = proxy.admin.to_string();
+    assert_eq!(call(&agent, "before", "outage").await, 200);
+    proxy.state.ledger.clone().unwrap().flush();
+    pg.stop();
+    for i in 0..30 {
+        assert_eq!(
+            call(&agent, &format!("during-{}", i % 3), "outage").await,
+            200
+        );
+    }
+    // The writer has tried and failed; the 30 records wait in memory.
+    let deadline = Instant::now() + DEADLINE;
+    while metric(&admin, "agent_ledger_write_errors").await < 1.0 {
+        assert!(Instant::now() < deadline, "no failed write reported");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(&admin, "agent_ledger_buffered_records").await, 30.0);
+    // The API says the ledger is unreachable rather than failing obscurely.
+    let response = send(
+        http::Request::get(format!("http://{admin}/api/runs/during-0"))
+            .body(bytes::Bytes::new())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), 503);
+    pg.restart();
+    wait_for_rows(&pg, "release = 'outage'", 31).await;
+    proxy.state.ledger.clone().unwrap().flush();
+    assert_eq!(
+        count_and_sum(&pg, "release = 'outage'"),
+        (31, 31 * CALL_PICOS),
+        "every record once"
+    );
+    assert_eq!(metric(&admin, "agent_ledger_buffered_records").await, 0.0);
+    assert_eq!(metric(&admin, "agent_ledger_dropped_total").await, 0.0);
+    let run = api(&admin, "/api/runs/during-0").await;
+    assert_eq!(run["total"], 10);
+    proxy.shutdown().await;
+}
+
+/// The binary's config with a PostgreSQL ledger.
+fn binary_config_on(
+    dir: &std::path::Path,
+    upstream: &str,
+    pg: &PostgresServer,
+    extra: &str,
+) -> std::path::PathBuf {
+    let path = binary_config(dir, upstream, 60_000);
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "[ledger]\n",
+        &format!(
+            "[ledger]\nbackend = \"postgres\"\nurl = \"{}\"\n{extra}",
+            pg.url()
+        ),
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn sigterm(process: &mut Process) {
+    let pid = process.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = process.child.wait().unwrap();
+    assert!(status.success(), "exit 0 on SIGTERM, got {status}");
+}
+
+#[tokio::test]
+async fn sigterm_drains_the_buffer_into_postgres() {
+    let Some(pg) = PostgresServer::start("sigterm_drains_the_buffer_into_postgres") else {
+        return;
+    };
+    let upstream = MockUpstream::start(|_| MockReply::json(200, USAGE_BODY)).await;
+    let dir = tempfile::tempdir().unwrap();
+    // A one-minute flush interval: only the drain at shutdown writes these.
+    let config = binary_config_on(dir.path(), &upstream.url(), &pg, "");
+    let mut process = start_binary(&config);
+    for i in 0..40 {
+        assert_eq!(
+            call(&process.agent, &format!("term-{}", i % 4), "term").await,
+            200
+        );
+    }
+    sigterm(&mut process);
+    assert_eq!(
+        count_and_sum(&pg, "release = 'term'"),
+        (40, 40 * CALL_PICOS)
+    );
+}
+
+#[tokio::test]
+async fn past_max_buffered_records_calls_are_served_and_records_dropped_counted_and_logged() {
+    let Some(mut pg) = PostgresServer::start(
+        "past_max_buffered_records_calls_are_served_and_records_dropped_counted_and_logged",
+    ) else {
+        return;
+    };
+    let upstream = MockUpstream::start(|_| MockReply::json(200, USAGE_BODY)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = binary_config_on(
+        dir.path(),
+        &upstream.url(),
+        &pg,
+        "max_buffered_records = 5\n",
+    );
+    let config_text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("flush_interval_ms = 60000", "flush_interval_ms = 20");
+    std::fs::write(&config, config_text).unwrap();
+    let mut process = start_binary(&config);
+    assert_eq!(call(&process.agent, "first", "drop").await, 200);
+    wait_for_rows(&pg, "release = 'drop'", 1).await;
+    pg.stop();
+    for _ in 0..20 {
+        assert_eq!(call(&process.agent, "outage", "drop").await, 200);
+    }
+    assert_eq!(
+        metric(&process.admin, "agent_ledger_dropped_total").await,
+        15.0
+    );
+    assert_eq!(
+        metric(&process.admin, "agent_ledger_buffered_records").await,
+        5.0
+    );
+    let logs = process.logs.clone();
+    let deadline = Instant::now() + DEADLINE;
+    while !logs
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|line| line.contains("ledger records dropped") && line.contains("\"ERROR\""))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the drop was not logged at ERROR"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pg.restart();
+    wait_for_rows(&pg, "release = 'drop'", 6).await;
+    sigterm(&mut process);
+    assert_eq!(count_and_sum(&pg, "release = 'drop'").0, 6);
+}
+
+#[test]
+fn check_config_names_the_postgres_keys() {
+    let base = "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let problems = |ledger: &str| -> String {
+        match tollgate::config::Config::from_toml(
+            &format!("{base}{ledger}"),
+            "t.toml",
+            env!("CARGO_MANIFEST_DIR").into(),
+        ) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    };
+    let missing = problems("[ledger]\nbackend = \"postgres\"\n");
+    assert!(missing.contains("ledger.url"), "{missing}");
+    let both =
+        problems("[ledger]\nbackend = \"postgres\"\nurl = \"postgres://a@h/d\"\nurl_env = \"X\"\n");
+    assert!(both.contains("not both"), "{both}");
+    let unset =
+        problems("[ledger]\nbackend = \"postgres\"\nurl_env = \"TOLLGATE_TEST_UNSET_URL\"\n");
+    assert!(
+        unset.contains("ledger.url_env") && unset.contains("TOLLGATE_TEST_UNSET_URL"),
+        "{unset}"
+    );
+    let bad =
+        problems("[ledger]\nbackend = \"postgres\"\nurl = \"postgres://u:secret@h:notaport/d\"\n");
+    assert!(
+        bad.contains("ledger.url") && !bad.contains("secret"),
+        "{bad}"
+    );
+    let pool = problems("[ledger]\nbackend = \"postgres\"\nurl = \"postgres://a@h/d\"\npool_size = 0\nmax_buffered_records = 0\n");
+    assert!(
+        pool.contains("ledger.pool_size") && pool.contains("ledger.max_buffered_records"),
+        "{pool}"
+    );
+    let stray = problems("[ledger]\nurl = \"postgres://a@h/d\"\n");
+    assert!(stray.contains("ledger.backend"), "{stray}");
+    let engine = problems("[ledger]\nbackend = \"mysql\"\n");
+    assert!(engine.contains("mysql"), "{engine}");
+    assert_eq!(
+        problems("[ledger]\nbackend = \"postgres\"\nurl = \"postgres://a@127.0.0.1:1/d\"\n"),
+        ""
+    );
+}
