@@ -113,6 +113,38 @@ fn a_long_comment_inside_an_event_counts_the_same_for_every_split() {
     }
 }
 
+/// Fuzz finding (`usage_tap`): a body announced as gzip that is not. Fed
+/// whole, the failing read was all of it; fed with a 6-byte first read, the
+/// gzip header parser swallowed those bytes without error and without
+/// output, the next read failed, and `body_bytes` (the estimate's fallback
+/// when no text was seen) came out 6 bytes short. A body that cannot be
+/// decoded now counts its raw size.
+#[test]
+fn body_bytes_of_an_undecodable_body_does_not_depend_on_the_split() {
+    let body =
+        b"50236cbd\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"He\"}}]}\n\n".repeat(6);
+    let observe = |cuts: &[usize]| {
+        let mut tap = UsageTap::new(
+            Dialect::OpenAi,
+            Some("text/event-stream"),
+            Some("gzip"),
+            limits(1024),
+        );
+        let mut prev = 0;
+        for &c in cuts.iter().chain(std::iter::once(&body.len())) {
+            tap.feed(&body[prev..c]);
+            prev = c;
+        }
+        tap.finish()
+    };
+    let whole = observe(&[]);
+    assert!(whole.parse_error);
+    assert_eq!(whole.body_bytes, body.len() as u64);
+    for first in 1..=12 {
+        assert_eq!(observe(&[first]), whole, "first read of {first} bytes");
+    }
+}
+
 /// One event of a generated stream.
 #[derive(Debug, Clone)]
 enum Piece {

@@ -173,8 +173,9 @@ pub struct Observation {
     /// Bytes of generated text seen (content/reasoning/tool-argument deltas,
     /// text parts), as written in the JSON (escapes included). For estimates.
     pub output_text_bytes: u64,
-    /// Decoded body bytes seen; raw bytes for a body that could not be
-    /// decoded.
+    /// Decoded body bytes seen; for a body whose decoding stopped before
+    /// its end (corrupt, over the decoded-bytes budget, unknown coding), the
+    /// raw bytes received instead.
     pub body_bytes: u64,
 }
 
@@ -262,7 +263,9 @@ impl Body {
         };
     }
 
-    fn observe(&mut self, undecoded_bytes: u64) -> Observation {
+    /// The observation; `raw_bytes` replaces the decoded size for a body that
+    /// could not be decoded.
+    fn observe(&mut self, raw_bytes: Option<u64>) -> Observation {
         let clean = match &mut self.parser {
             Parser::Undecided => true,
             Parser::Sse(d) => d.finish(&mut self.ex),
@@ -293,7 +296,7 @@ impl Body {
             parse_error: ex.parse_error,
             provider_error: ex.provider_error.clone(),
             output_text_bytes: ex.text_bytes,
-            body_bytes: self.decoded_bytes.saturating_add(undecoded_bytes),
+            body_bytes: raw_bytes.unwrap_or(self.decoded_bytes),
         }
     }
 }
@@ -321,8 +324,14 @@ impl io::Write for Body {
 /// [`UsageTap::finish`] at the end of the body or when it is abandoned.
 pub struct UsageTap {
     decoder: Decoder<Body>,
-    /// Bytes that reached the tap but could not be decoded.
-    undecoded_bytes: u64,
+    /// Bytes fed to the tap, as received (compressed or not).
+    raw_bytes: u64,
+    /// Decoding stopped before the end of the body: a corrupt compressed
+    /// stream, the decoded-bytes budget, or a coding the tap cannot decode.
+    /// The body's size is then its raw size: how much of the failing read a
+    /// decoder emits before it reports the error depends on how the body was
+    /// split into reads, the raw size does not.
+    undecodable: bool,
     finished: Option<Observation>,
 }
 
@@ -351,7 +360,8 @@ impl UsageTap {
         }
         UsageTap {
             decoder,
-            undecoded_bytes: 0,
+            raw_bytes: 0,
+            undecodable: !supported,
             finished: None,
         }
     }
@@ -367,8 +377,8 @@ impl UsageTap {
         if self.finished.is_some() || chunk.is_empty() {
             return;
         }
+        self.raw_bytes = self.raw_bytes.saturating_add(chunk.len() as u64);
         if self.decoder.is_dead() {
-            self.undecoded_bytes = self.undecoded_bytes.saturating_add(chunk.len() as u64);
             return;
         }
         self.decoder.sink().budget = decode::budget_for(chunk.len());
@@ -378,10 +388,7 @@ impl UsageTap {
         if result.is_err() {
             self.decoder.kill();
             self.decoder.sink().ex.parse_error = true;
-            // The read that broke the decoder counts as undecoded, like every
-            // read after it, so `body_bytes` (the estimate's fallback) does
-            // not depend on where the body was split.
-            self.undecoded_bytes = self.undecoded_bytes.saturating_add(chunk.len() as u64);
+            self.undecodable = true;
         }
     }
 
@@ -404,12 +411,15 @@ impl UsageTap {
             let result = self.decoder.finish();
             self.decoder.sink().budget = 0;
             if result.is_err() {
-                // Truncated or corrupt compressed stream.
+                // Truncated or corrupt compressed stream. Everything fed was
+                // decoded as far as it went (the decoder flushes its output
+                // first), so the decoded size stands.
                 self.decoder.kill();
                 self.decoder.sink().ex.parse_error = true;
             }
         }
-        let obs = self.decoder.sink().observe(self.undecoded_bytes);
+        let raw = self.undecodable.then_some(self.raw_bytes);
+        let obs = self.decoder.sink().observe(raw);
         self.finished = Some(obs.clone());
         obs
     }
