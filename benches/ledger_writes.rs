@@ -13,10 +13,7 @@ use tollgate::money::Money;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let count: u64 = args
-        .iter()
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(200_000);
+    let count: u64 = args.iter().find_map(|a| a.parse().ok()).unwrap_or(200_000);
     let dir = std::env::temp_dir().join(format!("tollgate-ledger-bench-{}", std::process::id()));
     let backend = match args.iter().find(|a| a.starts_with("postgres")) {
         Some(url) => LedgerBackend::Postgres(PostgresSettings {

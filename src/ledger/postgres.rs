@@ -475,6 +475,10 @@ impl Writer {
     /// next attempt.
     fn failed(&mut self, error: WriteError) -> Duration {
         self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+        if matches!(error, WriteError::Rejected(_)) {
+            // A dropped or restored database: migrate again before the retry.
+            self.migrated = false;
+        }
         let buffered = self.stats.buffered.load(Ordering::Relaxed);
         let now = Instant::now();
         let log_now = match &self.failing {

@@ -477,3 +477,23 @@ fn check_config_names_the_postgres_keys() {
         ""
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_postgres_at_start_is_not_fatal() {
+    let Some(mut pg) = PostgresServer::start("an_unreachable_postgres_at_start_is_not_fatal")
+    else {
+        return;
+    };
+    pg.stop();
+    let upstream = usage_upstream().await;
+    let proxy = Proxy::start(&config_with(&pg, ""), &upstream.url()).await;
+    let agent = proxy.agent.to_string();
+    for _ in 0..5 {
+        assert_eq!(call(&agent, "early", "early").await, 200);
+    }
+    pg.restart();
+    // Migrated and written when it comes up, without a restart.
+    wait_for_rows(&pg, "release = 'early'", 5).await;
+    assert_eq!(pg.sql("SELECT COUNT(*) FROM schema_migrations"), "1");
+    proxy.shutdown().await;
+}
