@@ -13,6 +13,7 @@ mod ledger_postgres;
 mod lifecycle;
 mod passthrough;
 mod reload;
+mod scaleout;
 mod sdk;
 mod services;
 mod streaming;
