@@ -16,5 +16,6 @@ mod reload;
 mod scaleout;
 mod sdk;
 mod services;
+mod state_redis;
 mod streaming;
 mod tls;
