@@ -145,6 +145,26 @@ fn body_bytes_of_an_undecodable_body_does_not_depend_on_the_split() {
     }
 }
 
+/// Smoke-test finding (`tests/fuzz_smoke.rs`): whitespace before the first
+/// byte of a body reached the parser only when it arrived in the same read as
+/// that byte, so it counted in an over-cap event, or not, by the split.
+#[test]
+fn leading_whitespace_counts_the_same_for_every_split() {
+    let mut body = b" \t\n".to_vec();
+    body.extend_from_slice(b"data: ");
+    body.extend(std::iter::repeat_n(b'x', 40));
+    body.extend_from_slice(b"\n\n");
+    let whole = observe(Dialect::OpenAi, limits(32), &body, &[]);
+    assert_eq!(whole.output_text_bytes, 46);
+    for cut in 1..=4 {
+        assert_eq!(
+            observe(Dialect::OpenAi, limits(32), &body, &[cut]),
+            whole,
+            "split at {cut}"
+        );
+    }
+}
+
 /// One event of a generated stream.
 #[derive(Debug, Clone)]
 enum Piece {

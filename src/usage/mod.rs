@@ -221,11 +221,18 @@ impl Body {
 
     fn consume(&mut self, buf: &[u8]) {
         self.decoded_bytes = self.decoded_bytes.saturating_add(buf.len() as u64);
+        let mut buf = buf;
         if let Parser::Undecided = self.parser {
-            let Some(&first) = buf.iter().find(|b| !b.is_ascii_whitespace()) else {
+            // Whitespace before the first byte never reaches the parser, so
+            // the parser sees the same bytes whether or not that whitespace
+            // came in a read of its own.
+            let Some(start) = buf.iter().position(|b| !b.is_ascii_whitespace()) else {
                 return;
             };
-            self.decide(first);
+            buf = buf.get(start..).unwrap_or_default();
+            if let Some(&first) = buf.first() {
+                self.decide(first);
+            }
         }
         match &mut self.parser {
             Parser::Undecided => {}
