@@ -11,6 +11,12 @@
 //! the Unix epoch>` written just before the event is handed to hyper, so a
 //! client on the same machine can tell how long each chunk took to reach it.
 //!
+//! Faults, for soak runs: a request header `x-mock-fault` makes the reply
+//! fail in one way. `status-500` answers 500 with an OpenAI-shaped error body;
+//! `reset-after=N` streams N events of the captured stream, then aborts the
+//! connection mid-body; `headers-after-ms=N` waits N ms before the response
+//! headers (then replies as usual), to run past a proxy's timeout.
+//!
 //! The first stdout line is the bound address (`127.0.0.1:PORT`), so a
 //! script can start it on port 0 and read where it listens. It runs until
 //! killed, or for `--max-secs` when given.
@@ -57,10 +63,34 @@ struct Args {
     fixtures: PathBuf,
 }
 
-type MockBody = BoxBody<Bytes, Infallible>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type MockBody = BoxBody<Bytes, BoxError>;
 
 /// Request header overriding `--chunk-delay-us` for one streamed reply.
 const CHUNK_DELAY_HEADER: &str = "x-mock-chunk-delay-us";
+/// Request header asking for a fault (see the module comment).
+const FAULT_HEADER: &str = "x-mock-fault";
+
+/// A fault asked for by [`FAULT_HEADER`].
+#[derive(Clone, Copy)]
+enum Fault {
+    Status500,
+    ResetAfter(usize),
+    HeadersAfter(Duration),
+}
+
+impl Fault {
+    fn parse(value: &str) -> Option<Fault> {
+        if value == "status-500" {
+            return Some(Fault::Status500);
+        }
+        if let Some(n) = value.strip_prefix("reset-after=") {
+            return n.parse().ok().map(Fault::ResetAfter);
+        }
+        let ms = value.strip_prefix("headers-after-ms=")?.parse().ok()?;
+        Some(Fault::HeadersAfter(Duration::from_millis(ms)))
+    }
+}
 
 struct Replies {
     json: Bytes,
@@ -132,10 +162,44 @@ async fn respond(
         .and_then(|v| v.to_str().ok()?.parse().ok());
     let delay = paced_by_header.map_or(replies.chunk_delay, Duration::from_micros);
     let stamp = paced_by_header.is_some();
+    let fault = request
+        .headers()
+        .get(FAULT_HEADER)
+        .and_then(|v| Fault::parse(v.to_str().ok()?));
     let body = match request.into_body().collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => Bytes::new(),
     };
+    match fault {
+        Some(Fault::Status500) => {
+            let error = r#"{"error":{"message":"mock fault","type":"server_error","param":null,"code":null}}"#;
+            let response = Response::builder()
+                .status(StatusCode::INTERNAL_SERVER_ERROR)
+                .header("content-type", "application/json")
+                .body(
+                    Full::new(Bytes::from_static(error.as_bytes()))
+                        .map_err(Into::into)
+                        .boxed(),
+                );
+            return Ok(response.unwrap_or_else(|_| empty()));
+        }
+        Some(Fault::ResetAfter(n)) => {
+            let events: Vec<Result<Frame<Bytes>, BoxError>> = replies
+                .events
+                .iter()
+                .take(n)
+                .map(|e| Ok(Frame::data(e.clone())))
+                .chain(std::iter::once(Err("mock fault: connection reset".into())))
+                .collect();
+            let response = Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "text/event-stream")
+                .body(StreamBody::new(futures_util::stream::iter(events)).boxed());
+            return Ok(response.unwrap_or_else(|_| empty()));
+        }
+        Some(Fault::HeadersAfter(wait)) => tokio::time::sleep(wait).await,
+        None => {}
+    }
     let response = if asks_for_stream(&body) {
         let events = replies.events.clone();
         let stream = futures_util::stream::unfold(
@@ -146,7 +210,7 @@ async fn respond(
                     tokio::time::sleep(delay).await;
                 }
                 let event = if stamp { stamped(&event) } else { event };
-                Some((Ok::<_, Infallible>(Frame::data(event)), (events, false)))
+                Some((Ok::<_, BoxError>(Frame::data(event)), (events, false)))
             },
         );
         Response::builder()
@@ -158,9 +222,13 @@ async fn respond(
         Response::builder()
             .status(StatusCode::OK)
             .header("content-type", "application/json")
-            .body(Full::new(replies.json.clone()).boxed())
+            .body(Full::new(replies.json.clone()).map_err(Into::into).boxed())
     };
-    Ok(response.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed())))
+    Ok(response.unwrap_or_else(|_| empty()))
+}
+
+fn empty() -> Response<MockBody> {
+    Response::new(Full::new(Bytes::new()).map_err(Into::into).boxed())
 }
 
 /// `event` behind a comment line carrying the current wall-clock time.
