@@ -281,6 +281,13 @@ impl SharedState {
     ) -> Result<SharedAdmit, StateError> {
         let now_ms = self.clock.now_ms();
         let keys = self.call_keys(call, policy, idle_timeout_ms, now_ms);
+        if keys.run_id.is_none() && keys.windows.is_empty() {
+            // Nothing shared to check or charge: no round trip.
+            return Ok(SharedAdmit::Admitted(SharedTicket {
+                view: None,
+                settle: Box::new(|_, _, _| {}),
+            }));
+        }
         let caps: Vec<_> = policy
             .windows
             .iter()
