@@ -533,3 +533,25 @@ async fn a_run_status_header_ends_the_fleet_run_once_with_its_last_call() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[test]
+fn check_config_names_the_state_keys_it_refuses() {
+    let text = format!(
+        "{}\n[state]\nbackend = \"redis\"\nurl = \"http://not-redis\"\nkey_prefix = \"\"\ntimeout_ms = 0\n",
+        config_all_routes()
+    );
+    let error =
+        tollgate::config::Config::from_toml(&text, "t.toml", env!("CARGO_MANIFEST_DIR").into())
+            .unwrap_err()
+            .to_string();
+    for key in ["state.url", "state.key_prefix", "state.timeout_ms"] {
+        assert!(error.contains(key), "{error} lacks {key}");
+    }
+    let text = format!("{}\n[state]\nbackend = \"etcd\"\n", config_all_routes());
+    assert!(tollgate::config::Config::from_toml(
+        &text,
+        "t.toml",
+        env!("CARGO_MANIFEST_DIR").into()
+    )
+    .is_err());
+}
