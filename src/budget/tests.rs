@@ -290,3 +290,64 @@ fn ended_run_entry_is_replaced_not_reused() {
     assert_eq!(budgets.active_runs(), 1);
     assert!(ends.lock().expect("ends").is_empty());
 }
+
+#[test]
+fn a_withdrawn_admission_charges_nothing_and_a_shared_ticket_settles_first() {
+    let budgets = Budgets::new(
+        BudgetPolicy::default(),
+        RunsConfig::default(),
+        Arc::new(ManualClock::new(1_000)),
+        Arc::new(|_| {}),
+    );
+    let call = CallRequest {
+        run_id: Some("r1"),
+        release: "v1",
+        request_type: "default",
+        model: Some("gpt-4.1"),
+        tool: None,
+        route: "openai",
+        budget_header: None,
+        reservation: m("0.01"),
+        sdk_retry_count: Some(1),
+        body_hash: None,
+    };
+    budgets
+        .admit(&call)
+        .expect("admit")
+        .withdraw(Some(RefusalScope::Run));
+    budgets.admit(&call).expect("admit").withdraw(None);
+    let run = budgets.run_snapshot("r1").expect("run");
+    assert_eq!(
+        (run.calls, run.refusals, run.retries, run.in_flight),
+        (0, 1, 0, 0)
+    );
+    assert_eq!((run.spent, run.reserved), (Money::ZERO, Money::ZERO));
+    let totals = budgets.totals();
+    assert_eq!((totals.admitted_calls, totals.run_refusals), (0, 1));
+    assert_eq!(totals.reserved_outstanding, Money::ZERO);
+
+    // The fleet's figures replace the local ones; settling (or dropping)
+    // hands the cost to the shared store once.
+    let settled = Arc::new(Mutex::new(Vec::new()));
+    let mut adm = budgets.admit(&call).expect("admit");
+    let seen = Arc::clone(&settled);
+    adm.attach_shared(SharedTicket {
+        view: Some(SharedView {
+            spent: m("0.05"),
+            reserved: m("0.03"),
+            ceiling: m("0.2"),
+        }),
+        settle: Box::new(move |cost, kind, failed| {
+            seen.lock().expect("seen").push((cost, kind, failed))
+        }),
+    });
+    assert_eq!(adm.run_spent(), m("0.05"));
+    assert_eq!(adm.ceiling(), Some(m("0.2")));
+    // 0.2 − 0.05 spent − (0.03 − 0.01 own) reserved by other calls.
+    assert_eq!(adm.remaining(), Some(m("0.13")));
+    drop(adm);
+    assert_eq!(
+        *settled.lock().expect("settled"),
+        vec![(m("0.01"), CostKind::Llm, false)]
+    );
+}
