@@ -189,12 +189,18 @@ async fn respond(
                 .iter()
                 .take(n)
                 .map(|e| Ok(Frame::data(e.clone())))
-                .chain(std::iter::once(Err("mock fault: connection reset".into())))
                 .collect();
+            // The pause lets hyper flush the head and the events first; an
+            // error right away would drop them with the connection.
+            let reset = futures_util::stream::once(async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Err::<Frame<Bytes>, BoxError>("mock fault: connection reset".into())
+            });
+            let stream = futures_util::StreamExt::chain(futures_util::stream::iter(events), reset);
             let response = Response::builder()
                 .status(StatusCode::OK)
                 .header("content-type", "text/event-stream")
-                .body(StreamBody::new(futures_util::stream::iter(events)).boxed());
+                .body(StreamBody::new(stream).boxed());
             return Ok(response.unwrap_or_else(|_| empty()));
         }
         Some(Fault::HeadersAfter(wait)) => tokio::time::sleep(wait).await,
