@@ -15,6 +15,9 @@
 //! - [`pricing`]: price tables and the cost formula.
 //! - [`budget`]: runs, ceilings, reservations, window caps.
 //! - [`state_backend`]: run and window spend shared by replicas (Redis).
+//! - [`ledger`]: one record per call and per ended run, in an embedded
+//!   SQLite file or a PostgreSQL database shared by replicas; the
+//!   investigation API's queries ([`ledger::query`]).
 //! - [`metrics`]: the Prometheus registry.
 //! - [`admin`]: `/metrics`, health, `/api`.
 //! - [`money`]: exact amounts (integer pico-dollars).

@@ -409,16 +409,12 @@ impl Writer {
                 self.apply_retention().await;
                 continue;
             }
-            let wake = [
-                due.filter(|_| !self.queue.is_empty()),
-                retry_at,
-                Some(last_retention + RETENTION_EVERY),
-            ]
-            .into_iter()
-            .flatten()
-            .map(|t| t.max(retry_at.unwrap_or(t)))
-            .min()
-            .unwrap_or(now + RETENTION_EVERY);
+            // The next write is due at `due`, but never before `retry_at`.
+            let next_write = due
+                .filter(|_| !self.queue.is_empty())
+                .map(|d| retry_at.map_or(d, |r| d.max(r)));
+            let next_retention = last_retention + RETENTION_EVERY;
+            let wake = next_write.map_or(next_retention, |w| w.min(next_retention));
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(wake));
             if open {
                 tokio::select! {

@@ -69,7 +69,13 @@ fn count_and_sum(pg: &PostgresServer, filter: &str) -> (i64, i64) {
 async fn wait_for_rows(pg: &PostgresServer, filter: &str, want: i64) {
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let (rows, _) = count_and_sum(pg, filter);
+        // The writer creates the tables once it reaches the database.
+        let migrated = pg.sql("SELECT to_regclass('calls') IS NOT NULL") == "t";
+        let (rows, _) = if migrated {
+            count_and_sum(pg, filter)
+        } else {
+            (0, 0)
+        };
         if rows == want {
             return;
         }
@@ -101,6 +107,20 @@ async fn metric(admin: &str, name: &str) -> f64 {
     .await;
     let text = String::from_utf8(body_bytes(response).await.to_vec()).unwrap();
     metric_value(&text, name, &[]).unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// Polls `/metrics` until `name` reads `want`; panics after [`DEADLINE`]
+/// (records reach the ledger's counters a moment after their call ends).
+async fn wait_for_metric(admin: &str, name: &str, want: f64) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let got = metric(admin, name).await;
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} = {got}, expected {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,7 +321,7 @@ async fn an_outage_buffers_records_and_writes_them_when_postgres_returns() {
         assert!(Instant::now() < deadline, "no failed write reported");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(metric(&admin, "agent_ledger_buffered_records").await, 30.0);
+    wait_for_metric(&admin, "agent_ledger_buffered_records", 30.0).await;
     // The API says the ledger is unreachable rather than failing obscurely.
     let response = send(
         http::Request::get(format!("http://{admin}/api/runs/during-0"))
@@ -405,14 +425,8 @@ async fn past_max_buffered_records_calls_are_served_and_records_dropped_counted_
     for _ in 0..20 {
         assert_eq!(call(&process.agent, "outage", "drop").await, 200);
     }
-    assert_eq!(
-        metric(&process.admin, "agent_ledger_dropped_total").await,
-        15.0
-    );
-    assert_eq!(
-        metric(&process.admin, "agent_ledger_buffered_records").await,
-        5.0
-    );
+    wait_for_metric(&process.admin, "agent_ledger_dropped_total", 15.0).await;
+    wait_for_metric(&process.admin, "agent_ledger_buffered_records", 5.0).await;
     let logs = process.logs.clone();
     let deadline = Instant::now() + DEADLINE;
     while !logs
