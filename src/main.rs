@@ -151,6 +151,8 @@ async fn serve(path: PathBuf) -> Result<(), String> {
     })?;
     let tollgate = Tollgate::new(config.clone(), Some(path)).map_err(|e| e.to_string())?;
     let state = tollgate.state().clone();
+    // Before "listening": from then on a SIGTERM must drain, not kill.
+    let shutdown = shutdown_signal();
     let bound = |l: &TcpListener, configured| l.local_addr().unwrap_or(configured);
     tracing::info!(
         message = "tollgate listening",
@@ -159,9 +161,7 @@ async fn serve(path: PathBuf) -> Result<(), String> {
         routes = config.routes.len()
     );
     spawn_reload_on_sighup(state)?;
-    tollgate
-        .run(Listeners { agent, admin }, shutdown_signal())
-        .await;
+    tollgate.run(Listeners { agent, admin }, shutdown).await;
     Ok(())
 }
 
@@ -183,25 +183,35 @@ fn spawn_reload_on_sighup(_state: std::sync::Arc<tollgate::AppState>) -> Result<
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when the future is first polled: the listeners serve before
+/// `Tollgate::run` polls it, and a signal arriving in between would
+/// otherwise take its default action and kill the process undrained.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        let term = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (term, interrupt) {
+                (Ok(mut term), Ok(mut interrupt)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = interrupt.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -9,6 +9,15 @@
 //! - when the stream idle timeout fires (the client sees the body end with an
 //!   error, as on an upstream reset);
 //! - on drop before any of these: the client went away.
+//!
+//! Frames that are already in the process join the frame being handed over
+//! (see [`Held`]): hyper's client passes the upstream body one chunk at a
+//! time through a channel of one slot, and forwarding each chunk alone costs
+//! a `writev` and a wake-up of the client per SSE event (38 of them for a
+//! short chat stream). Before handing data over, the body yields to the
+//! runtime once; the upstream connection's task, woken by the read, delivers
+//! what it has already received, and the data goes out together as soon as
+//! a turn brings nothing new. A chunk is never held waiting for the network.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -31,6 +40,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Largest tool response body kept to read a cost at a JSON pointer.
 pub const MAX_TOOL_CAPTURE: usize = 1024 * 1024;
 
+/// Largest frame made of upstream chunks that arrived together.
+const MAX_COALESCED: usize = 64 * 1024;
+
+/// Turns of the runtime given, without new data, before held data goes out.
+const MAX_IDLE_YIELDS: u8 = 3;
+
 #[derive(Debug, thiserror::Error)]
 #[error("upstream stream was idle for more than {0:?}")]
 pub struct IdleTimeout(Duration);
@@ -47,6 +62,12 @@ pin_project! {
         meter: Option<CallMeter>,
         settled: Option<Settled>,
         cutoff: Option<StreamCutoff>,
+        held: Held,
+        // The end of the upstream body, an error or trailers, read while
+        // data was held; handled on the next poll, after the data.
+        deferred: Option<Option<Result<Frame<Bytes>, hyper::Error>>>,
+        // Turns yielded to the runtime since data last arrived.
+        yielded: u8,
         done: bool,
     }
 
@@ -80,6 +101,9 @@ impl MeteredBody {
             meter: Some(meter),
             settled: None,
             cutoff: None,
+            held: Held::default(),
+            deferred: None,
+            yielded: 0,
             done: false,
         }
     }
@@ -152,6 +176,41 @@ pub fn stream_terminator(kind: crate::config::RouteKind, path: &str) -> Bytes {
     }
 }
 
+/// Data read from upstream, metered, and not yet handed to the client.
+#[derive(Default)]
+struct Held {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Held {
+    fn push(&mut self, data: Bytes) {
+        if !data.is_empty() {
+            self.len += data.len();
+            self.parts.push(data);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Everything held, as one buffer (copied only when there are several).
+    fn take(&mut self) -> Bytes {
+        let data = if self.parts.len() == 1 {
+            self.parts.pop().unwrap_or_default()
+        } else {
+            let mut joined = BytesMut::with_capacity(self.len);
+            for part in self.parts.drain(..) {
+                joined.extend_from_slice(&part);
+            }
+            joined.freeze()
+        };
+        self.len = 0;
+        data
+    }
+}
+
 fn ends_on_event_boundary(data: &[u8]) -> bool {
     data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n") || data.ends_with(b"\r\r")
 }
@@ -186,11 +245,24 @@ impl Body for MeteredBody {
             return Poll::Ready(None);
         }
         loop {
-            let Some(inner) = this.inner.as_mut() else {
-                return Poll::Ready(None);
+            let polled = match (this.deferred.take(), this.inner.as_mut()) {
+                (Some(deferred), _) => Poll::Ready(deferred),
+                (None, Some(inner)) => Pin::new(inner).poll_frame(cx),
+                (None, None) => Poll::Ready(None),
             };
-            match Pin::new(&mut *inner).poll_frame(cx) {
+            match polled {
                 Poll::Pending => {
+                    if !this.held.is_empty() {
+                        if *this.yielded < MAX_IDLE_YIELDS {
+                            // A turn of the runtime for chunks already
+                            // received to arrive (module comment).
+                            *this.yielded += 1;
+                            cx.waker().wake_by_ref();
+                            return Poll::Pending;
+                        }
+                        *this.yielded = 0;
+                        return Poll::Ready(Some(Ok(Frame::data(this.held.take()))));
+                    }
                     if this.idle.as_mut().poll(cx).is_ready() {
                         *this.done = true;
                         settle(
@@ -203,6 +275,11 @@ impl Body for MeteredBody {
                         return Poll::Ready(Some(Err(Box::new(IdleTimeout(*this.idle_timeout)))));
                     }
                     return Poll::Pending;
+                }
+                Poll::Ready(end @ (None | Some(Err(_)))) if !this.held.is_empty() => {
+                    *this.deferred = Some(end);
+                    *this.yielded = 0;
+                    return Poll::Ready(Some(Ok(Frame::data(this.held.take()))));
                 }
                 Poll::Ready(None) => {
                     *this.done = true;
@@ -237,6 +314,7 @@ impl Body for MeteredBody {
                 Poll::Ready(Some(Ok(frame))) => {
                     let deadline = tokio::time::Instant::now() + *this.idle_timeout;
                     this.idle.as_mut().reset(deadline);
+                    let inner_ended = this.inner.as_ref().is_none_or(Body::is_end_stream);
                     let frame = match frame.into_data() {
                         Ok(data) => {
                             if let Some(meter) = this.meter.as_mut() {
@@ -258,11 +336,24 @@ impl Body for MeteredBody {
                                 Some(filter) => filter.push(data),
                                 None => data,
                             };
-                            if data.is_empty() && !inner.is_end_stream() {
+                            this.held.push(data);
+                            *this.yielded = 0;
+                            // The stream guard checks each chunk on its own.
+                            let coalesce = this.cutoff.is_none();
+                            if this.held.is_empty() && !inner_ended {
                                 // Everything so far was held back or removed.
                                 continue;
                             }
-                            Frame::data(data)
+                            if coalesce && !inner_ended && this.held.len < MAX_COALESCED {
+                                continue;
+                            }
+                            Frame::data(this.held.take())
+                        }
+                        Err(frame) if !this.held.is_empty() => {
+                            // Trailers go after the data held.
+                            *this.deferred = Some(Some(Ok(frame)));
+                            *this.yielded = 0;
+                            return Poll::Ready(Some(Ok(Frame::data(this.held.take()))));
                         }
                         Err(frame) => frame,
                     };
@@ -297,7 +388,7 @@ impl Body for MeteredBody {
                             return Poll::Ready(Some(Ok(Frame::data(data))));
                         }
                     }
-                    if inner.is_end_stream() && this.filter.is_none() {
+                    if inner_ended && this.filter.is_none() {
                         *this.done = true;
                         settle(
                             this.meter,
@@ -315,6 +406,8 @@ impl Body for MeteredBody {
 
     fn is_end_stream(&self) -> bool {
         self.prefix.is_none()
+            && self.held.is_empty()
+            && self.deferred.is_none()
             && (self.done
                 || (self.filter.is_none() && self.inner.as_ref().is_none_or(Body::is_end_stream)))
     }
