@@ -118,6 +118,21 @@ static DEEP_STOP: [bool; 256] = {
     t
 };
 
+/// Bytes that end or escape a string.
+static STRING_STOP: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
+
+/// In NDJSON, a raw newline inside a string too (the record is broken).
+static STRING_STOP_LINES: [bool; 256] = {
+    let mut t = STRING_STOP;
+    t[b'\n' as usize] = true;
+    t
+};
+
 /// Bytes that matter inside a container when no scalar is being captured.
 static MEMBER_STOP: [bool; 256] = {
     let mut t = DEEP_STOP;
@@ -435,9 +450,13 @@ impl JsonScanner {
     /// Most strings in provider JSON are short keys and ids, for which a
     /// plain loop beats setting up a vectorised search.
     fn string_stop(&self, rest: &[u8]) -> Option<usize> {
-        let stop = |b: &u8| *b == b'"' || *b == b'\\' || (self.lines && *b == b'\n');
+        let table = if self.lines {
+            &STRING_STOP_LINES
+        } else {
+            &STRING_STOP
+        };
         let head = rest.get(..rest.len().min(24)).unwrap_or_default();
-        if let Some(p) = head.iter().position(stop) {
+        if let Some(p) = head.iter().position(|&b| table[b as usize]) {
             return Some(p);
         }
         let tail = rest.get(head.len()..)?;
