@@ -71,7 +71,9 @@ struct Args {
     #[arg(long, default_value = "gpt-4o-2024-08-06")]
     model: String,
     /// Extra header `name: value` (repeatable). `{conn}` in a value is
-    /// replaced by the worker's index (e.g. one run id per connection).
+    /// replaced by the worker's index (e.g. one run id per connection),
+    /// `{seq}` by the number of the request on its connection (a new run id
+    /// per request: `run-{conn}-{seq}`).
     #[arg(long = "header")]
     headers: Vec<String>,
     /// Per-request timeout in seconds.
@@ -285,6 +287,7 @@ impl Worker {
     async fn run(self, samples: &mut Samples) {
         let mut sender: Option<Sender> = None;
         let mut next_send = self.schedule.map(|(first, _)| first);
+        let mut seq = 0u64;
         loop {
             let intended = match (next_send, self.schedule) {
                 (Some(at), Some((_, every))) => {
@@ -325,7 +328,8 @@ impl Worker {
                     }
                 },
             };
-            let outcome = tokio::time::timeout(self.timeout, self.call(s, intended)).await;
+            seq += 1;
+            let outcome = tokio::time::timeout(self.timeout, self.call(s, intended, seq)).await;
             match outcome {
                 Ok(Ok((s, call))) => {
                     sender = Some(s);
@@ -363,14 +367,23 @@ impl Worker {
         Ok(sender)
     }
 
-    async fn call(&self, mut sender: Sender, intended: Instant) -> anyhow::Result<(Sender, Call)> {
+    async fn call(
+        &self,
+        mut sender: Sender,
+        intended: Instant,
+        seq: u64,
+    ) -> anyhow::Result<(Sender, Call)> {
         sender.ready().await?;
         let mut request = Request::post(self.path.as_str())
             .header(http::header::HOST, self.authority.as_str())
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::ACCEPT, "*/*");
         for (name, value) in &self.headers {
-            request = request.header(name.as_str(), value.as_str());
+            if value.contains("{seq}") {
+                request = request.header(name.as_str(), value.replace("{seq}", &seq.to_string()));
+            } else {
+                request = request.header(name.as_str(), value.as_str());
+            }
         }
         let request = request.body(Full::new(self.body.clone()))?;
         let response = sender.send_request(request).await?;

@@ -31,13 +31,15 @@
 # logging: one JSON line per call, the ledger on); with NO_LEDGER=1 (default)
 # tollgate-no-ledger (the same with `[ledger] enabled = false`) and, with
 # QUIET=1, tollgate-quiet (a further instance with the per-call log line off:
-# RUST_LOG=info,tollgate::call=off).
+# RUST_LOG=info,tollgate::call=off); with BEFORE=<path of another tollgate
+# binary>, tollgate-before (that binary, same config as tollgate: a before /
+# after comparison of a change within one run).
 #
 # Environment (defaults): CONNECTIONS=32 DURATION=10 WARMUP=1 ROUNDS=3
 #   SCENARIOS="json stream stream-inject json-rate stream-paced" RATE=500
 #   PACE_US=20000 CHUNK_DELAY_US=0 NGINX=1 NGINX_WORKERS=$(nproc) QUIET=0
 #   NO_LEDGER=1 LOADGEN_THREADS=2 MOCK_THREADS=1
-#   TOLLGATE=target/release/tollgate OUT=<temp dir>/results.jsonl
+#   TOLLGATE=target/release/tollgate BEFORE= OUT=<temp dir>/results.jsonl
 # Every measurement is bounded (WARMUP + DURATION + 5 s grace, and killed
 # after 30 s more); everything started here is stopped on exit.
 
@@ -111,7 +113,8 @@ echo "mock upstream on $mock_addr" >&2
 # Starts a tollgate instance named $1 with RUST_LOG=$2; sets $agent to its
 # bound agent address. (Not run in a subshell: the pid must reach $pids.)
 start_tollgate() {
-    local name=$1 filter=$2 ledger=${3:-true} config=$work/$1.toml log=$work/$1.log
+    local name=$1 filter=$2 ledger=${3:-true} binary=${4:-$tollgate_bin}
+    local config=$work/$1.toml log=$work/$1.log
     cat >"$config" <<EOF
 [server]
 listen = "127.0.0.1:0"
@@ -136,7 +139,7 @@ max_run_usd = 100000.0
 enabled = $ledger
 path = "$work/$name.db"
 EOF
-    RUST_LOG=$filter "$tollgate_bin" --config "$config" >"$log" 2>"$work/$name.err" &
+    RUST_LOG=$filter "$binary" --config "$config" >"$log" 2>"$work/$name.err" &
     pids+=($!)
     local line
     line=$(wait_line "$log" '"tollgate listening"')
@@ -214,6 +217,13 @@ start_tollgate tollgate info
 url[tollgate]="http://$agent/openai/v1/chat/completions"
 pid_of[tollgate]=${pids[-1]}
 echo "tollgate on $agent" >&2
+if [[ -n ${BEFORE:-} ]]; then
+    start_tollgate tollgate-before info true "$BEFORE"
+    url[tollgate-before]="http://$agent/openai/v1/chat/completions"
+    pid_of[tollgate-before]=${pids[-1]}
+    targets+=(tollgate-before)
+    echo "tollgate-before ($BEFORE) on $agent" >&2
+fi
 if [[ $NO_LEDGER == 1 ]]; then
     start_tollgate tollgate-no-ledger info false
     url[tollgate-no-ledger]="http://$agent/openai/v1/chat/completions"
@@ -393,6 +403,20 @@ if paced:
         late = {t: sum(r.get("late_sends", 0) for r in by.get((s, t), {}).values()) for t in targets}
         if any(late.values()):
             print(f"\n{s}: sends that left > 2 ms behind schedule: {late}")
+
+if "tollgate-before" in targets:
+    print()
+    print("After / before (tollgate / tollgate-before, per round):")
+    print()
+    print("| scenario | throughput ratio | CPU per call ratio | p50 ratio | p99 ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for s in scenarios:
+        ratio = lambda k: (lambda r, o: r[k] / o[k] if r.get(k) and o.get(k) else None)
+        pq = lambda p: (lambda r, o: q(r, "latency_ms", p) / q(o, "latency_ms", p))
+        print(f"| {s} | {rng(per_round(s, 'tollgate', 'tollgate-before', ratio('rps')), 3)} "
+              f"| {rng(per_round(s, 'tollgate', 'tollgate-before', ratio('proxy_cpu_us_per_call')), 3)} "
+              f"| {rng(per_round(s, 'tollgate', 'tollgate-before', pq('p50')), 3)} "
+              f"| {rng(per_round(s, 'tollgate', 'tollgate-before', pq('p99')), 3)} |")
 
 if "tollgate-no-ledger" in targets:
     print()

@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# Memory of the tollgate process (VmRSS from /proc), on loopback, in two
+# phases, each with its own mock upstream (examples/mock_upstream) and
+# tollgate (release, generated config, ports 0, ledger on):
+#
+#   runs  RUNS calls, each with a new x-agent-run-id, so RUNS runs are
+#         tracked at once (runs.idle_timeout_secs is set past the test);
+#         then STREAMS streamed calls held open together (the mock waits
+#         10 minutes after each stream's first event). Prints RSS after
+#         start, after the runs (with agent_active_runs from /metrics) and
+#         with the streams open (with the count of client connections).
+#   soak  SOAK_SECS of steady load: JSON_RATE json and STREAM_RATE streamed
+#         calls per second (open loop, a new run id per call, runs idle
+#         for 30 s are ended, so the run table is steady after the first
+#         half minute); RSS sampled every 10 s; prints the samples and the
+#         mean of the first and of the last minute.
+#
+# Environment (defaults): PHASES="runs soak" RUNS=100000 STREAMS=1000
+#   SOAK_SECS=600 JSON_RATE=300 STREAM_RATE=30 TOLLGATE=target/release/tollgate
+# Every load run is bounded in time; everything started here is stopped on
+# exit.
+
+set -euo pipefail
+
+PHASES=${PHASES:-"runs soak"}
+RUNS=${RUNS:-100000}
+STREAMS=${STREAMS:-1000}
+SOAK_SECS=${SOAK_SECS:-600}
+JSON_RATE=${JSON_RATE:-300}
+STREAM_RATE=${STREAM_RATE:-30}
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+work=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-memory.XXXXXX")
+pids=()
+
+cleanup() {
+    local status=$?
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$work"
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+echo "building (release)..." >&2
+cargo build --release --quiet --bin tollgate --example mock_upstream --example loadgen
+bin=target/release
+tollgate_bin=${TOLLGATE:-$bin/tollgate}
+# Two sockets per open stream (client and upstream side) plus the ledger.
+ulimit -n "$(ulimit -Hn)"
+
+# Waits (at most 10 s) until file $1 has a line matching $2, prints it.
+wait_line() {
+    local file=$1 pattern=$2 i
+    for i in $(seq 100); do
+        if grep -m1 -- "$pattern" "$file" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "timed out waiting for '$pattern' in $file" >&2
+    return 1
+}
+
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+mib() { python3 -c 'import sys; print(f"{int(sys.argv[1]) / 1024:.1f}")' "$1"; }
+
+# Starts a mock and a tollgate for phase $1 with run idle timeout $2; sets
+# $tollgate_pid, $agent and $admin.
+start() {
+    local name=$1 idle=$2 dir=$work/$1
+    mkdir -p "$dir"
+    "$bin/examples/mock_upstream" --listen 127.0.0.1:0 --threads 1 \
+        >"$dir/mock.out" 2>"$dir/mock.err" &
+    pids+=($!)
+    local mock_addr
+    mock_addr=$(wait_line "$dir/mock.out" '^127\.')
+    cat >"$dir/tollgate.toml" <<EOF
+[server]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[routes]]
+name = "openai"
+prefix = "/openai"
+upstream = "http://$mock_addr"
+kind = "openai"
+
+[pricing]
+files = ["$root/config/pricing.toml"]
+
+[budget]
+default_run_usd = 100000.0
+max_run_usd = 100000.0
+
+[runs]
+idle_timeout_secs = $idle
+
+[ledger]
+path = "$dir/ledger.db"
+EOF
+    "$tollgate_bin" --config "$dir/tollgate.toml" >"$dir/tollgate.log" 2>"$dir/tollgate.err" &
+    tollgate_pid=$!
+    pids+=($tollgate_pid)
+    local line
+    line=$(wait_line "$dir/tollgate.log" '"tollgate listening"')
+    agent=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["agent"])' "$line")
+    admin=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["admin"])' "$line")
+}
+
+metric() {
+    python3 - "http://$admin/metrics" "$1" <<'EOF'
+import sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()
+print(next((l.split()[-1] for l in text.splitlines() if l.startswith(sys.argv[2] + " ")), "?"))
+EOF
+}
+
+# Client connections open on the agent port.
+client_connections() {
+    local port=${agent##*:}
+    ss -Htn state established "( sport = :$port )" | wc -l
+}
+
+phase_runs() {
+    echo "== runs: $RUNS runs, then $STREAMS open streams" >&2
+    start runs 86400
+    local url="http://$agent/openai/v1/chat/completions"
+    local at_start
+    at_start=$(rss_kib "$tollgate_pid")
+    timeout 600 "$bin/examples/loadgen" --url "$url" --connections 32 \
+        --requests "$RUNS" --duration-secs 300 --warmup-secs 0 \
+        --header 'x-agent-run-id: mem-{conn}-{seq}' >"$work/runs.json"
+    local after_runs active
+    after_runs=$(rss_kib "$tollgate_pid")
+    active=$(metric agent_active_runs)
+    # Each stream gets its first event, then the mock waits 10 minutes.
+    timeout 120 "$bin/examples/loadgen" --url "$url" --connections "$STREAMS" \
+        --duration-secs 60 --warmup-secs 0 --timeout-secs 90 --grace-secs 0 \
+        --stream --include-usage --header 'x-mock-chunk-delay-us: 600000000' \
+        --header 'x-agent-run-id: held-{conn}' >/dev/null &
+    local held=$! open=0 i
+    for i in $(seq 300); do
+        open=$(client_connections)
+        ((open >= STREAMS)) && break
+        sleep 0.2
+    done
+    sleep 2 # the streams' first events are through
+    open=$(client_connections)
+    local with_streams
+    with_streams=$(rss_kib "$tollgate_pid")
+    kill "$held" 2>/dev/null || true
+    wait "$held" 2>/dev/null || true
+    python3 - "$work/runs.json" <<EOF
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"calls sent: {r['requests']} ({r['rps']:.0f}/s), errors {r['errors']}, non-2xx {r['non_2xx']}")
+EOF
+    echo "| point | tollgate RSS MiB |"
+    echo "|---|---:|"
+    echo "| after start | $(mib "$at_start") |"
+    echo "| $RUNS runs tracked (agent_active_runs $active) | $(mib "$after_runs") |"
+    echo "| and $open streams open | $(mib "$with_streams") |"
+}
+
+phase_soak() {
+    echo "== soak: $SOAK_SECS s at $JSON_RATE json + $STREAM_RATE stream calls/s" >&2
+    start soak 30
+    local url="http://$agent/openai/v1/chat/completions"
+    timeout $((SOAK_SECS + 60)) "$bin/examples/loadgen" --url "$url" --connections 32 \
+        --rate "$JSON_RATE" --duration-secs "$SOAK_SECS" --warmup-secs 0 \
+        --header 'x-agent-run-id: soak-{conn}-{seq}' >"$work/soak-json.json" &
+    local json_load=$!
+    timeout $((SOAK_SECS + 60)) "$bin/examples/loadgen" --url "$url" --connections 16 \
+        --rate "$STREAM_RATE" --duration-secs "$SOAK_SECS" --warmup-secs 0 --stream \
+        --header 'x-agent-run-id: soak-stream-{conn}-{seq}' >"$work/soak-stream.json" &
+    local stream_load=$!
+    : >"$work/samples"
+    local t
+    for ((t = 10; t <= SOAK_SECS; t += 10)); do
+        sleep 10
+        echo "$t $(rss_kib "$tollgate_pid")" >>"$work/samples"
+    done
+    wait "$json_load" "$stream_load" || true
+    python3 - "$work/samples" "$work/soak-json.json" "$work/soak-stream.json" <<'EOF'
+import json, sys
+samples = [tuple(map(int, l.split())) for l in open(sys.argv[1]) if l.strip()]
+for path in sys.argv[2:]:
+    r = json.load(open(path))
+    print(f"{r['mode']}: {r['requests']} calls ({r['rps']:.1f}/s), errors {r['errors']}, "
+          f"non-2xx {r['non_2xx']}, late sends {r['late_sends']}")
+print("RSS samples (s: MiB): " + ", ".join(f"{t}: {k / 1024:.1f}" for t, k in samples))
+first = [k for t, k in samples if t <= 60]
+last = [k for t, k in samples if t > samples[-1][0] - 60]
+mean = lambda xs: sum(xs) / len(xs) / 1024
+minutes = {}
+for t, k in samples:
+    minutes.setdefault((t - 1) // 60, []).append(k)
+print("mean per minute (MiB): " + ", ".join(f"{m + 1}: {mean(ks):.1f}" for m, ks in sorted(minutes.items())))
+print(f"first minute mean {mean(first):.1f} MiB, last minute mean {mean(last):.1f} MiB, "
+      f"change {mean(last) - mean(first):+.1f} MiB ({(mean(last) / mean(first) - 1) * 100:+.1f} %); "
+      f"max {max(k for _, k in samples) / 1024:.1f} MiB")
+EOF
+}
+
+echo "load average at the start: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+for phase in $PHASES; do
+    "phase_$phase"
+done
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
