@@ -11,13 +11,15 @@
 //! - on drop before any of these: the client went away.
 //!
 //! Frames that are already in the process join the frame being handed over
-//! (see [`Held`]): hyper's client passes the upstream body one chunk at a
+//! (see `Held`): hyper's client passes the upstream body one chunk at a
 //! time through a channel of one slot, and forwarding each chunk alone costs
 //! a `writev` and a wake-up of the client per SSE event (38 of them for a
 //! short chat stream). Before handing data over, the body yields to the
-//! runtime once; the upstream connection's task, woken by the read, delivers
-//! what it has already received, and the data goes out together as soon as
-//! a turn brings nothing new. A chunk is never held waiting for the network.
+//! runtime: the upstream connection's task, woken by the read, delivers what
+//! it has already received, and the data goes out together once
+//! `MAX_IDLE_YIELDS` turns in a row bring nothing new (one turn is not
+//! always enough: the woken task may sit behind this one in the run queue).
+//! A chunk is never held waiting for the network.
 
 use std::future::Future;
 use std::pin::Pin;

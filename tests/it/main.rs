@@ -5,6 +5,7 @@ mod support;
 
 mod api;
 mod budget;
+mod coalescing;
 mod drain;
 mod errors;
 mod faults;
