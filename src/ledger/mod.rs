@@ -421,8 +421,9 @@ impl Ledger {
 
     /// Runs that were live within `idle_ms` of `now_ms` and have no end
     /// record: their spend goes back into the budgets after a restart.
-    /// With PostgreSQL unreachable at start this logs a warning and returns
-    /// none: serving goes on, those runs start from zero.
+    /// With PostgreSQL unreachable (WARN) or refusing (ERROR: schema,
+    /// permissions) at start this logs and returns none: serving goes on,
+    /// those runs start from zero.
     pub fn runs_to_restore(
         &self,
         now_ms: u64,
@@ -444,9 +445,16 @@ impl Ledger {
                 };
                 match postgres::restore_through_writer(&tx, since_ms) {
                     Ok(runs) => Ok(runs),
-                    Err(error) => {
+                    Err(error @ LedgerError::Unavailable(_)) => {
                         tracing::warn!(
-                            message = "PostgreSQL ledger unreachable at start: live runs' spend not restored",
+                            message = "PostgreSQL ledger unreachable at start: live runs' spend not restored; records are buffered until it is reachable",
+                            %error
+                        );
+                        Ok(Vec::new())
+                    }
+                    Err(error) => {
+                        tracing::error!(
+                            message = "PostgreSQL ledger refused at start (check the schema and the role's permissions): live runs' spend not restored; records are buffered and retried",
                             %error
                         );
                         Ok(Vec::new())

@@ -323,9 +323,21 @@ impl WriteError {
             Some(db) => {
                 WriteError::Rejected(format!("{} (SQLSTATE {})", db.message(), db.code().code()))
             }
-            None => WriteError::Unreachable(error.to_string()),
+            None => WriteError::Unreachable(describe(error)),
         }
     }
+}
+
+/// An error with its causes ("error connecting to server: Connection
+/// refused"): tokio-postgres keeps the cause out of its own message.
+fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
 }
 
 /// An outage in progress: since when, and when it was last logged.
@@ -785,7 +797,7 @@ pub(super) async fn rows(
 ) -> Result<Vec<Row>, LedgerError> {
     let failed = |e: tokio_postgres::Error| match e.as_db_error() {
         Some(_) => LedgerError::Query(e.to_string()),
-        None => LedgerError::Unavailable(e.to_string()),
+        None => LedgerError::Unavailable(describe(&e)),
     };
     let client = pool.get().await.map_err(|e| match e {
         deadpool_postgres::PoolError::Backend(e) => failed(e),

@@ -511,3 +511,40 @@ async fn an_unreachable_postgres_at_start_is_not_fatal() {
     assert_eq!(pg.sql("SELECT COUNT(*) FROM schema_migrations"), "1");
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_role_that_may_not_create_the_tables_is_logged_clearly_and_calls_go_on() {
+    let Some(pg) = PostgresServer::start(
+        "a_role_that_may_not_create_the_tables_is_logged_clearly_and_calls_go_on",
+    ) else {
+        return;
+    };
+    pg.sql("CREATE ROLE nocreate LOGIN");
+    let upstream = MockUpstream::start(|_| MockReply::json(200, USAGE_BODY)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = binary_config_on(dir.path(), &upstream.url(), &pg, "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("postgres://tollgate@", "postgres://nocreate@");
+    std::fs::write(&config, text).unwrap();
+    let mut process = start_binary(&config);
+    assert_eq!(call(&process.agent, "denied", "denied").await, 200);
+    let logs = process.logs.clone();
+    let deadline = Instant::now() + DEADLINE;
+    while !logs.lock().unwrap().iter().any(|line| {
+        line.contains("\"ERROR\"")
+            && line.contains("permissions")
+            && line.contains("SQLSTATE 42501")
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the refusal was not logged at ERROR"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SIGKILL: on SIGTERM the writer would first retry the records it
+    // cannot write for 15 s.
+    let pid = process.child.id().to_string();
+    let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    let _ = process.child.wait();
+}
