@@ -18,8 +18,8 @@ use crate::money::Money;
 use crate::pricing::{PriceTable, UnknownModel};
 use crate::proxy::request::RequestInfo;
 use crate::proxy::upstream::{build_client, UpstreamClient};
-use crate::usage::Usage;
 use crate::state_backend::SharedState;
+use crate::usage::Usage;
 
 /// How many distinct unpriced model names are remembered for log-once.
 const MAX_UNPRICED_REMEMBERED: usize = 10_000;
@@ -31,10 +31,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The ledger; `None` with `ledger.enabled = false`.
     pub ledger: Option<Arc<Ledger>>,
-    pub client: UpstreamClient,
     /// Run and window spend shared with other replicas (`[state] backend =
     /// "redis"`); `None` with the memory backend.
     pub shared: Option<Arc<SharedState>>,
+    pub client: UpstreamClient,
     pub clock: Arc<dyn Clock>,
     /// The file the config came from, for reloads.
     pub config_path: Option<PathBuf>,
@@ -52,9 +52,9 @@ pub enum StartError {
     Budget(Vec<String>),
     #[error("{0}")]
     Ledger(#[from] crate::ledger::LedgerError),
-}
     #[error("state: {0}")]
     State(String),
+}
 
 impl AppState {
     pub fn new(
@@ -70,7 +70,6 @@ impl AppState {
             None => None,
         };
         let sink = run_end_sink(metrics.clone(), ledger.clone());
-        let budgets = Arc::new(Budgets::new(
         let shared = SharedState::from_config(
             &config.raw.state,
             metrics.clone(),
@@ -80,7 +79,11 @@ impl AppState {
         .map_err(StartError::State)?;
         // With a shared state the claimer of a run's end emits it, from the
         // fleet's figures; local ends only drop the local copy.
-        let sink = shared.as_ref().map_or(sink, SharedState::local_end_sink);
+        let sink = match shared {
+            Some(_) => SharedState::local_end_sink(),
+            None => sink,
+        };
+        let budgets = Arc::new(Budgets::new(
             policy,
             config.raw.runs.clone(),
             clock.clone(),
@@ -108,8 +111,8 @@ impl AppState {
             budgets,
             metrics,
             ledger,
-            client,
             shared,
+            client,
             clock,
             config_path,
             unpriced_seen: Mutex::new(HashSet::new()),

@@ -1079,8 +1079,10 @@ pub struct SharedView {
     pub ceiling: Money,
 }
 
-/// Called once when the call settles: cost, kind, failed. Must not block.
-pub type SharedSettle = Box<dyn FnOnce(Money, CostKind, bool) + Send + Sync>;
+/// Called once when the call settles: cost, kind, failed, and the run's end
+/// when the call carried one. Must not block.
+pub type SharedSettle =
+    Box<dyn FnOnce(Money, CostKind, bool, Option<(RunStatus, Option<String>)>) + Send + Sync>;
 
 /// A call's admission in the shared state store, attached to its local
 /// [`Admission`] with [`Admission::attach_shared`].
@@ -1195,7 +1197,7 @@ impl Admission {
         // Before the local settle, which may end the run: the shared store
         // must see this call's cost before the run's end.
         if let Some(ticket) = self.global.take() {
-            (ticket.settle)(cost, kind, failed);
+            (ticket.settle)(cost, kind, failed, end_run.clone());
         }
         self.shared.finish_call(
             self.run.as_ref(),
@@ -1216,7 +1218,7 @@ impl Drop for Admission {
         }
         self.done = true;
         if let Some(ticket) = self.global.take() {
-            (ticket.settle)(self.reservation, self.kind, false);
+            (ticket.settle)(self.reservation, self.kind, false, None);
         }
         self.shared.finish_call(
             self.run.as_ref(),

@@ -337,7 +337,7 @@ fn a_withdrawn_admission_charges_nothing_and_a_shared_ticket_settles_first() {
             reserved: m("0.03"),
             ceiling: m("0.2"),
         }),
-        settle: Box::new(move |cost, kind, failed| {
+        settle: Box::new(move |cost, kind, failed, _end| {
             seen.lock().expect("seen").push((cost, kind, failed))
         }),
     });

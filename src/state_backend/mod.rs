@@ -20,13 +20,16 @@
 //! 2. **settle** — settling the admission (explicitly or on drop) never
 //!    waits: it hands a job to the one settle worker through a bounded
 //!    channel (full: the job goes to the reconcile queue). The worker runs
-//!    SETTLE (one round trip); a failure moves the job to the reconcile queue.
-//! 3. **run end** — local explicit ends (run-status header, finish API) are
-//!    queued to the same worker behind the settle of their call, which runs
-//!    END: the replica whose END claims the run (the script deletes it)
-//!    emits its [`RunEnd`] built from the fleet's figures. Local idle ends and
-//!    evictions only drop the local copy; every replica's sweeper runs SWEEP,
-//!    which claims runs idle fleet-wide, each by exactly one replica.
+//!    SETTLE (one round trip per call; the settles waiting at one time are
+//!    sent together, pipelined on the connection); a failure moves the job
+//!    to the reconcile queue.
+//! 3. **run end** — a call carrying the run-status header ends its run in
+//!    the worker right after its own SETTLE: END claims that incarnation
+//!    (the script deletes it), and the replica whose END claimed it emits
+//!    its [`RunEnd`] built from the fleet's figures. The finish API claims
+//!    directly. Local ends only drop the local copy; every replica's sweeper
+//!    runs SWEEP, which claims runs idle fleet-wide, each by exactly one
+//!    replica.
 //! 4. **reconcile** — a bounded queue of settlements (and ends) that did not
 //!    reach Redis, retried in order by a background task as soon as Redis
 //!    answers; recovery needs no restart. A job whose SETTLE reached Redis
@@ -55,6 +58,8 @@ use self::redis::{IdleBounds, RedisStore, Reserved, RunFields, SettleArgs};
 /// Jobs waiting for the settle worker before new ones go to the reconcile
 /// queue instead.
 const SETTLE_CHANNEL: usize = 8192;
+/// Jobs the settle worker sends to Redis together.
+const WORKER_BATCH: usize = 256;
 /// Jobs the reconcile queue holds; past it new ones are dropped and counted.
 const RECONCILE_CAPACITY: usize = 100_000;
 /// Runs one SWEEP claims at most.
@@ -139,12 +144,19 @@ struct SettleJob {
     now_ms: u64,
     /// Retried after a failure (or never reserved): RECONCILE semantics.
     reconcile: bool,
+    /// The call carried the run's end.
+    end: Option<(RunStatus, Option<String>)>,
 }
 
+/// The end a call's run-status header asked for, claimed after its settle.
 #[derive(Debug)]
 struct EndJob {
-    /// The local end: status, stop reason and run id of the claim.
-    local: RunEnd,
+    run_id: String,
+    /// The incarnation the call belonged to; `None` when admitted without
+    /// the store (any incarnation).
+    gen: Option<u64>,
+    status: RunStatus,
+    stop_reason: Option<String>,
 }
 
 #[derive(Debug)]
@@ -242,19 +254,12 @@ impl SharedState {
         self.on_error
     }
 
-    /// Wraps the sink of local run ends: explicit ends are claimed in Redis
-    /// (after the settle of their call) and emitted by the claimer; local
-    /// idle ends and evictions are dropped, the shared sweep ends those runs.
-    pub fn local_end_sink(self: &Arc<Self>) -> RunEndSink {
-        let shared = Arc::downgrade(self);
-        Arc::new(move |end: RunEnd| {
-            if !end.explicit {
-                return;
-            }
-            if let Some(shared) = shared.upgrade() {
-                shared.enqueue(Job::End(EndJob { local: end }));
-            }
-        })
+    /// The sink for the local budgets' run ends: with a shared state they
+    /// only drop the local copy. Explicit ends are claimed in Redis by the
+    /// call that carried them (after its settle) or by the finish API, idle
+    /// runs by the shared sweep; the claimer emits the end.
+    pub fn local_end_sink() -> RunEndSink {
+        Arc::new(|_: RunEnd| {})
     }
 
     /// Tells whether Redis answers (logged at start; not fatal).
@@ -285,7 +290,7 @@ impl SharedState {
             // Nothing shared to check or charge: no round trip.
             return Ok(SharedAdmit::Admitted(SharedTicket {
                 view: None,
-                settle: Box::new(|_, _, _| {}),
+                settle: Box::new(|_, _, _, _| {}),
             }));
         }
         let caps: Vec<_> = policy
@@ -406,7 +411,7 @@ impl SharedState {
         let call = Arc::new(keys);
         SharedTicket {
             view,
-            settle: Box::new(move |cost, kind, failed| {
+            settle: Box::new(move |cost, kind, failed, end| {
                 let now_ms = shared.clock.now_ms();
                 shared.enqueue(Job::Settle(SettleJob {
                     call,
@@ -417,6 +422,7 @@ impl SharedState {
                     failed,
                     now_ms,
                     reconcile: gen.is_none(),
+                    end,
                 }));
             }),
         }
@@ -547,19 +553,36 @@ impl SharedState {
                     windows: &call.windows,
                 };
                 let op = if settle.reconcile { Op::Reconcile } else { op };
-                self.observe(op, self.store.settle(&args).await).map(drop)
+                self.observe(op, self.store.settle(&args).await)?;
+                if let (Some((status, reason)), Some(run_id)) = (&settle.end, &call.run_id) {
+                    let end = Job::End(EndJob {
+                        run_id: run_id.clone(),
+                        gen: settle.gen,
+                        status: *status,
+                        stop_reason: reason.clone(),
+                    });
+                    // The settle is done: only the end is retried.
+                    if Box::pin(self.run_job(&end, op)).await.is_err() {
+                        self.push_reconcile(end);
+                    }
+                }
+                Ok(())
             }
             Job::End(end) => {
                 let now_ms = self.clock.now_ms();
                 let op = if op == Op::Reconcile { op } else { Op::End };
                 let claimed =
-                    self.observe(op, self.store.end(&end.local.run_id, now_ms, None).await)?;
+                    self.observe(op, self.store.end(&end.run_id, now_ms, None, end.gen).await)?;
                 if let Some(fields) = claimed {
-                    let claim = Claim::Explicit {
-                        status: end.local.status,
-                        stop_reason: end.local.stop_reason.clone(),
+                    let stop_reason = match end.stop_reason.as_deref().filter(|r| !r.is_empty()) {
+                        Some(reason) => reason.to_string(),
+                        None => default_stop_reason(end.status, &fields),
                     };
-                    (self.emit)(run_end(&end.local.run_id, &fields, claim, now_ms));
+                    let claim = Claim::Explicit {
+                        status: end.status,
+                        stop_reason,
+                    };
+                    (self.emit)(run_end(&end.run_id, &fields, claim, now_ms));
                 }
                 Ok(())
             }
@@ -575,7 +598,7 @@ impl SharedState {
         stop_reason: Option<&str>,
     ) -> Result<bool, StateError> {
         let now_ms = self.clock.now_ms();
-        let claimed = self.observe(Op::End, self.store.end(run_id, now_ms, None).await)?;
+        let claimed = self.observe(Op::End, self.store.end(run_id, now_ms, None, None).await)?;
         let Some(fields) = claimed else {
             return Ok(false);
         };
@@ -630,18 +653,23 @@ impl SharedState {
             let shared = Arc::clone(self);
             let mut stop = stop.clone();
             tokio::spawn(async move {
+                let mut batch = Vec::with_capacity(WORKER_BATCH);
                 loop {
-                    let job = tokio::select! {
-                        job = jobs.recv() => job,
+                    let received = tokio::select! {
+                        n = jobs.recv_many(&mut batch, WORKER_BATCH) => n,
                         _ = stop.wait_for(|s| *s) => break,
                     };
-                    let Some(job) = job else { break };
-                    shared.work(job).await;
+                    if received == 0 {
+                        break;
+                    }
+                    shared.work(std::mem::take(&mut batch)).await;
                 }
                 // Settles that arrived before the stop still go out.
+                let mut rest = Vec::new();
                 while let Ok(job) = jobs.try_recv() {
-                    shared.work(job).await;
+                    rest.push(job);
                 }
+                shared.work(rest).await;
             })
         };
         let reconciler = {
@@ -662,13 +690,22 @@ impl SharedState {
         vec![worker, reconciler]
     }
 
-    async fn work(&self, job: Job) {
-        let op = match &job {
-            Job::Settle(_) => Op::Settle,
-            Job::End(_) => Op::End,
-        };
-        if self.run_job(&job, op).await.is_err() {
-            self.push_reconcile(job);
+    /// Runs a batch of settles together (pipelined on the one connection;
+    /// settles commute, and a run's end follows its own call's settle
+    /// inside that job).
+    async fn work(&self, jobs: Vec<Job>) {
+        let results = futures_util::future::join_all(jobs.iter().map(|job| {
+            let op = match job {
+                Job::Settle(_) => Op::Settle,
+                Job::End(_) => Op::End,
+            };
+            self.run_job(job, op)
+        }))
+        .await;
+        for (job, result) in jobs.into_iter().zip(results) {
+            if result.is_err() {
+                self.push_reconcile(job);
+            }
         }
     }
 

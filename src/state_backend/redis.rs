@@ -271,12 +271,14 @@ impl RedisStore {
         text(&self.invoke(&invocation).await?)
     }
 
-    /// Claims one run (explicit end, or idle with `idle`'s bounds).
+    /// Claims one run (explicit end, or idle with `idle`'s bounds); with
+    /// `gen`, only that incarnation of it.
     pub(crate) async fn end(
         &self,
         run_id: &str,
         now_ms: u64,
         idle: Option<IdleBounds>,
+        gen: Option<u64>,
     ) -> Result<Option<RunFields>, StateError> {
         let bounds = idle.unwrap_or(IdleBounds {
             idle_before: 0,
@@ -290,7 +292,8 @@ impl RedisStore {
             .arg(if idle.is_some() { "idle" } else { "explicit" })
             .arg(now_ms)
             .arg(bounds.idle_before)
-            .arg(bounds.stuck_before);
+            .arg(bounds.stuck_before)
+            .arg(gen.map_or(String::new(), |g| g.to_string()));
         match self.invoke(&invocation).await? {
             Value::Nil => Ok(None),
             fields => Ok(Some(pairs(fields)?)),
