@@ -1,5 +1,5 @@
 //! The ledger: one record per metered call and one per ended run, in an
-//! embedded SQLite file (WAL mode, [`sqlite`]) or in a PostgreSQL database
+//! embedded SQLite file (WAL mode, `sqlite.rs`) or in a PostgreSQL database
 //! that several replicas share ([`postgres`]).
 //!
 //! # Flow
