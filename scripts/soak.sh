@@ -5,9 +5,10 @@
 #
 # Builds release, starts examples/mock_upstream and target/release/tollgate
 # (generated config, both on port 0; addresses read from the mock's first
-# stdout line and tollgate's "tollgate listening" log line) with a ledger
-# and upstream_response_timeout_ms = 1000, and drives, at RATE requests/s for
-# DURATION seconds (python3, stdlib only), a fixed interleaving of:
+# stdout line and tollgate's "tollgate listening" log line) with a ledger,
+# upstream_response_timeout_ms = 1000 and runs.idle_timeout_secs = 30, and
+# drives, at RATE requests/s for DURATION seconds (python3, stdlib only), a
+# fixed interleaving of:
 #   json 34%        non-streaming chat completion                 200
 #   stream 18%      streamed, asking for usage                    200
 #   inject 8%       streamed, not asking (usage injected, stripped) 200
@@ -133,6 +134,12 @@ path = "$work/ledger.db"
 
 [limits]
 upstream_response_timeout_ms = 1000
+
+# Runs end 30 s after their last call and leave memory, so run state reaches
+# its steady size within the first minute (the budget mix opens a run per
+# call) and the RSS comparison measures leaks, not the run table filling.
+[runs]
+idle_timeout_secs = 30
 EOF
 
 "$bin/tollgate" --config "$work/tollgate.toml" >"$work/tollgate.log" 2>"$work/tollgate.err" &
