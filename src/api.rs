@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::admin::json as json_response;
-use crate::budget::{civil_from_days, days_from_civil, Budgets, RunSnapshot};
+use crate::budget::{civil_from_days, days_from_civil, RunSnapshot};
 use crate::ledger::query::{
     self, CallAggregate, CallRow, EndedRun, RunFilter, RunSort, SegmentKey, SegmentValues, Tokens,
     Window,
@@ -575,9 +575,8 @@ async fn run_detail(state: &AppState, run_id: &str, query: Option<&str>) -> ApiR
             ))
         })?),
     };
-    let live = state
-        .budgets
-        .run_snapshot(run_id)
+    let live = live_snapshot(state, run_id)
+        .await
         .filter(|run| started_ms.is_none_or(|s| s == run.started_ms));
     let Some(ledger) = state.ledger.clone() else {
         return match live {
@@ -648,9 +647,21 @@ fn sort_key_cmp(sort: RunSort, a: &Summary, b: &Summary) -> std::cmp::Ordering {
 }
 
 /// Live runs matching the filter, with their call totals from the ledger.
+/// A live run: the fleet's figures with a shared state backend (this
+/// replica's own if the backend does not answer: the failure is counted and
+/// logged there), else this replica's.
+async fn live_snapshot(state: &AppState, run_id: &str) -> Option<RunSnapshot> {
+    if let Some(shared) = &state.shared {
+        if let Ok(run) = shared.run_snapshot(run_id).await {
+            return run;
+        }
+    }
+    state.budgets.run_snapshot(run_id)
+}
+
 async fn live_runs(
     reader: &Reader,
-    budgets: &Budgets,
+    state: &AppState,
     filter: &RunFilter,
     recent_ms: u64,
 ) -> Result<Vec<Summary>, ApiError> {
@@ -659,7 +670,7 @@ async fn live_runs(
         .map_err(ledger_error)?;
     let mut out = Vec::new();
     for id in candidates {
-        let Some(run) = budgets.run_snapshot(&id) else {
+        let Some(run) = live_snapshot(state, &id).await else {
             continue;
         };
         let keep = filter.release.as_ref().is_none_or(|r| *r == run.release)
@@ -746,7 +757,7 @@ async fn runs_list(state: &AppState, query: Option<&str>) -> ApiResult {
     let recent_ms = now_ms.saturating_sub(idle_ms.saturating_add(LIVE_LOOKBACK_MS));
     let reader = ledger.reader();
     let live = if want_live {
-        live_runs(reader, &budgets, &filter, recent_ms).await?
+        live_runs(reader, state, &filter, recent_ms).await?
     } else {
         Vec::new()
     };

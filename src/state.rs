@@ -89,9 +89,13 @@ impl AppState {
             clock.clone(),
             sink,
         ));
-        if let Some(ledger) = &ledger {
+        if shared.is_some() {
+            budgets.leave_limits_to_fleet();
+        }
+        if let (Some(ledger), None) = (&ledger, &shared) {
             // A run cannot escape its ceiling by a restart: live runs get
-            // their spend back from the ledger.
+            // their spend back from the ledger (with a shared state backend
+            // the fleet's spend is in the backend).
             let idle_ms = config.raw.runs.idle_timeout_secs.saturating_mul(1000);
             let runs = ledger.runs_to_restore(clock.now_ms(), idle_ms)?;
             if !runs.is_empty() {

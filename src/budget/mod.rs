@@ -63,7 +63,7 @@ mod run;
 mod tests;
 mod window;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -310,6 +310,10 @@ struct Shared {
     clock: Arc<dyn Clock>,
     sink: RunEndSink,
     counters: Counters,
+    /// False when a shared state backend enforces ceilings and window caps
+    /// for the fleet: this replica's view may be stale (a run ended and
+    /// restarted elsewhere), so it must not refuse on it.
+    enforces_limits: AtomicBool,
 }
 
 /// Distinct labels interned; beyond this each run allocates its own copy.
@@ -369,6 +373,7 @@ impl Budgets {
                 clock,
                 sink,
                 counters: Counters::default(),
+                enforces_limits: AtomicBool::new(true),
             }),
         }
     }
@@ -414,6 +419,13 @@ impl Budgets {
         Arc::clone(&self.shared.active.load().policy)
     }
 
+    /// Leaves ceilings and window caps to a shared state backend: from now on
+    /// [`Budgets::admit`] only registers calls (flags, in-flight counts,
+    /// reservations) and never refuses; the fleet-wide check refuses instead.
+    pub fn leave_limits_to_fleet(&self) {
+        self.shared.enforces_limits.store(false, Ordering::Release);
+    }
+
     /// Checks the run ceiling and the window caps, registers the call
     /// (starting its run on the first call) and holds its reservation.
     pub fn admit(&self, call: &CallRequest<'_>) -> Result<Admission, Refusal> {
@@ -421,6 +433,7 @@ impl Budgets {
         let active = shared.active.load_full();
         let policy = &active.policy;
         let now = shared.clock.now_ms();
+        let enforce = shared.enforces_limits.load(Ordering::Acquire);
 
         let mut windows = Vec::new();
         let mut window_refusal = None;
@@ -429,7 +442,7 @@ impl Budgets {
                 continue;
             }
             let spent = slot.spent(now);
-            if spent >= cap.limit && window_refusal.is_none() {
+            if enforce && spent >= cap.limit && window_refusal.is_none() {
                 window_refusal = Some(Refusal {
                     scope: RefusalScope::Window,
                     run_id: call.run_id.map(str::to_string),
@@ -482,15 +495,16 @@ impl Budgets {
                 return Err(refusal);
             }
             let spent = g.spent();
-            let refuse = match policy.mode {
-                BudgetMode::Reserve => {
-                    spent
-                        .saturating_add(g.reserved)
-                        .saturating_add(call.reservation)
-                        > g.ceiling
-                }
-                BudgetMode::Soft => spent >= g.ceiling,
-            };
+            let refuse = enforce
+                && match policy.mode {
+                    BudgetMode::Reserve => {
+                        spent
+                            .saturating_add(g.reserved)
+                            .saturating_add(call.reservation)
+                            > g.ceiling
+                    }
+                    BudgetMode::Soft => spent >= g.ceiling,
+                };
             if refuse {
                 g.refusals = g.refusals.saturating_add(1);
                 let refusal = Refusal {

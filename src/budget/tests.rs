@@ -351,3 +351,36 @@ fn a_withdrawn_admission_charges_nothing_and_a_shared_ticket_settles_first() {
         vec![(m("0.01"), CostKind::Llm, false)]
     );
 }
+
+#[test]
+fn with_limits_left_to_the_fleet_a_replica_never_refuses_on_its_own_view() {
+    let budgets = Budgets::new(
+        BudgetPolicy::default(),
+        RunsConfig::default(),
+        Arc::new(ManualClock::new(1_000)),
+        Arc::new(|_| {}),
+    );
+    let call = CallRequest {
+        run_id: Some("r1"),
+        release: "v1",
+        request_type: "default",
+        model: Some("gpt-4.1"),
+        tool: None,
+        route: "openai",
+        budget_header: Some(m("0.01")),
+        reservation: m("0.01"),
+        sdk_retry_count: None,
+        body_hash: None,
+    };
+    // Locally the run has spent its whole ceiling…
+    budgets
+        .admit(&call)
+        .expect("first call fits")
+        .settle(m("0.01"), CostKind::Llm, false, None);
+    assert!(budgets.admit(&call).is_err(), "refused on the local view");
+    // …but with a shared state backend only the fleet-wide check refuses.
+    budgets.leave_limits_to_fleet();
+    let admission = budgets.admit(&call).expect("not refused locally");
+    assert_eq!(admission.reservation(), m("0.01"));
+    admission.withdraw(None);
+}

@@ -363,6 +363,10 @@ struct Writer {
 
 impl Writer {
     async fn run(mut self, mut rx: UnboundedReceiver<Entry>) {
+        // Migrate at once so the API's reads find the tables before the
+        // first write. If PostgreSQL does not answer yet (or refuses), the
+        // first write tries again and reports why.
+        let _ = self.client().await;
         let mut open = true;
         let mut closed_at: Option<Instant> = None;
         // When the oldest queued record is due to be written.
@@ -796,7 +800,8 @@ pub(super) async fn rows(
     params: &[Param],
 ) -> Result<Vec<Row>, LedgerError> {
     let failed = |e: tokio_postgres::Error| match e.as_db_error() {
-        Some(_) => LedgerError::Query(e.to_string()),
+        // The server's message and SQLSTATE (the error's own text is only "db error").
+        Some(db) => LedgerError::Query(format!("{} ({})", db.message(), db.code().code())),
         None => LedgerError::Unavailable(describe(&e)),
     };
     let client = pool.get().await.map_err(|e| match e {

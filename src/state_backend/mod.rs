@@ -47,7 +47,8 @@ use tokio::time::Instant;
 
 use crate::budget::{
     period_id, BudgetMode, BudgetPolicy, CallFlags, CallRequest, Clock, CostKind, Refusal,
-    RefusalScope, RunEnd, RunEndSink, RunStatus, SharedTicket, SharedView, WindowPeriod,
+    RefusalScope, RunEnd, RunEndSink, RunSnapshot, RunStatus, SharedTicket, SharedView,
+    WindowPeriod,
 };
 use crate::config::{OnStateError, StateConfig};
 use crate::metrics::{Metrics, StateErrorLabels, StateOpLabel};
@@ -96,10 +97,18 @@ enum Op {
     End,
     Sweep,
     Reconcile,
+    Read,
 }
 
 impl Op {
-    const ALL: [Op; 5] = [Op::Reserve, Op::Settle, Op::End, Op::Sweep, Op::Reconcile];
+    const ALL: [Op; 6] = [
+        Op::Reserve,
+        Op::Settle,
+        Op::End,
+        Op::Sweep,
+        Op::Reconcile,
+        Op::Read,
+    ];
 
     fn as_label(self) -> &'static str {
         match self {
@@ -108,6 +117,7 @@ impl Op {
             Op::End => "end",
             Op::Sweep => "sweep",
             Op::Reconcile => "reconcile",
+            Op::Read => "read",
         }
     }
 }
@@ -618,6 +628,13 @@ impl SharedState {
         Ok(true)
     }
 
+    /// A live run as the whole fleet sees it (`GET /api/runs/{id}` on any
+    /// replica): `Ok(None)` when no replica holds it live.
+    pub async fn run_snapshot(&self, run_id: &str) -> Result<Option<RunSnapshot>, StateError> {
+        let fields = self.observe(Op::Read, self.store.run_fields(run_id).await)?;
+        Ok(fields.map(|fields| run_snapshot(run_id, &fields)))
+    }
+
     /// SWEEP: claims runs idle across the fleet and emits their ends.
     /// Returns how many this replica claimed.
     pub async fn sweep(&self, idle_timeout_ms: u64) -> Result<usize, StateError> {
@@ -772,6 +789,28 @@ fn default_stop_reason(status: RunStatus, fields: &RunFields) -> String {
 }
 
 /// The fleet-wide [`RunEnd`] of a claimed run.
+fn run_snapshot(run_id: &str, fields: &RunFields) -> RunSnapshot {
+    let llm_cost = field_money(fields, "llm");
+    let tool_cost = field_money(fields, "tool");
+    RunSnapshot {
+        run_id: run_id.to_string(),
+        release: fields.get("release").cloned().unwrap_or_default(),
+        request_type: fields.get("request_type").cloned().unwrap_or_default(),
+        spent: llm_cost.saturating_add(tool_cost),
+        llm_cost,
+        tool_cost,
+        reserved: field_money(fields, "reserved"),
+        ceiling: field_money(fields, "ceiling"),
+        calls: field_u64(fields, "calls"),
+        refusals: field_u64(fields, "refusals"),
+        retries: field_u64(fields, "retries"),
+        repeated_calls: field_u64(fields, "repeated"),
+        started_ms: field_u64(fields, "started_ms"),
+        last_seen_ms: field_u64(fields, "last_seen_ms"),
+        in_flight: field_u64(fields, "in_flight"),
+    }
+}
+
 fn run_end(run_id: &str, fields: &RunFields, claim: Claim, now_ms: u64) -> RunEnd {
     let llm_cost = field_money(fields, "llm");
     let tool_cost = field_money(fields, "tool");

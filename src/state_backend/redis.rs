@@ -271,6 +271,23 @@ impl RedisStore {
         text(&self.invoke(&invocation).await?)
     }
 
+    /// A run's fields (HGETALL), `None` when no replica holds it live.
+    pub(crate) async fn run_fields(&self, run_id: &str) -> Result<Option<RunFields>, StateError> {
+        let key = self.run_key(run_id);
+        let call = async {
+            let mut connection = self.connection().await?;
+            ::redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async::<RunFields>(&mut connection)
+                .await
+                .map_err(StateError::from)
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result.map(|fields| (!fields.is_empty()).then_some(fields)),
+            Err(_) => Err(StateError::Timeout(self.timeout.as_millis() as u64)),
+        }
+    }
+
     /// Claims one run (explicit end, or idle with `idle`'s bounds); with
     /// `gen`, only that incarnation of it.
     pub(crate) async fn end(

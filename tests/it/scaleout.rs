@@ -198,6 +198,17 @@ async fn three_replicas_hold_one_ceiling_one_window_and_end_a_run_once() {
     });
     assert!(Money::from_picos(redis_spend(&redis, "shared-crowd")) <= ceiling);
 
+    // While it is live, every replica reports the fleet's figures for it.
+    for replica in &replicas {
+        let (status, body) = get(format!("http://{}/api/runs/shared-crowd", replica.0.admin)).await;
+        assert_eq!(status, 200, "{body}");
+        let run: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(run["run"]["ended_at"], serde_json::Value::Null, "{body}");
+        assert_eq!(run["run"]["calls"], 5, "{body}");
+        assert_eq!(run["run"]["refusals"], 55, "{body}");
+        assert_eq!(run["run"]["cost_usd"], 0.00175, "{body}");
+    }
+
     // The run ends once: the first finish wins, the others find nothing.
     let mut finished = Vec::new();
     for replica in &replicas {
