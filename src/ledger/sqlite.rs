@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -146,6 +146,10 @@ pub(super) fn rows(
     query(conn).map_err(|e| LedgerError::Query(e.to_string()))
 }
 
+/// Longest sleep of the writer while a batch waits for its deadline: how long
+/// a full queue may hold a sender back, beyond the commit itself.
+const BATCH_NAP: Duration = Duration::from_millis(2);
+
 pub(super) fn write_loop(
     mut conn: Connection,
     rx: Receiver<Entry>,
@@ -159,34 +163,53 @@ pub(super) fn write_loop(
     let mut last_retention = Instant::now() - RETENTION_EVERY;
     let mut open = true;
     while open || !batch.is_empty() {
-        let timeout = match batch_started {
-            Some(started) => flush_interval.saturating_sub(started.elapsed()),
-            None => RETENTION_EVERY,
+        let mut commit_now = !open;
+        let mut take = |entry: Entry, batch: &mut Vec<Entry>| match entry {
+            Entry::Flush(done) => {
+                waiters.push(done);
+                true
+            }
+            entry => {
+                batch_started.get_or_insert_with(Instant::now);
+                batch.push(entry);
+                batch.len() >= MAX_BATCH
+            }
         };
-        let mut commit_now = if open {
-            match rx.recv_timeout(timeout) {
-                Ok(Entry::Flush(done)) => {
-                    waiters.push(done);
-                    true
-                }
-                Ok(entry) => {
-                    batch_started.get_or_insert_with(Instant::now);
-                    batch.push(entry);
-                    batch.len() >= MAX_BATCH
-                }
-                Err(RecvTimeoutError::Timeout) => true,
+        if open && batch.is_empty() {
+            // Nothing pending: block until the first record (one wake-up per
+            // batch) or until retention is due.
+            match rx.recv_timeout(RETENTION_EVERY) {
+                Ok(entry) => commit_now |= take(entry, &mut batch),
+                Err(RecvTimeoutError::Timeout) => commit_now = true,
                 Err(RecvTimeoutError::Disconnected) => {
                     open = false;
-                    true
+                    commit_now = true;
                 }
             }
-        } else {
-            true
-        };
+        }
+        // Take what is queued without blocking.
+        while open && !commit_now {
+            match rx.try_recv() {
+                Ok(entry) => commit_now |= take(entry, &mut batch),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    open = false;
+                    commit_now = true;
+                }
+            }
+        }
         if batch_started.is_some_and(|s| s.elapsed() >= flush_interval) {
             commit_now = true;
         }
         if !commit_now {
+            // A batch is open: wait for its deadline in short naps instead of
+            // on the channel, so the senders on the request path do not wake
+            // this thread once per record (a futex call per call, measured as
+            // the whole cost of the ledger in BENCHMARKS.md).
+            let left = batch_started.map_or(Duration::ZERO, |s| {
+                flush_interval.saturating_sub(s.elapsed())
+            });
+            std::thread::sleep(left.min(BATCH_NAP));
             continue;
         }
         if !batch.is_empty() {
