@@ -32,6 +32,7 @@ pub mod budget;
 pub mod config;
 pub mod demo;
 pub mod ledger;
+pub mod logging;
 pub mod metrics;
 pub mod money;
 pub mod pricing;

@@ -222,11 +222,7 @@ fn init_tracing(format: LogFormat, default_filter: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stdout);
     match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
+        LogFormat::Json => builder.event_format(tollgate::logging::JsonLines).init(),
         LogFormat::Text => builder.init(),
     }
 }

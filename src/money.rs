@@ -92,8 +92,16 @@ impl fmt::Display for Money {
         if frac == 0 {
             return write!(f, "{whole}");
         }
-        let digits = format!("{frac:012}");
-        write!(f, "{whole}.{}", digits.trim_end_matches('0'))
+        // Twelve digits, zero-padded on the left, trailing zeros dropped.
+        let mut digits = [b'0'; 12];
+        let mut rest = frac;
+        for digit in digits.iter_mut().rev() {
+            *digit = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        let len = 12 - digits.iter().rev().take_while(|d| **d == b'0').count();
+        let digits = std::str::from_utf8(&digits[..len]).map_err(|_| fmt::Error)?;
+        write!(f, "{whole}.{digits}")
     }
 }
 
@@ -229,6 +237,10 @@ mod tests {
         assert_eq!(m.to_header_value(), "0.000123457");
         assert_eq!(m.to_string(), "0.0001234565");
         assert_eq!(Money::parse_usd("3").unwrap().to_string(), "3");
+        for text in ["12345.5", "0.000000000001", "1.000000000001", "0.1", "7.25"] {
+            assert_eq!(Money::parse_usd(text).unwrap().to_string(), text);
+        }
+        assert_eq!(Money::MAX.to_string(), "18446744.073709551615");
         assert_eq!(Money::ZERO.to_header_value(), "0.000000000");
     }
 

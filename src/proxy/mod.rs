@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -576,12 +576,15 @@ fn apply_settled(response: &mut Response<ProxyBody>, settled: Settled) {
 
 fn set_cost_headers(response: &mut Response<ProxyBody>, run_cost: Money, remaining: Option<Money>) {
     let headers = response.headers_mut();
+    // Names built once, not parsed from the strings on every call.
+    const RUN_COST: HeaderName = HeaderName::from_static(RUN_COST_HEADER);
+    const REMAINING: HeaderName = HeaderName::from_static(BUDGET_REMAINING_HEADER);
     if let Ok(v) = HeaderValue::from_str(&run_cost.to_header_value()) {
-        headers.insert(RUN_COST_HEADER, v);
+        headers.insert(RUN_COST, v);
     }
     if let Some(remaining) = remaining {
         if let Ok(v) = HeaderValue::from_str(&remaining.to_header_value()) {
-            headers.insert(BUDGET_REMAINING_HEADER, v);
+            headers.insert(REMAINING, v);
         }
     }
 }
@@ -603,10 +606,9 @@ fn header_str(headers: &http::HeaderMap, name: http::header::HeaderName) -> Opti
 }
 
 /// Identity of a call for repeat detection: route and exact body bytes.
+/// xxh3 rather than SipHash: the body is kilobytes on every call, and a
+/// forged collision could only set a flag on the attacker's own run.
 fn hash_body(route: &str, body: &Bytes) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    route.hash(&mut hasher);
-    body.hash(&mut hasher);
-    hasher.finish()
+    use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+    xxh3_64_with_seed(body, xxh3_64(route.as_bytes()))
 }

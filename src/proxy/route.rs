@@ -34,15 +34,17 @@ pub fn check_target(
             "request target must be an absolute path".into(),
         ));
     }
-    for (i, segment) in path.split('/').enumerate().skip(1) {
-        let decoded = percent_decode_str(segment).collect::<Vec<u8>>();
-        let last = i == path.split('/').count() - 1;
+    let mut segments = path[1..].split('/').peekable();
+    while let Some(segment) = segments.next() {
+        // Borrowed unless the segment has escapes.
+        let decoded: std::borrow::Cow<'_, [u8]> = percent_decode_str(segment).into();
+        let last = segments.peek().is_none();
         if segment.is_empty() && !last {
             return Err(ProxyError::BadRequest(
                 "empty path segment (`//`) is not allowed".into(),
             ));
         }
-        if decoded == b"." || decoded == b".." {
+        if *decoded == *b"." || *decoded == *b".." {
             return Err(ProxyError::BadRequest(
                 "`.` and `..` path segments are not allowed".into(),
             ));
