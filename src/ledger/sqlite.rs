@@ -5,11 +5,11 @@
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use rusqlite::types::{Value as SqlValue, ValueRef};
-use rusqlite::{params, params_from_iter, Connection};
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{params, params_from_iter, Connection, ToSql};
 
 use super::reader::{Param, Row, Value};
 use super::{
@@ -103,11 +103,15 @@ pub(super) fn open(path: &Path) -> Result<(Connection, Connection), LedgerError>
     Ok((writer, reader))
 }
 
-fn sql_value(param: &Param) -> SqlValue {
-    match param {
-        Param::Int(Some(v)) => SqlValue::Integer(*v),
-        Param::Text(Some(v)) => SqlValue::Text(v.clone()),
-        Param::Int(None) | Param::Text(None) => SqlValue::Null,
+/// Binds a parameter without copying its text (rusqlite's `Value` would own
+/// a copy of every string of every record).
+impl ToSql for Param {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self {
+            Param::Int(Some(v)) => ValueRef::Integer(*v),
+            Param::Text(Some(v)) => ValueRef::Text(v.as_bytes()),
+            Param::Int(None) | Param::Text(None) => ValueRef::Null,
+        }))
     }
 }
 
@@ -120,7 +124,7 @@ pub(super) fn rows(
     let query = |conn: &Connection| -> rusqlite::Result<Vec<Row>> {
         let mut stmt = conn.prepare_cached(sql)?;
         let columns = stmt.column_count();
-        let mut rows = stmt.query(params_from_iter(params.iter().map(sql_value)))?;
+        let mut rows = stmt.query(params_from_iter(params))?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
             let values = (0..columns)
@@ -262,16 +266,19 @@ fn insert_sql(verb: &str, table: &str, columns: &[&str]) -> String {
 fn commit(conn: &mut Connection, batch: &[Entry]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
-        let mut call_stmt = tx.prepare_cached(&insert_sql("INSERT", "calls", &CALL_COLUMNS))?;
-        let mut run_stmt =
-            tx.prepare_cached(&insert_sql("INSERT OR REPLACE", "runs", &RUN_COLUMNS))?;
+        static INSERT_CALL: LazyLock<String> =
+            LazyLock::new(|| insert_sql("INSERT", "calls", &CALL_COLUMNS));
+        static INSERT_RUN: LazyLock<String> =
+            LazyLock::new(|| insert_sql("INSERT OR REPLACE", "runs", &RUN_COLUMNS));
+        let mut call_stmt = tx.prepare_cached(&INSERT_CALL)?;
+        let mut run_stmt = tx.prepare_cached(&INSERT_RUN)?;
         for entry in batch {
             match entry {
                 Entry::Call(c) => {
-                    call_stmt.execute(params_from_iter(call_values(c).iter().map(sql_value)))?;
+                    call_stmt.execute(params_from_iter(&call_values(c)))?;
                 }
                 Entry::Run(r) => {
-                    run_stmt.execute(params_from_iter(run_values(r).iter().map(sql_value)))?;
+                    run_stmt.execute(params_from_iter(&run_values(r)))?;
                 }
                 Entry::Flush(_) | Entry::Restore(_) => {}
             }
