@@ -53,7 +53,7 @@ redis_port=$(free_port)
 "$REDIS_SERVER" --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
     --dir "$work" >"$work/redis.log" 2>&1 &
 pids+=($!)
-for i in $(seq 100); do
+for _ in $(seq 100); do
     if python3 -c 'import socket,sys; s=socket.create_connection(("127.0.0.1",int(sys.argv[1])),0.2); s.sendall(b"PING\r\n"); assert s.recv(16).startswith(b"+PONG")' \
         "$redis_port" 2>/dev/null; then
         break

@@ -44,7 +44,7 @@ mib() { python3 -c 'import sys; print(f"{int(sys.argv[1]) / 1024:.1f}")' "$1"; }
 # Starts a mock and a tollgate for phase $1 with run idle timeout $2; sets
 # $tollgate_pid, $agent and $admin.
 start() {
-    local name=$1 idle=$2 dir=$work/$1
+    local idle=$2 dir=$work/$1
     mkdir -p "$dir"
     local mock_addr mock_pid
     start_mock "$dir" --threads 1
@@ -91,8 +91,8 @@ phase_runs() {
         --duration-secs 60 --warmup-secs 0 --timeout-secs 90 --grace-secs 0 \
         --stream --include-usage --header 'x-mock-chunk-delay-us: 600000000' \
         --header 'x-agent-run-id: held-{conn}' >/dev/null &
-    local held=$! open=0 i
-    for i in $(seq 300); do
+    local held=$! open=0 _
+    for _ in $(seq 300); do
         open=$(client_connections)
         ((open >= STREAMS)) && break
         sleep 0.2
