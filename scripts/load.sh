@@ -60,90 +60,31 @@ NO_LEDGER=${NO_LEDGER:-1}
 LOADGEN_THREADS=${LOADGEN_THREADS:-2}
 MOCK_THREADS=${MOCK_THREADS:-1}
 
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$root"
-
-work=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-load.XXXXXX")
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+harness_init load
 OUT=${OUT:-$work/results.jsonl}
-pids=()
 
-cleanup() {
-    local status=$?
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$work"
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+print_load_average "at the start"
+build_release --example loadgen
 
-echo "load average at the start: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-echo "building (release)..." >&2
-cargo build --release --quiet --bin tollgate --example mock_upstream --example loadgen
-
-bin=target/release
 tollgate_bin=${TOLLGATE:-$bin/tollgate}
-mock_out=$work/mock.out
 
-"$bin/examples/mock_upstream" --listen 127.0.0.1:0 --threads "$MOCK_THREADS" \
-    --chunk-delay-us "$CHUNK_DELAY_US" >"$mock_out" 2>"$work/mock.err" &
-pids+=($!)
-
-# Waits (at most 10 s) until file $1 has a line matching $2, prints it.
-wait_line() {
-    local file=$1 pattern=$2 i
-    for i in $(seq 100); do
-        if grep -m1 -- "$pattern" "$file" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "timed out waiting for '$pattern' in $file:" >&2
-    cat "$file" >&2 || true
-    return 1
-}
-
-mock_addr=$(wait_line "$mock_out" '^127\.')
+start_mock "$work" --threads "$MOCK_THREADS" --chunk-delay-us "$CHUNK_DELAY_US"
 echo "mock upstream on $mock_addr" >&2
 
-# Starts a tollgate instance named $1 with RUST_LOG=$2; sets $agent to its
-# bound agent address. (Not run in a subshell: the pid must reach $pids.)
+# Starts a tollgate instance named $1 with RUST_LOG=$2, the ledger on
+# unless $3 is false, binary $4 (default $tollgate_bin); sets $agent to its
+# bound agent address.
 start_tollgate() {
     local name=$1 filter=$2 ledger=${3:-true} binary=${4:-$tollgate_bin}
-    local config=$work/$1.toml log=$work/$1.log
-    cat >"$config" <<EOF
-[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[[routes]]
-name = "openai"
-prefix = "/openai"
-upstream = "http://$mock_addr"
-kind = "openai"
-
-[pricing]
-files = ["$root/config/pricing.toml"]
-
-[budget]
-default_run_usd = 100000.0
-max_run_usd = 100000.0
-
+    write_tollgate_config "$work/$name.toml" "$mock_addr" <<EOF
 [ledger]
 enabled = $ledger
 path = "$work/$name.db"
 EOF
-    RUST_LOG=$filter "$binary" --config "$config" >"$log" 2>"$work/$name.err" &
-    pids+=($!)
-    local line
-    line=$(wait_line "$log" '"tollgate listening"')
-    agent=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["agent"])' "$line")
+    start_tollgate_process "$binary" "$work/$name" "$filter"
+    agent=$tollgate_agent
 }
 
 # Starts nginx in front of the mock on a free loopback port; sets $agent.
@@ -151,7 +92,7 @@ start_nginx() {
     local dir=$work/nginx port attempt i
     mkdir -p "$dir"
     for attempt in 1 2 3; do
-        port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+        port=$(free_port)
         cat >"$dir/nginx.conf" <<EOF
 worker_processes $NGINX_WORKERS;
 user root;
@@ -203,7 +144,7 @@ EOF
 
 declare -A url pid_of
 url[direct]="http://$mock_addr/v1/chat/completions"
-pid_of[direct]=${pids[0]}
+pid_of[direct]=$mock_pid
 targets=(direct)
 if [[ $NGINX == 1 ]]; then
     start_nginx
@@ -215,26 +156,26 @@ fi
 targets+=(tollgate)
 start_tollgate tollgate info
 url[tollgate]="http://$agent/openai/v1/chat/completions"
-pid_of[tollgate]=${pids[-1]}
+pid_of[tollgate]=$tollgate_pid
 echo "tollgate on $agent" >&2
 if [[ -n ${BEFORE:-} ]]; then
     start_tollgate tollgate-before info true "$BEFORE"
     url[tollgate-before]="http://$agent/openai/v1/chat/completions"
-    pid_of[tollgate-before]=${pids[-1]}
+    pid_of[tollgate-before]=$tollgate_pid
     targets+=(tollgate-before)
     echo "tollgate-before ($BEFORE) on $agent" >&2
 fi
 if [[ $NO_LEDGER == 1 ]]; then
     start_tollgate tollgate-no-ledger info false
     url[tollgate-no-ledger]="http://$agent/openai/v1/chat/completions"
-    pid_of[tollgate-no-ledger]=${pids[-1]}
+    pid_of[tollgate-no-ledger]=$tollgate_pid
     targets+=(tollgate-no-ledger)
     echo "tollgate-no-ledger on $agent" >&2
 fi
 if [[ $QUIET == 1 ]]; then
     start_tollgate tollgate-quiet 'info,tollgate::call=off'
     url[tollgate-quiet]="http://$agent/openai/v1/chat/completions"
-    pid_of[tollgate-quiet]=${pids[-1]}
+    pid_of[tollgate-quiet]=$tollgate_pid
     targets+=(tollgate-quiet)
     echo "tollgate-quiet on $agent" >&2
 fi
@@ -272,14 +213,14 @@ for round in $(seq "$ROUNDS"); do
             ;;
         esac
         for target in "${order[@]}"; do
-            mock_before=$(cpu_ticks "${pids[0]}")
+            mock_before=$(cpu_ticks "$mock_pid")
             proxy_before=$(cpu_ticks "${pid_of[$target]}")
             line=$(timeout "$limit" "$bin/examples/loadgen" --url "${url[$target]}" \
                 --connections "$CONNECTIONS" --duration-secs "$DURATION" \
                 --warmup-secs "$WARMUP" --threads "$LOADGEN_THREADS" \
                 --header 'x-agent-run-id: load-{conn}' --header 'x-agent-release: load' \
                 --label "$round $scenario $target" "${flags[@]}")
-            line=$(python3 - "$line" "$(cpu_ticks "${pids[0]}")" "$mock_before" \
+            line=$(python3 - "$line" "$(cpu_ticks "$mock_pid")" "$mock_before" \
                 "$(cpu_ticks "${pid_of[$target]}")" "$proxy_before" "$target" "$TICK" <<'EOF'
 import json, sys
 r = json.loads(sys.argv[1])
@@ -433,5 +374,5 @@ if "tollgate-no-ledger" in targets:
                         lambda r, o: q(r, "latency_ms", "p99") / q(o, "latency_ms", "p99"))
         print(f"| {s} | {rng(rr, 3)} | {rng(r50, 3)} | {rng(r99, 3)} |")
 EOF
-echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+print_load_average "at the end"
 echo "raw results: $OUT (removed on exit unless OUT is set)" >&2

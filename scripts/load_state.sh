@@ -33,66 +33,27 @@ LOADGEN_THREADS=${LOADGEN_THREADS:-2}
 MOCK_THREADS=${MOCK_THREADS:-1}
 REDIS_SERVER=${REDIS_SERVER:-redis-server}
 
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$root"
-
-work=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-state-load.XXXXXX")
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+harness_init state-load
 OUT=${OUT:-$work/results.jsonl}
-pids=()
-
-cleanup() {
-    local status=$?
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$work"
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 command -v "$REDIS_SERVER" >/dev/null || {
     echo "$REDIS_SERVER not found (install redis-server)" >&2
     exit 2
 }
 
-echo "load average at the start: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-echo "building (release)..." >&2
-cargo build --release --quiet --bin tollgate --example mock_upstream --example loadgen
-bin=target/release
+print_load_average "at the start"
+build_release --example loadgen
 
-# Waits (at most 10 s) until file $1 has a line matching $2, prints it.
-wait_line() {
-    local file=$1 pattern=$2 i
-    for i in $(seq 100); do
-        if grep -m1 -- "$pattern" "$file" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "timed out waiting for '$pattern' in $file:" >&2
-    cat "$file" >&2 || true
-    return 1
-}
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-"$bin/examples/mock_upstream" --listen 127.0.0.1:0 --threads "$MOCK_THREADS" \
-    >"$work/mock.out" 2>"$work/mock.err" &
-pids+=($!)
-mock_addr=$(wait_line "$work/mock.out" '^127\.')
+start_mock "$work" --threads "$MOCK_THREADS"
 echo "mock upstream on $mock_addr" >&2
 
 redis_port=$(free_port)
 "$REDIS_SERVER" --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
     --dir "$work" >"$work/redis.log" 2>&1 &
 pids+=($!)
-for i in $(seq 100); do
+for _ in $(seq 100); do
     if python3 -c 'import socket,sys; s=socket.create_connection(("127.0.0.1",int(sys.argv[1])),0.2); s.sendall(b"PING\r\n"); assert s.recv(16).startswith(b"+PONG")' \
         "$redis_port" 2>/dev/null; then
         break
@@ -104,37 +65,16 @@ echo "redis-server on 127.0.0.1:$redis_port" >&2
 declare -A url admin
 # Starts tollgate named $1 with the state section $2; records its addresses.
 start_tollgate() {
-    local name=$1 state=$2 config=$work/$1.toml log=$work/$1.log line
-    cat >"$config" <<EOF
-[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[[routes]]
-name = "openai"
-prefix = "/openai"
-upstream = "http://$mock_addr"
-kind = "openai"
-
-[pricing]
-files = ["$root/config/pricing.toml"]
-
-[budget]
-default_run_usd = 100000.0
-max_run_usd = 100000.0
-
+    local name=$1 state=$2
+    write_tollgate_config "$work/$name.toml" "$mock_addr" <<EOF
 [ledger]
 enabled = false
 
 $state
 EOF
-    RUST_LOG=info,tollgate::call=off "$bin/tollgate" --config "$config" >"$log" 2>"$work/$name.err" &
-    pids+=($!)
-    line=$(wait_line "$log" '"tollgate listening"')
-    url[$name]="http://$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["agent"])' "$line")/openai/v1/chat/completions"
-    admin[$name]=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["admin"])' "$line")
+    start_tollgate_process "$bin/tollgate" "$work/$name" info,tollgate::call=off
+    url[$name]="http://$tollgate_agent/openai/v1/chat/completions"
+    admin[$name]=$tollgate_admin
     echo "$name on ${url[$name]}" >&2
 }
 
@@ -257,4 +197,4 @@ if calls:
     print(f"Redis instance: {calls:.0f} calls, round trips per call: reserve {reserve / calls:.3f}, "
           f"settle {settle / calls:.3f}, all operations {trips / calls:.3f}; state errors {errors:.0f}")
 EOF
-echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+print_load_average "at the end"

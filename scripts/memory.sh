@@ -29,44 +29,14 @@ SOAK_SECS=${SOAK_SECS:-600}
 JSON_RATE=${JSON_RATE:-300}
 STREAM_RATE=${STREAM_RATE:-30}
 
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$root"
-work=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-memory.XXXXXX")
-pids=()
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+harness_init memory
 
-cleanup() {
-    local status=$?
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$work"
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-echo "building (release)..." >&2
-cargo build --release --quiet --bin tollgate --example mock_upstream --example loadgen
-bin=target/release
+build_release --example loadgen
 tollgate_bin=${TOLLGATE:-$bin/tollgate}
 # Two sockets per open stream (client and upstream side) plus the ledger.
 ulimit -n "$(ulimit -Hn)"
-
-# Waits (at most 10 s) until file $1 has a line matching $2, prints it.
-wait_line() {
-    local file=$1 pattern=$2 i
-    for i in $(seq 100); do
-        if grep -m1 -- "$pattern" "$file" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "timed out waiting for '$pattern' in $file" >&2
-    return 1
-}
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 mib() { python3 -c 'import sys; print(f"{int(sys.argv[1]) / 1024:.1f}")' "$1"; }
@@ -74,46 +44,20 @@ mib() { python3 -c 'import sys; print(f"{int(sys.argv[1]) / 1024:.1f}")' "$1"; }
 # Starts a mock and a tollgate for phase $1 with run idle timeout $2; sets
 # $tollgate_pid, $agent and $admin.
 start() {
-    local name=$1 idle=$2 dir=$work/$1
+    local idle=$2 dir=$work/$1
     mkdir -p "$dir"
-    "$bin/examples/mock_upstream" --listen 127.0.0.1:0 --threads 1 \
-        >"$dir/mock.out" 2>"$dir/mock.err" &
-    pids+=($!)
-    local mock_addr
-    mock_addr=$(wait_line "$dir/mock.out" '^127\.')
-    cat >"$dir/tollgate.toml" <<EOF
-[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[[routes]]
-name = "openai"
-prefix = "/openai"
-upstream = "http://$mock_addr"
-kind = "openai"
-
-[pricing]
-files = ["$root/config/pricing.toml"]
-
-[budget]
-default_run_usd = 100000.0
-max_run_usd = 100000.0
-
+    local mock_addr mock_pid
+    start_mock "$dir" --threads 1
+    write_tollgate_config "$dir/tollgate.toml" "$mock_addr" <<EOF
 [runs]
 idle_timeout_secs = $idle
 
 [ledger]
 path = "$dir/ledger.db"
 EOF
-    "$tollgate_bin" --config "$dir/tollgate.toml" >"$dir/tollgate.log" 2>"$dir/tollgate.err" &
-    tollgate_pid=$!
-    pids+=($tollgate_pid)
-    local line
-    line=$(wait_line "$dir/tollgate.log" '"tollgate listening"')
-    agent=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["agent"])' "$line")
-    admin=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["admin"])' "$line")
+    start_tollgate_process "$tollgate_bin" "$dir/tollgate"
+    agent=$tollgate_agent
+    admin=$tollgate_admin
 }
 
 metric() {
@@ -147,8 +91,8 @@ phase_runs() {
         --duration-secs 60 --warmup-secs 0 --timeout-secs 90 --grace-secs 0 \
         --stream --include-usage --header 'x-mock-chunk-delay-us: 600000000' \
         --header 'x-agent-run-id: held-{conn}' >/dev/null &
-    local held=$! open=0 i
-    for i in $(seq 300); do
+    local held=$! open=0 _
+    for _ in $(seq 300); do
         open=$(client_connections)
         ((open >= STREAMS)) && break
         sleep 0.2
@@ -211,8 +155,8 @@ print(f"first minute mean {mean(first):.1f} MiB, last minute mean {mean(last):.1
 EOF
 }
 
-echo "load average at the start: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+print_load_average "at the start"
 for phase in $PHASES; do
     "phase_$phase"
 done
-echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+print_load_average "at the end"

@@ -44,70 +44,20 @@ WORKERS=${WORKERS:-24}
 RSS_TOLERANCE_PCT=${RSS_TOLERANCE_PCT:-10}
 KEEP=${KEEP:-0}
 
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$root"
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+harness_init soak
+keep_work=$KEEP
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-soak.XXXXXX")
-pids=()
+# shellcheck disable=SC2119 # nothing to build beyond tollgate and the mock
+build_release
 
-cleanup() {
-    local status=$?
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ $KEEP == 1 ]]; then
-        echo "work directory kept: $work" >&2
-    else
-        rm -rf "$work"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-echo "building (release)..." >&2
-cargo build --release --quiet --bin tollgate --example mock_upstream
-
-bin=target/release
-
-# Waits (at most 10 s) until file $1 has a line matching $2, prints it.
-wait_line() {
-    local file=$1 pattern=$2 i
-    for i in $(seq 100); do
-        if grep -m1 -- "$pattern" "$file" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "timed out waiting for '$pattern' in $file:" >&2
-    cat "$file" >&2 || true
-    return 1
-}
-
-"$bin/examples/mock_upstream" --listen 127.0.0.1:0 --threads 2 \
-    --max-secs $((DURATION + 120)) >"$work/mock.out" 2>"$work/mock.err" &
-pids+=($!)
-mock_addr=$(wait_line "$work/mock.out" '^127\.')
+start_mock "$work" --threads 2 --max-secs $((DURATION + 120))
 
 # A loopback port nothing listens on: bound, then released.
-closed_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
+closed_port=$(free_port)
 
-cat >"$work/tollgate.toml" <<EOF
-[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[[routes]]
-name = "openai"
-prefix = "/openai"
-upstream = "http://$mock_addr"
-kind = "openai"
-
+write_tollgate_config "$work/tollgate.toml" "$mock_addr" <<EOF
 [[routes]]
 name = "search"
 prefix = "/tools/search"
@@ -122,13 +72,6 @@ prefix = "/dead"
 upstream = "http://127.0.0.1:$closed_port"
 kind = "openai"
 
-[pricing]
-files = ["$root/config/pricing.toml"]
-
-[budget]
-default_run_usd = 100000.0
-max_run_usd = 100000.0
-
 [ledger]
 path = "$work/ledger.db"
 
@@ -142,12 +85,9 @@ upstream_response_timeout_ms = 1000
 idle_timeout_secs = 30
 EOF
 
-"$bin/tollgate" --config "$work/tollgate.toml" >"$work/tollgate.log" 2>"$work/tollgate.err" &
-tollgate_pid=$!
-pids+=("$tollgate_pid")
-line=$(wait_line "$work/tollgate.log" '"tollgate listening"')
-agent=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["agent"])' "$line")
-admin=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["admin"])' "$line")
+start_tollgate_process "$bin/tollgate" "$work/tollgate"
+agent=$tollgate_agent
+admin=$tollgate_admin
 echo "mock on $mock_addr, tollgate on $agent (admin $admin), pid $tollgate_pid" >&2
 echo "soak: ${DURATION}s at ${RATE} req/s" >&2
 

@@ -1,0 +1,144 @@
+# shellcheck shell=bash
+# What the perf and soak harnesses (load.sh, load_state.sh, memory.sh,
+# soak.sh) share: a work directory and the processes they started, both
+# gone on exit; the release build; the mock upstream and tollgate on port 0,
+# with the bound addresses read back from their output.
+#
+# Sourced, not run:  source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# The functions that start a process append its pid to $pids and set
+# globals, so call them directly, not in $(...) or a pipeline.
+
+# The repository root; harness_init makes it the working directory.
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Where `cargo build --release` leaves the binaries (relative to $root).
+bin=target/release
+
+# Changes to $root, creates the work directory $work
+# (${TMPDIR:-/tmp}/tollgate-$1.XXXXXX) and an empty $pids, and installs the
+# exit trap (harness_cleanup). Set keep_work=1 afterwards to keep $work.
+harness_init() {
+    cd "$root" || exit
+    work=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-$1.XXXXXX")
+    pids=()
+    keep_work=0
+    trap harness_cleanup EXIT
+    trap 'exit 130' INT TERM
+}
+
+# The exit trap: stops every process in $pids, waits for them, removes
+# $work (or, with keep_work=1, says where it is) and exits with the
+# script's status.
+harness_cleanup() {
+    local status=$? pid
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ $keep_work == 1 ]]; then
+        echo "work directory kept: $work" >&2
+    else
+        rm -rf "$work"
+    fi
+    exit "$status"
+}
+
+# Prints "load average $1: <1, 5 and 15 minute figures>" on stderr.
+print_load_average() {
+    echo "load average $1: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+}
+
+# Builds the tollgate binary and examples/mock_upstream in release, plus
+# whatever else "$@" names (e.g. --example loadgen).
+build_release() {
+    echo "building (release)..." >&2
+    cargo build --release --quiet --bin tollgate --example mock_upstream "$@"
+}
+
+# Waits (at most 10 s) until file $1 has a line matching $2 and prints it;
+# on timeout says so on stderr with the file's content and fails.
+wait_line() {
+    local file=$1 pattern=$2 _
+    for _ in $(seq 100); do
+        if grep -m1 -- "$pattern" "$file" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "timed out waiting for '$pattern' in $file:" >&2
+    cat "$file" >&2 || true
+    return 1
+}
+
+# Prints a loopback TCP port that was free a moment ago (bound, then
+# released).
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Starts examples/mock_upstream on 127.0.0.1:0 with the further arguments
+# "$@" (--threads, --chunk-delay-us, --max-secs, ...), its stdout in
+# $1/mock.out and stderr in $1/mock.err; waits for the bound address it
+# prints first. Sets $mock_addr (host:port) and $mock_pid.
+# shellcheck disable=SC2034 # $mock_addr is for the caller
+start_mock() {
+    local dir=$1
+    shift
+    "$bin/examples/mock_upstream" --listen 127.0.0.1:0 "$@" \
+        >"$dir/mock.out" 2>"$dir/mock.err" &
+    mock_pid=$!
+    pids+=("$mock_pid")
+    mock_addr=$(wait_line "$dir/mock.out" '^127\.')
+}
+
+# Writes tollgate config $1: both listeners on 127.0.0.1:0, the route
+# "openai" (prefix /openai) to the mock at $2 (host:port), the repository's
+# pricing and a budget no test reaches; then the rest of the config, TOML
+# read from stdin (ledger, state, runs, further routes, ...).
+write_tollgate_config() {
+    local file=$1 mock=$2
+    cat >"$file" <<EOF
+[server]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[routes]]
+name = "openai"
+prefix = "/openai"
+upstream = "http://$mock"
+kind = "openai"
+
+[pricing]
+files = ["$root/config/pricing.toml"]
+
+[budget]
+default_run_usd = 100000.0
+max_run_usd = 100000.0
+
+EOF
+    cat >>"$file"
+}
+
+# Starts tollgate binary $1 with config $2.toml, stdout (the JSON log) in
+# $2.log and stderr in $2.err, with RUST_LOG=$3 when $3 is given (else
+# RUST_LOG as inherited); waits for its "tollgate listening" log line. Sets
+# $tollgate_pid and, from that line, $tollgate_agent and $tollgate_admin
+# (host:port).
+# shellcheck disable=SC2034 # the addresses are for the caller
+start_tollgate_process() {
+    local binary=$1 prefix=$2 line addrs
+    if [[ -n ${3:-} ]]; then
+        RUST_LOG=$3 "$binary" --config "$prefix.toml" >"$prefix.log" 2>"$prefix.err" &
+    else
+        "$binary" --config "$prefix.toml" >"$prefix.log" 2>"$prefix.err" &
+    fi
+    tollgate_pid=$!
+    pids+=("$tollgate_pid")
+    line=$(wait_line "$prefix.log" '"tollgate listening"')
+    addrs=$(python3 -c 'import json,sys; l=json.loads(sys.argv[1]); print(l["agent"], l["admin"])' "$line")
+    tollgate_agent=${addrs% *}
+    tollgate_admin=${addrs#* }
+}
