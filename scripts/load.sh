@@ -27,7 +27,10 @@
 # Targets: direct; nginx (NGINX=1, default: proxy_pass to the mock through an
 # upstream keepalive pool of 64, HTTP/1.1 upstream, proxy_buffering off,
 # access log on, worker_processes = NGINX_WORKERS, default nproc, which is
-# the number of worker threads tollgate's runtime starts); tollgate (shipped
+# the number of worker threads tollgate's runtime starts); hyper-bare (BARE=1,
+# default: examples/bare_proxy, hyper's server and pooled client forwarding
+# each call and doing nothing else: the floor for a hyper-based proxy);
+# tollgate (shipped
 # logging: one JSON line per call, the ledger on); with NO_LEDGER=1 (default)
 # tollgate-no-ledger (the same with `[ledger] enabled = false`) and, with
 # QUIET=1, tollgate-quiet (a further instance with the per-call log line off:
@@ -37,7 +40,7 @@
 #
 # Environment (defaults): CONNECTIONS=32 DURATION=10 WARMUP=1 ROUNDS=3
 #   SCENARIOS="json stream stream-inject json-rate stream-paced" RATE=500
-#   PACE_US=20000 CHUNK_DELAY_US=0 NGINX=1 NGINX_WORKERS=$(nproc) QUIET=0
+#   PACE_US=20000 CHUNK_DELAY_US=0 NGINX=1 BARE=1 NGINX_WORKERS=$(nproc) QUIET=0
 #   NO_LEDGER=1 LOADGEN_THREADS=2 MOCK_THREADS=1
 #   TOLLGATE=target/release/tollgate BEFORE= OUT=<temp dir>/results.jsonl
 # Every measurement is bounded (WARMUP + DURATION + 5 s grace, and killed
@@ -54,6 +57,7 @@ RATE=${RATE:-500}
 PACE_US=${PACE_US:-20000}
 CHUNK_DELAY_US=${CHUNK_DELAY_US:-0}
 NGINX=${NGINX:-1}
+BARE=${BARE:-1}
 NGINX_WORKERS=${NGINX_WORKERS:-$(nproc)}
 QUIET=${QUIET:-0}
 NO_LEDGER=${NO_LEDGER:-1}
@@ -66,7 +70,7 @@ harness_init load
 OUT=${OUT:-$work/results.jsonl}
 
 print_load_average "at the start"
-build_release --example loadgen
+build_release --example loadgen --example bare_proxy
 
 tollgate_bin=${TOLLGATE:-$bin/tollgate}
 
@@ -152,6 +156,13 @@ if [[ $NGINX == 1 ]]; then
     pid_of[nginx]=${pids[-1]}
     targets+=(nginx)
     echo "nginx on $agent ($NGINX_WORKERS worker processes)" >&2
+fi
+if [[ $BARE == 1 ]]; then
+    "$bin/examples/bare_proxy" "$mock_addr" >"$work/bare.out" 2>"$work/bare.err" &
+    pids+=($!)
+    url[hyper-bare]="http://$(wait_line "$work/bare.out" '^127\.')/openai/v1/chat/completions"
+    pid_of[hyper-bare]=${pids[-1]}
+    targets+=(hyper-bare)
 fi
 targets+=(tollgate)
 start_tollgate tollgate info
