@@ -22,6 +22,9 @@ use tollgate::budget::{Clock, ManualClock};
 use tollgate::config::Config;
 use tollgate::{AppState, Listeners, Tollgate};
 
+pub use crate::metrics_text::metric_sum;
+use crate::metrics_text::series_values;
+
 pub type TestBody = BoxBody<Bytes, std::io::Error>;
 
 /// A request as the mock upstream received it.
@@ -318,27 +321,12 @@ pub async fn body_bytes(response: Response<Incoming>) -> Bytes {
         .to_bytes()
 }
 
-/// The value of one series in a metrics text, e.g.
+/// The value of one series in a metrics text (the first whose labels
+/// include `labels`), e.g.
 /// `metric_value(text, "agent_llm_cost_usd_total", &[("model","gpt-4.1")])`.
+/// [`metric_sum`] adds up every such series instead.
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, label_text) = match series.split_once('{') {
-                Some((m, rest)) => (m, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            if metric != name {
-                return None;
-            }
-            let all = labels.iter().all(|(k, v)| {
-                label_text
-                    .split(',')
-                    .any(|pair| pair == format!("{k}=\"{v}\""))
-            });
-            all.then(|| value.parse().ok()).flatten()
-        })
+    series_values(text, name, labels).next()
 }
 
 pub fn fixture(path: &str) -> Bytes {
