@@ -24,6 +24,7 @@ use tollgate::{AppState, Listeners, Tollgate};
 
 pub use crate::metrics_text::metric_sum;
 use crate::metrics_text::series_values;
+use crate::services::PostgresServer;
 
 pub type TestBody = BoxBody<Bytes, std::io::Error>;
 
@@ -253,6 +254,37 @@ impl Proxy {
         }
         if let Some(task) = self.task.take() {
             task.await.unwrap();
+        }
+    }
+}
+
+/// Where a test's ledger lives: the embedded file, or a private PostgreSQL.
+/// The same traffic must give the same figures on both.
+#[derive(Clone, Copy)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The `[ledger]` section for a PostgreSQL ledger at `url`.
+pub fn postgres_ledger(url: &str) -> String {
+    format!("[ledger]\nbackend = \"postgres\"\nurl = \"{url}\"\nflush_interval_ms = 20\n")
+}
+
+/// The proxy on `backend` (and its PostgreSQL, kept for the test's
+/// lifetime); `None` when PostgreSQL is not installed (the test is skipped).
+pub async fn start_on(
+    backend: Backend,
+    test: &str,
+    config: &str,
+    upstream: &MockUpstream,
+) -> Option<(Proxy, Option<PostgresServer>)> {
+    match backend {
+        Backend::Sqlite => Some((Proxy::start(config, &upstream.url()).await, None)),
+        Backend::Postgres => {
+            let pg = PostgresServer::start(test)?;
+            let config = format!("{config}\n{}", postgres_ledger(&pg.url()));
+            Some((Proxy::start(&config, &upstream.url()).await, Some(pg)))
         }
     }
 }
