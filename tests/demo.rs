@@ -13,6 +13,10 @@ use tokio::sync::oneshot;
 use tollgate::demo::fleet::{BASELINE, REGRESSED};
 use tollgate::demo::{self, DemoOptions};
 
+#[path = "it/metrics_text.rs"]
+mod metrics_text;
+use metrics_text::metric_sum;
+
 async fn get(url: String) -> (u16, String) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let response = client
@@ -28,30 +32,9 @@ async fn get(url: String) -> (u16, String) {
     (status, String::from_utf8(body.to_vec()).unwrap())
 }
 
-/// Sum of every series of `name` whose labels include all of `labels`.
-fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, label_text) = match series.split_once('{') {
-                Some((m, rest)) => (m, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let matches = metric == name
-                && labels.iter().all(|(k, v)| {
-                    label_text
-                        .split(',')
-                        .any(|pair| pair == format!("{k}=\"{v}\""))
-                });
-            matches.then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
-}
-
 fn mean_run_cost(text: &str, release: &str) -> f64 {
-    let sum = metric_sum(text, "agent_run_cost_usd_sum", &[("release", release)]);
-    let count = metric_sum(text, "agent_run_cost_usd_count", &[("release", release)]);
+    let sum = metric_sum(&[text], "agent_run_cost_usd_sum", &[("release", release)]);
+    let count = metric_sum(&[text], "agent_run_cost_usd_count", &[("release", release)]);
     assert!(count > 0.0, "no run of {release} ended");
     sum / count
 }
@@ -78,13 +61,13 @@ async fn demo_shows_a_regressed_release_and_budgets_firing() {
     assert_eq!(status, 200);
 
     for release in [BASELINE, REGRESSED] {
-        let runs = metric_sum(&metrics, "agent_run_total", &[("release", release)]);
+        let runs = metric_sum(&[&metrics], "agent_run_total", &[("release", release)]);
         assert!(runs > 0.0, "agent_run_total for {release}:\n{metrics}");
     }
-    let rejections = metric_sum(&metrics, "agent_budget_rejections_total", &[]);
+    let rejections = metric_sum(&[&metrics], "agent_budget_rejections_total", &[]);
     assert!(rejections > 0.0, "no budget rejection:\n{metrics}");
     for tool in ["web_search", "deep_research"] {
-        let cost = metric_sum(&metrics, "agent_tool_cost_usd_total", &[("tool", tool)]);
+        let cost = metric_sum(&[&metrics], "agent_tool_cost_usd_total", &[("tool", tool)]);
         assert!(cost > 0.0, "no cost for {tool}:\n{metrics}");
     }
     let (baseline, regressed) = (
@@ -95,10 +78,14 @@ async fn demo_shows_a_regressed_release_and_budgets_firing() {
         regressed > baseline,
         "regressed mean run cost {regressed} is not above the baseline's {baseline}"
     );
-    let retries = metric_sum(&metrics, "agent_retries_total", &[("release", REGRESSED)]);
+    let retries = metric_sum(
+        &[&metrics],
+        "agent_retries_total",
+        &[("release", REGRESSED)],
+    );
     assert!(retries > 0.0, "no retries for {REGRESSED}:\n{metrics}");
     assert_eq!(
-        metric_sum(&metrics, "agent_unpriced_calls_total", &[]),
+        metric_sum(&[&metrics], "agent_unpriced_calls_total", &[]),
         0.0,
         "every simulated model has a price"
     );

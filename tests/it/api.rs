@@ -9,39 +9,7 @@ use tollgate::api::format_rfc3339;
 use tollgate::budget::Clock;
 use tollgate::money::Money;
 
-use crate::ledger_postgres::postgres_ledger;
-use crate::services::PostgresServer;
 use crate::support::*;
-
-/// Where a test's ledger lives: the embedded file, or a private PostgreSQL.
-/// The same traffic must give the same figures on both.
-#[derive(Clone, Copy)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-/// The proxy on `backend` (and its PostgreSQL, kept for the test's
-/// lifetime); `None` when PostgreSQL is not installed (the test is skipped).
-async fn start_on(
-    backend: Backend,
-    test: &str,
-    config: &str,
-    upstream: &MockUpstream,
-) -> Option<(Proxy, Option<PostgresServer>)> {
-    match backend {
-        Backend::Sqlite => Some((Proxy::start(config, &upstream.url()).await, None)),
-        Backend::Postgres => {
-            let pg = PostgresServer::start(test)?;
-            let config = format!(
-                "{config}
-{}",
-                postgres_ledger(&pg.url())
-            );
-            Some((Proxy::start(&config, &upstream.url()).await, Some(pg)))
-        }
-    }
-}
 
 /// USD of `picos` as the API prints it.
 fn usd(picos: u64) -> f64 {

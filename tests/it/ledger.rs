@@ -1,52 +1,162 @@
-//! The ledger: one record per call, also under concurrent load; run spend
-//! survives a restart; durability after SIGTERM (nothing lost) and SIGKILL
-//! (at most the last flush interval lost), with the real binary.
+//! The ledger, on SQLite and on PostgreSQL (one test body, one entry point
+//! per backend): one record per call under concurrent load, nothing lost at
+//! SIGTERM with the real binary. On SQLite: refusals and run ends are
+//! recorded, run spend survives a restart, SIGKILL loses at most the last
+//! flush interval. What only PostgreSQL does (one ledger for several
+//! proxies, migrations, outages) is in `ledger_postgres`.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rusqlite::types::ValueRef;
 use tollgate::money::Money;
 
+use crate::services::PostgresServer;
 use crate::support::*;
 
-const USAGE_BODY: &str = r#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":25,"completion_tokens":50,"total_tokens":75}}"#;
+pub const USAGE_BODY: &str = r#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":25,"completion_tokens":50,"total_tokens":75}}"#;
+/// gpt-4o-mini at the test prices: 25 prompt and 50 completion tokens.
+pub const CALL_PICOS: i64 = 25 * 2_000_000 + 50 * 6_000_000;
+
+/// Chat completions answer [`USAGE_BODY`], anything else (tools) `{}`.
+pub async fn usage_upstream() -> MockUpstream {
+    MockUpstream::start(|request| match request.uri.path() {
+        "/v1/chat/completions" => MockReply::json(200, USAGE_BODY),
+        _ => MockReply::json(200, "{}"),
+    })
+    .await
+}
+
+/// One LLM call of `run` through `agent` (`host:port`); its status.
+pub async fn call(agent: &str, run: &str, release: &str) -> u16 {
+    let response = post_json(
+        format!("http://{agent}/openai/v1/chat/completions"),
+        &[("x-agent-run-id", run), ("x-agent-release", release)],
+        r#"{"model":"gpt-4o-mini"}"#,
+    )
+    .await;
+    let status = response.status().as_u16();
+    let _ = body_bytes(response).await;
+    status
+}
+
+/// Sends SIGTERM to the binary and checks it exits 0.
+pub fn sigterm(process: &mut Process) {
+    let pid = process.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = process.child.wait().unwrap();
+    assert!(status.success(), "exit 0 on SIGTERM, got {status}");
+}
+
+/// The binary's config (see [`binary_config`], a one-minute flush interval)
+/// with the ledger in PostgreSQL; `extra` goes into its `[ledger]` section.
+pub fn binary_config_on(
+    dir: &std::path::Path,
+    upstream: &str,
+    pg: &PostgresServer,
+    extra: &str,
+) -> std::path::PathBuf {
+    let path = binary_config(dir, upstream, 60_000);
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "[ledger]\n",
+        &format!(
+            "[ledger]\nbackend = \"postgres\"\nurl = \"{}\"\n{extra}",
+            pg.url()
+        ),
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
 
 fn open_db(path: &std::path::Path) -> rusqlite::Connection {
     rusqlite::Connection::open(path).unwrap()
 }
 
-fn count_and_sum(conn: &rusqlite::Connection, filter: &str) -> (i64, i64) {
-    conn.query_row(
-        &format!("SELECT COUNT(*), COALESCE(SUM(cost_pico), 0) FROM calls WHERE {filter}"),
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )
-    .unwrap()
+/// A ledger's database, read back with SQL: the SQLite file or the
+/// PostgreSQL server.
+pub enum LedgerDb<'a> {
+    Sqlite(rusqlite::Connection),
+    Postgres(&'a PostgresServer),
+}
+
+impl LedgerDb<'_> {
+    /// The first row of `query`, each column as text (NULL as "").
+    pub fn row(&self, query: &str) -> Vec<String> {
+        match self {
+            LedgerDb::Sqlite(conn) => {
+                let mut statement = conn.prepare(query).unwrap();
+                let columns = statement.column_count();
+                statement
+                    .query_row([], |r| {
+                        (0..columns)
+                            .map(|i| {
+                                Ok(match r.get_ref(i)? {
+                                    ValueRef::Null => String::new(),
+                                    ValueRef::Integer(n) => n.to_string(),
+                                    ValueRef::Real(x) => x.to_string(),
+                                    ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                                    ValueRef::Blob(_) => panic!("a blob column in {query}"),
+                                })
+                            })
+                            .collect()
+                    })
+                    .unwrap()
+            }
+            LedgerDb::Postgres(pg) => pg.sql(query).split('|').map(str::to_string).collect(),
+        }
+    }
+
+    /// `(rows, sum of cost_pico)` of the calls matching `filter`.
+    pub fn count_and_sum(&self, filter: &str) -> (i64, i64) {
+        let row = self.row(&format!(
+            "SELECT COUNT(*), COALESCE(SUM(cost_pico), 0) FROM calls WHERE {filter}"
+        ));
+        assert_eq!(row.len(), 2, "two columns: {row:?}");
+        (row[0].parse().unwrap(), row[1].parse().unwrap())
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_call_is_one_record_under_concurrent_load() {
-    let upstream = MockUpstream::start(|request| match request.uri.path() {
-        "/v1/chat/completions" => MockReply::json(200, USAGE_BODY),
-        _ => MockReply::json(200, "{}"),
-    })
+    every_call_is_one_record(
+        Backend::Sqlite,
+        "every_call_is_one_record_under_concurrent_load",
+    )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_is_one_record_under_concurrent_load_on_postgres() {
+    every_call_is_one_record(
+        Backend::Postgres,
+        "every_call_is_one_record_under_concurrent_load_on_postgres",
+    )
+    .await;
+}
+
+async fn every_call_is_one_record(backend: Backend, test: &str) {
+    let upstream = usage_upstream().await;
     let config = format!(
         "{}\n[[routes]]\nname = \"search\"\nprefix = \"/tools/search\"\nupstream = \"{{upstream}}\"\nkind = \"tool\"\ncost_per_call_usd = 0.001\n",
         config_all_routes()
     );
-    let proxy = Proxy::start(&config, &upstream.url()).await;
+    let Some((proxy, pg)) = start_on(backend, test, &config, &upstream).await else {
+        return;
+    };
     let mut tasks = Vec::new();
     for i in 0..200 {
-        let (url, run) = if i % 4 == 0 {
-            (proxy.url("/tools/search"), format!("load-{}", i % 10))
+        let path = if i % 4 == 0 {
+            "/tools/search"
         } else {
-            (
-                proxy.url("/openai/v1/chat/completions"),
-                format!("load-{}", i % 10),
-            )
+            "/openai/v1/chat/completions"
         };
+        let (url, run) = (proxy.url(path), format!("load-{}", i % 10));
         tasks.push(tokio::spawn(async move {
             let response = post_json(
                 url,
@@ -64,10 +174,13 @@ async fn every_call_is_one_record_under_concurrent_load() {
     }
     let ledger = proxy.state.ledger.clone().unwrap();
     ledger.flush();
-    let conn = open_db(ledger.path().unwrap());
-    let (calls, picos) = count_and_sum(&conn, "release = 'load'");
+    let db = match &pg {
+        Some(pg) => LedgerDb::Postgres(pg),
+        None => LedgerDb::Sqlite(open_db(ledger.path().unwrap())),
+    };
+    let (calls, picos) = db.count_and_sum("release = 'load'");
     assert_eq!(calls, 200);
-    let llm = 150 * (25 * 2_000_000 + 50 * 6_000_000);
+    let llm = 150 * CALL_PICOS;
     let tools = 50 * 1_000_000_000;
     assert_eq!(picos, llm + tools, "ledger sums equal the calls' costs");
     let metrics = proxy.metrics().await;
@@ -82,15 +195,19 @@ async fn every_call_is_one_record_under_concurrent_load() {
         Money::from_picos(picos as u64).as_usd_f64(),
         "ledger and metrics agree"
     );
-    let (prompt, version): (i64, String) = conn
-        .query_row(
-            "SELECT SUM(prompt_tokens), MIN(price_version) FROM calls WHERE release = 'load' AND provider = 'openai'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
-    assert_eq!(prompt, 150 * 25);
-    assert_eq!(version, proxy.state.pricing.load().version());
+    assert_eq!(
+        metric_value(&metrics, "agent_ledger_records_written", &[]),
+        Some(200.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "agent_ledger_buffered_records", &[]),
+        Some(0.0)
+    );
+    let row = db.row(
+        "SELECT SUM(prompt_tokens), MIN(price_version) FROM calls WHERE release = 'load' AND provider = 'openai'",
+    );
+    assert_eq!(row[0], (150 * 25).to_string());
+    assert_eq!(row[1], proxy.state.pricing.load().version());
     proxy.shutdown().await;
 }
 
@@ -141,7 +258,7 @@ async fn refusals_and_run_ends_are_recorded() {
         )
         .unwrap();
     assert_eq!(stop_reason, "budget_exceeded");
-    assert_eq!(cost, 25 * 2_000_000 + 50 * 6_000_000);
+    assert_eq!(cost, CALL_PICOS);
     assert_eq!(refusals, 1);
     proxy.shutdown().await;
 }
@@ -216,22 +333,44 @@ async fn send_calls(agent: &str, release: &str, n: usize) -> Vec<Instant> {
 
 #[tokio::test]
 async fn sigterm_loses_nothing() {
+    sigterm_loses_nothing_on(Backend::Sqlite, "sigterm_loses_nothing").await;
+}
+
+#[tokio::test]
+async fn sigterm_loses_nothing_on_postgres() {
+    sigterm_loses_nothing_on(Backend::Postgres, "sigterm_loses_nothing_on_postgres").await;
+}
+
+async fn sigterm_loses_nothing_on(backend: Backend, test: &str) {
+    let pg = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => {
+            let Some(pg) = PostgresServer::start(test) else {
+                return;
+            };
+            Some(pg)
+        }
+    };
     let upstream = MockUpstream::start(|_| MockReply::json(200, USAGE_BODY)).await;
     let dir = tempfile::tempdir().unwrap();
-    // A long flush interval: only the drain at shutdown can write these.
-    let config = binary_config(dir.path(), &upstream.url(), 60_000);
+    // A one-minute flush interval: only the drain at shutdown writes these.
+    let config = match &pg {
+        None => binary_config(dir.path(), &upstream.url(), 60_000),
+        Some(pg) => binary_config_on(dir.path(), &upstream.url(), pg, ""),
+    };
     let mut process = start_binary(&config);
-    send_calls(&process.agent, "term", 40).await;
-    let pid = process.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = process.child.wait().unwrap();
-    assert!(status.success(), "exit 0 on SIGTERM, got {status}");
-    let (calls, _) = count_and_sum(&open_db(&dir.path().join("ledger.db")), "release = 'term'");
-    assert_eq!(calls, 40);
+    for i in 0..40 {
+        assert_eq!(
+            call(&process.agent, &format!("term-{}", i % 4), "term").await,
+            200
+        );
+    }
+    sigterm(&mut process);
+    let db = match &pg {
+        Some(pg) => LedgerDb::Postgres(pg),
+        None => LedgerDb::Sqlite(open_db(&dir.path().join("ledger.db"))),
+    };
+    assert_eq!(db.count_and_sum("release = 'term'"), (40, 40 * CALL_PICOS));
 }
 
 #[tokio::test]
@@ -245,7 +384,8 @@ async fn sigkill_loses_at_most_the_last_flush_interval() {
     process.child.kill().unwrap(); // SIGKILL
     let killed = Instant::now();
     let _ = process.child.wait();
-    let (calls, _) = count_and_sum(&open_db(&dir.path().join("ledger.db")), "release = 'kill'");
+    let db = LedgerDb::Sqlite(open_db(&dir.path().join("ledger.db")));
+    let (calls, _) = db.count_and_sum("release = 'kill'");
     // Calls that ended more than the flush interval (plus a generous second
     // for the writer thread on a loaded machine) before the kill are on disk.
     let bound = flush + Duration::from_secs(1);

@@ -1,7 +1,8 @@
-//! The PostgreSQL ledger: every call one row under concurrent load, one
-//! ledger for two proxies, migrations (repeated, concurrent), an outage
+//! The PostgreSQL ledger, beyond the tests `ledger` runs on both backends:
+//! one ledger for two proxies, migrations (repeated, concurrent), an outage
 //! (records buffered and written when it returns, the overflow dropped and
-//! counted), and the SIGTERM drain with the real binary. Each test starts
+//! counted), PostgreSQL down at start, a role that may not create the
+//! tables, and the `[ledger]` keys `check-config` names. Each test starts
 //! its own PostgreSQL and is skipped when PostgreSQL is not installed.
 
 use std::process::Command;
@@ -13,19 +14,14 @@ use tollgate::ledger::postgres::PostgresSettings;
 use tollgate::ledger::{CallRecord, Ledger, LedgerBackend, LedgerSettings};
 use tollgate::money::Money;
 
+use crate::ledger::{
+    binary_config_on, call, sigterm, usage_upstream, LedgerDb, CALL_PICOS, USAGE_BODY,
+};
 use crate::services::PostgresServer;
 use crate::support::*;
 
-const USAGE_BODY: &str = r#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":25,"completion_tokens":50,"total_tokens":75}}"#;
-/// gpt-4o-mini at the test prices: 25 prompt and 50 completion tokens.
-const CALL_PICOS: i64 = 25 * 2_000_000 + 50 * 6_000_000;
 /// Long enough for PostgreSQL to come back and the writer's backoff to end.
 const DEADLINE: Duration = Duration::from_secs(60);
-
-/// The `[ledger]` section for a PostgreSQL ledger at `url`.
-pub fn postgres_ledger(url: &str) -> String {
-    format!("[ledger]\nbackend = \"postgres\"\nurl = \"{url}\"\nflush_interval_ms = 20\n")
-}
 
 fn config_with(pg: &PostgresServer, extra: &str) -> String {
     format!(
@@ -35,34 +31,9 @@ fn config_with(pg: &PostgresServer, extra: &str) -> String {
     )
 }
 
-async fn usage_upstream() -> MockUpstream {
-    MockUpstream::start(|request| match request.uri.path() {
-        "/v1/chat/completions" => MockReply::json(200, USAGE_BODY),
-        _ => MockReply::json(200, "{}"),
-    })
-    .await
-}
-
-/// One LLM call of `run` through `agent` (`host:port`); its status.
-async fn call(agent: &str, run: &str, release: &str) -> u16 {
-    let response = post_json(
-        format!("http://{agent}/openai/v1/chat/completions"),
-        &[("x-agent-run-id", run), ("x-agent-release", release)],
-        r#"{"model":"gpt-4o-mini"}"#,
-    )
-    .await;
-    let status = response.status().as_u16();
-    let _ = body_bytes(response).await;
-    status
-}
-
 /// `(rows, sum of cost_pico)` of the calls matching `filter`.
 fn count_and_sum(pg: &PostgresServer, filter: &str) -> (i64, i64) {
-    let out = pg.sql(&format!(
-        "SELECT COUNT(*), COALESCE(SUM(cost_pico), 0) FROM calls WHERE {filter}"
-    ));
-    let (count, sum) = out.split_once('|').expect("two columns");
-    (count.parse().unwrap(), sum.parse().unwrap())
+    LedgerDb::Postgres(pg).count_and_sum(filter)
 }
 
 /// Polls until `filter` matches `want` rows; panics after [`DEADLINE`].
@@ -121,64 +92,6 @@ async fn wait_for_metric(admin: &str, name: &str, want: f64) {
         assert!(Instant::now() < deadline, "{name} = {got}, expected {want}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_concurrent_calls_are_two_hundred_rows() {
-    let Some(pg) = PostgresServer::start("two_hundred_concurrent_calls_are_two_hundred_rows")
-    else {
-        return;
-    };
-    let upstream = usage_upstream().await;
-    let proxy = Proxy::start(&config_with(&pg, ""), &upstream.url()).await;
-    let mut tasks = Vec::new();
-    for i in 0..200 {
-        let path = if i % 4 == 0 {
-            "/tools/search"
-        } else {
-            "/openai/v1/chat/completions"
-        };
-        let (url, run) = (proxy.url(path), format!("load-{}", i % 10));
-        tasks.push(tokio::spawn(async move {
-            let response = post_json(
-                url,
-                &[("x-agent-run-id", &run), ("x-agent-release", "load")],
-                r#"{"model":"gpt-4o-mini"}"#,
-            )
-            .await;
-            let status = response.status();
-            let _ = body_bytes(response).await;
-            status
-        }));
-    }
-    for task in tasks {
-        assert_eq!(task.await.unwrap(), 200);
-    }
-    proxy.state.ledger.clone().unwrap().flush();
-    let (rows, picos) = count_and_sum(&pg, "release = 'load'");
-    assert_eq!(rows, 200);
-    assert_eq!(picos, 150 * CALL_PICOS + 50 * 1_000_000_000);
-    let metrics = proxy.metrics().await;
-    let metric_total = metric_value(
-        &metrics,
-        "agent_segment_cost_usd_total",
-        &[("release", "load")],
-    )
-    .unwrap();
-    assert_eq!(
-        metric_total,
-        Money::from_picos(picos as u64).as_usd_f64(),
-        "ledger and metrics agree"
-    );
-    assert_eq!(
-        metric_value(&metrics, "agent_ledger_records_written", &[]),
-        Some(200.0)
-    );
-    assert_eq!(
-        metric_value(&metrics, "agent_ledger_buffered_records", &[]),
-        Some(0.0)
-    );
-    proxy.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,60 +256,6 @@ async fn an_outage_buffers_records_and_writes_them_when_postgres_returns() {
     let run = api(&admin, "/api/runs/during-0").await;
     assert_eq!(run["total"], 10);
     proxy.shutdown().await;
-}
-
-/// The binary's config with a PostgreSQL ledger.
-fn binary_config_on(
-    dir: &std::path::Path,
-    upstream: &str,
-    pg: &PostgresServer,
-    extra: &str,
-) -> std::path::PathBuf {
-    let path = binary_config(dir, upstream, 60_000);
-    let text = std::fs::read_to_string(&path).unwrap().replacen(
-        "[ledger]\n",
-        &format!(
-            "[ledger]\nbackend = \"postgres\"\nurl = \"{}\"\n{extra}",
-            pg.url()
-        ),
-        1,
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn sigterm(process: &mut Process) {
-    let pid = process.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = process.child.wait().unwrap();
-    assert!(status.success(), "exit 0 on SIGTERM, got {status}");
-}
-
-#[tokio::test]
-async fn sigterm_drains_the_buffer_into_postgres() {
-    let Some(pg) = PostgresServer::start("sigterm_drains_the_buffer_into_postgres") else {
-        return;
-    };
-    let upstream = MockUpstream::start(|_| MockReply::json(200, USAGE_BODY)).await;
-    let dir = tempfile::tempdir().unwrap();
-    // A one-minute flush interval: only the drain at shutdown writes these.
-    let config = binary_config_on(dir.path(), &upstream.url(), &pg, "");
-    let mut process = start_binary(&config);
-    for i in 0..40 {
-        assert_eq!(
-            call(&process.agent, &format!("term-{}", i % 4), "term").await,
-            200
-        );
-    }
-    sigterm(&mut process);
-    assert_eq!(
-        count_and_sum(&pg, "release = 'term'"),
-        (40, 40 * CALL_PICOS)
-    );
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! Integration tests: real sockets on 127.0.0.1:0, tollgate in-process, a
 //! scripted mock upstream.
 
+mod metrics_text;
 mod support;
 
 mod api;

@@ -84,27 +84,11 @@ async fn get(url: String) -> (u16, String) {
 /// Sum of every series of `name` whose labels include `labels`, over all
 /// replicas.
 async fn summed(replicas: &[Replica], name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut total = 0.0;
+    let mut texts = Vec::new();
     for replica in replicas {
-        let (_, text) = get(format!("http://{}/metrics", replica.0.admin)).await;
-        total += text
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|line| {
-                let (series, value) = line.rsplit_once(' ')?;
-                let (metric, label_text) = series.split_once('{').unwrap_or((series, ""));
-                let matches = metric == name
-                    && labels.iter().all(|(k, v)| {
-                        label_text
-                            .trim_end_matches('}')
-                            .split(',')
-                            .any(|pair| pair == format!("{k}=\"{v}\""))
-                    });
-                matches.then(|| value.parse::<f64>().ok()).flatten()
-            })
-            .sum::<f64>();
+        texts.push(get(format!("http://{}/metrics", replica.0.admin)).await.1);
     }
-    total
+    metric_sum(&texts, name, labels)
 }
 
 fn eventually(what: &str, mut done: impl FnMut() -> bool) {

@@ -53,13 +53,6 @@ async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
-fn metric_sum(texts: &[String], name: &str, labels: &[(&str, &str)]) -> f64 {
-    texts
-        .iter()
-        .map(|t| metric_value(t, name, labels).unwrap_or(0.0))
-        .sum()
-}
-
 async fn finish(proxy: &Proxy, run: &str) -> u16 {
     let url = format!("http://{}/api/runs/{run}/finish", proxy.admin);
     post_json(url, &[], r#"{"status":"completed"}"#)

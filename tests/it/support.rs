@@ -22,6 +22,10 @@ use tollgate::budget::{Clock, ManualClock};
 use tollgate::config::Config;
 use tollgate::{AppState, Listeners, Tollgate};
 
+pub use crate::metrics_text::metric_sum;
+use crate::metrics_text::series_values;
+use crate::services::PostgresServer;
+
 pub type TestBody = BoxBody<Bytes, std::io::Error>;
 
 /// A request as the mock upstream received it.
@@ -254,6 +258,37 @@ impl Proxy {
     }
 }
 
+/// Where a test's ledger lives: the embedded file, or a private PostgreSQL.
+/// The same traffic must give the same figures on both.
+#[derive(Clone, Copy)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The `[ledger]` section for a PostgreSQL ledger at `url`.
+pub fn postgres_ledger(url: &str) -> String {
+    format!("[ledger]\nbackend = \"postgres\"\nurl = \"{url}\"\nflush_interval_ms = 20\n")
+}
+
+/// The proxy on `backend` (and its PostgreSQL, kept for the test's
+/// lifetime); `None` when PostgreSQL is not installed (the test is skipped).
+pub async fn start_on(
+    backend: Backend,
+    test: &str,
+    config: &str,
+    upstream: &MockUpstream,
+) -> Option<(Proxy, Option<PostgresServer>)> {
+    match backend {
+        Backend::Sqlite => Some((Proxy::start(config, &upstream.url()).await, None)),
+        Backend::Postgres => {
+            let pg = PostgresServer::start(test)?;
+            let config = format!("{config}\n{}", postgres_ledger(&pg.url()));
+            Some((Proxy::start(&config, &upstream.url()).await, Some(pg)))
+        }
+    }
+}
+
 /// The standard test config: one route per provider kind to the mock.
 pub fn config_all_routes() -> String {
     format!(
@@ -318,27 +353,12 @@ pub async fn body_bytes(response: Response<Incoming>) -> Bytes {
         .to_bytes()
 }
 
-/// The value of one series in a metrics text, e.g.
+/// The value of one series in a metrics text (the first whose labels
+/// include `labels`), e.g.
 /// `metric_value(text, "agent_llm_cost_usd_total", &[("model","gpt-4.1")])`.
+/// [`metric_sum`] adds up every such series instead.
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, label_text) = match series.split_once('{') {
-                Some((m, rest)) => (m, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            if metric != name {
-                return None;
-            }
-            let all = labels.iter().all(|(k, v)| {
-                label_text
-                    .split(',')
-                    .any(|pair| pair == format!("{k}=\"{v}\""))
-            });
-            all.then(|| value.parse().ok()).flatten()
-        })
+    series_values(text, name, labels).next()
 }
 
 pub fn fixture(path: &str) -> Bytes {
