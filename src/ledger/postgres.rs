@@ -403,6 +403,13 @@ impl Writer {
                 continue;
             }
             self.answer_waiters();
+            // The tables come first, write or not: the API reads them.
+            if open && !self.migrated && retry_at.is_none_or(|t| now >= t) {
+                if let Err(error) = self.client().await {
+                    retry_at = Some(Instant::now() + self.failed(error));
+                }
+                continue;
+            }
             if !open {
                 if self.queue.is_empty() {
                     break;
@@ -429,8 +436,12 @@ impl Writer {
             let next_write = due
                 .filter(|_| !self.queue.is_empty())
                 .map(|d| retry_at.map_or(d, |r| d.max(r)));
+            let next_migration = retry_at.filter(|_| !self.migrated);
             let next_retention = last_retention + RETENTION_EVERY;
-            let wake = next_write.map_or(next_retention, |w| w.min(next_retention));
+            let wake = [next_write, next_migration]
+                .into_iter()
+                .flatten()
+                .fold(next_retention, Instant::min);
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(wake));
             if open {
                 tokio::select! {

@@ -49,7 +49,7 @@ pub fn sigterm(process: &mut Process) {
         .status()
         .unwrap()
         .success());
-    let status = process.child.wait().unwrap();
+    let status = process.wait_exit();
     assert!(status.success(), "exit 0 on SIGTERM, got {status}");
 }
 

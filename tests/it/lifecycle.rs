@@ -89,7 +89,7 @@ async fn sighup_reloads_and_an_invalid_config_keeps_the_old_one() {
     );
 
     signal(&process, "TERM");
-    assert!(process.child.wait().unwrap().success());
+    assert!(process.wait_exit().success());
 }
 
 #[tokio::test]
@@ -150,7 +150,7 @@ async fn credentials_never_reach_logs_ledger_metrics_or_error_bodies() {
     );
     let metrics = metrics_of(&process.admin).await;
     signal(&process, "TERM");
-    assert!(process.child.wait().unwrap().success());
+    assert!(process.wait_exit().success());
 
     let logs = process.logs.lock().unwrap().join("\n");
     let ledger = std::fs::read(dir.path().join("ledger.db")).unwrap();

@@ -388,6 +388,19 @@ pub struct Process {
     pub agent: String,
     pub admin: String,
     pub logs: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Process {
+    /// Waits for the process to exit and for its last stdout line to reach
+    /// `logs` (the reader thread ends at the pipe's end of file).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let status = self.child.wait().unwrap();
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        status
+    }
 }
 
 pub fn start_binary(config_path: &std::path::Path) -> Process {
@@ -414,7 +427,7 @@ pub fn start_binary(config_path: &std::path::Path) -> Process {
     };
     // Keep draining stdout so the process never blocks on a full pipe.
     let sink = logs.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
             sink.lock().unwrap().push(line);
         }
@@ -424,6 +437,7 @@ pub fn start_binary(config_path: &std::path::Path) -> Process {
         agent,
         admin,
         logs,
+        reader: Some(reader),
     }
 }
 
