@@ -8,6 +8,23 @@ fn m(usd: &str) -> Money {
     Money::parse_usd(usd).expect("test amount")
 }
 
+/// A plain LLM call of run `run` (release `v1`, request type `default`,
+/// `gpt-4.1` on route `openai`) reserving `reservation`.
+fn call(run: &str, reservation: Money) -> CallRequest<'_> {
+    CallRequest {
+        run_id: Some(run),
+        release: "v1",
+        request_type: "default",
+        model: Some("gpt-4.1"),
+        tool: None,
+        route: "openai",
+        budget_header: None,
+        reservation,
+        sdk_retry_count: None,
+        body_hash: None,
+    }
+}
+
 /// A run's state outside any registry.
 fn lone_run() -> RunState {
     RunState::new(
@@ -290,18 +307,7 @@ fn ended_run_entry_is_replaced_not_reused() {
         Arc::new(ManualClock::new(1_000)),
         Arc::new(move |e| sink_ends.lock().expect("sink").push(e)),
     );
-    let call = CallRequest {
-        run_id: Some("r1"),
-        release: "v1",
-        request_type: "default",
-        model: Some("gpt-4.1"),
-        tool: None,
-        route: "openai",
-        budget_header: None,
-        reservation: m("0.01"),
-        sdk_retry_count: None,
-        body_hash: None,
-    };
+    let call = call("r1", m("0.01"));
     budgets
         .admit(&call)
         .expect("admit")
@@ -325,16 +331,8 @@ fn a_withdrawn_admission_charges_nothing_and_a_shared_ticket_settles_first() {
         Arc::new(|_| {}),
     );
     let call = CallRequest {
-        run_id: Some("r1"),
-        release: "v1",
-        request_type: "default",
-        model: Some("gpt-4.1"),
-        tool: None,
-        route: "openai",
-        budget_header: None,
-        reservation: m("0.01"),
         sdk_retry_count: Some(1),
-        body_hash: None,
+        ..call("r1", m("0.01"))
     };
     budgets
         .admit(&call)
@@ -386,16 +384,8 @@ fn with_limits_left_to_the_fleet_a_replica_never_refuses_on_its_own_view() {
         Arc::new(|_| {}),
     );
     let call = CallRequest {
-        run_id: Some("r1"),
-        release: "v1",
-        request_type: "default",
-        model: Some("gpt-4.1"),
-        tool: None,
-        route: "openai",
         budget_header: Some(m("0.01")),
-        reservation: m("0.01"),
-        sdk_retry_count: None,
-        body_hash: None,
+        ..call("r1", m("0.01"))
     };
     // Locally the run has spent its whole ceiling…
     budgets
