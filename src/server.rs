@@ -5,9 +5,18 @@
 //! (`[server.tls]`) each accepted stream is a TLS handshake first (ALPN `h2`
 //! and `http/1.1`, within the header read time); a failed handshake drops
 //! that connection only.
+//!
+//! Memory per connection: on plain TCP the protocol is told from a peek at
+//! the first bytes, so hyper's first read gets the whole request head (after
+//! hyper-util's own detection, which consumes at most 24 bytes, the next
+//! read of the head doubled hyper's 8 KiB read buffer to 16 KiB), and the
+//! handler's future is boxed, so its ~5 KiB are freed once the response
+//! head is out instead of staying in hyper's per-connection slot for the
+//! life of the connection.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +26,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::LimitsConfig;
@@ -60,6 +70,16 @@ pub async fn serve_tls<H, Fut>(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32);
+    // Builders for connections whose protocol the peek told (their first
+    // read then gets the request head whole), and the auto-detecting one
+    // for the rest.
+    let sniffed = Arc::new(Sniffed {
+        h1: builder.clone().http1_only(),
+        h2: builder.clone().http2_only(),
+        auto: builder.clone(),
+    });
+    // Tells connections still waiting for their first bytes to stop.
+    let (stop_tx, stop_rx) = watch::channel(false);
     let graceful = GracefulShutdown::new();
     // Every connection task, so the ones still open when the drain time is
     // up can be ended (their calls then settle before the ledger closes).
@@ -89,15 +109,31 @@ pub async fn serve_tls<H, Fut>(
             if let Some(info) = info {
                 request.extensions_mut().insert(info);
             }
-            handler(request)
+            // Boxed: hyper keeps one slot per connection for the handler's
+            // future, sized for it, for as long as the connection lives.
+            Box::pin(handler(request)) as HandlerFuture
         });
         let Some(acceptor) = acceptor.clone() else {
-            let connection = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            let connection = graceful.watch(connection);
+            let watcher = graceful.watcher();
+            let sniffed = Arc::clone(&sniffed);
+            let mut stop = stop_rx.clone();
             connections.spawn(async move {
-                if let Err(error) = connection.await {
+                let protocol = tokio::select! {
+                    protocol = sniff(&stream) => protocol,
+                    // Shutdown before the first bytes: close, as the
+                    // auto-detecting connection does when cancelled there.
+                    _ = stop.wait_for(|stop| *stop) => return,
+                };
+                let builder = match protocol {
+                    Some(Protocol::Http1) => &sniffed.h1,
+                    Some(Protocol::Http2) => &sniffed.h2,
+                    None => &sniffed.auto,
+                };
+                let connection = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                drop(sniffed);
+                if let Err(error) = watcher.watch(connection).await {
                     tracing::debug!(message = "connection ended with an error", %error);
                 }
             });
@@ -130,6 +166,7 @@ pub async fn serve_tls<H, Fut>(
         });
     }
     drop(listener);
+    let _ = stop_tx.send(true);
     if tokio::time::timeout(limits.shutdown_drain(), graceful.shutdown())
         .await
         .is_err()
@@ -138,4 +175,59 @@ pub async fn serve_tls<H, Fut>(
     }
     connections.abort_all();
     while connections.join_next().await.is_some() {}
+}
+
+type HandlerFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+struct Sniffed {
+    h1: Builder<TokioExecutor>,
+    h2: Builder<TokioExecutor>,
+    auto: Builder<TokioExecutor>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// The HTTP/2 connection preface (prior knowledge, h2c).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The protocol of a plain connection from a peek at its first bytes (as
+/// hyper-util's detection decides it: HTTP/2 on the whole preface, HTTP/1.1
+/// as soon as the bytes differ from it), or `None` when the peek cannot
+/// tell (end of stream, an error, or only the start of the preface so far):
+/// the auto-detecting builder then reads as before.
+async fn sniff(stream: &TcpStream) -> Option<Protocol> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let n = stream.peek(&mut buf).await.ok()?;
+    classify(&buf[..n])
+}
+
+fn classify(first: &[u8]) -> Option<Protocol> {
+    if first.is_empty() {
+        None
+    } else if first != &H2_PREFACE[..first.len()] {
+        Some(Protocol::Http1)
+    } else if first.len() == H2_PREFACE.len() {
+        Some(Protocol::Http2)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_first_bytes_like_the_auto_builder() {
+        assert_eq!(classify(b""), None);
+        assert_eq!(classify(b"POST /v1 HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"G"), Some(Protocol::Http1));
+        assert_eq!(classify(b"PRX"), Some(Protocol::Http1));
+        assert_eq!(classify(b"PRI * HTTP/2.0"), None);
+        assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
+    }
 }

@@ -5,8 +5,9 @@
 //! 1. **admit** — the proxy calls [`Budgets::admit`] before anything goes
 //!    upstream. Window caps matching the call are checked first (each cap
 //!    holds one spend counter for its current UTC period). With a run id, the
-//!    run is looked up in the registry (`DashMap<Arc<str>, Arc<RunState>>`;
-//!    the map guard is held only to clone the `Arc`) or created with its
+//!    run is looked up in the registry (a `DashMap` whose keys are the
+//!    `Arc<RunState>`s themselves, hashed and looked up by run id; the map
+//!    guard is held only to clone the `Arc`) or created with its
 //!    ceiling (header clamped to `max_run`, else first matching rule, else
 //!    the default). Then, under the run's own short mutex, the ceiling check
 //!    and the reservation happen together: reserve mode refuses when
@@ -80,7 +81,7 @@ pub use config::{
     WindowPeriod, WindowPolicy, MAX_BODY_HASHES_PER_RUN,
 };
 
-use run::{outcome_key, NewRun, RunInner, RunState};
+use run::{outcome_key, NewRun, RunInner, RunKey, RunLabels, RunState};
 use window::WindowSlot;
 
 /// How a run ended (the `status` label of `agent_run_total`).
@@ -298,7 +299,7 @@ struct Counters {
 struct Shared {
     active: ArcSwap<Active>,
     reload: Mutex<()>,
-    runs: DashMap<Arc<str>, Arc<RunState>>,
+    runs: DashMap<RunKey, ()>,
     /// Entries in `runs`: +1 under the shard lock of a vacant insert, −1
     /// after a successful `remove_if`: never below the true count, above it
     /// only for the instant around an insert or a removal.
@@ -306,6 +307,8 @@ struct Shared {
     evicting: Mutex<()>,
     /// Interned release / request-type labels, bounded.
     labels: DashSet<Arc<str>>,
+    /// Interned (release, request type) pairs, bounded.
+    label_pairs: DashMap<(Arc<str>, Arc<str>), Arc<RunLabels>>,
     runs_config: ArcSwap<RunsConfig>,
     clock: Arc<dyn Clock>,
     sink: RunEndSink,
@@ -369,6 +372,7 @@ impl Budgets {
                 run_count: AtomicUsize::new(0),
                 evicting: Mutex::new(()),
                 labels: DashSet::new(),
+                label_pairs: DashMap::new(),
                 runs_config: ArcSwap::from_pointee(runs),
                 clock,
                 sink,
@@ -561,7 +565,7 @@ impl Budgets {
     pub fn headroom(&self, call: &CallRequest<'_>) -> Option<Money> {
         let run_id = call.run_id?;
         let policy = self.policy();
-        let run = self.shared.runs.get(run_id).map(|r| Arc::clone(r.value()));
+        let run = self.shared.lookup(run_id);
         let (ceiling, spent, reserved) = match run {
             Some(run) => {
                 let g = run.lock();
@@ -604,7 +608,7 @@ impl Budgets {
     /// Ends a run now (`POST /api/runs/{id}/finish`). False when no live run
     /// has this id, or another end won the race.
     pub fn finish_run(&self, run_id: &str, status: RunStatus, stop_reason: Option<&str>) -> bool {
-        let Some(run) = self.shared.runs.get(run_id).map(|r| Arc::clone(r.value())) else {
+        let Some(run) = self.shared.lookup(run_id) else {
             return false;
         };
         let cause = EndCause::Explicit {
@@ -634,8 +638,11 @@ impl Budgets {
         let candidates: Vec<Arc<RunState>> = shared
             .runs
             .iter()
-            .filter(|e| e.in_flight() == 0 && now.saturating_sub(e.last_seen_ms()) >= timeout_ms)
-            .map(|e| Arc::clone(e.value()))
+            .filter(|e| {
+                let run = &e.key().0;
+                run.in_flight() == 0 && now.saturating_sub(run.last_seen_ms()) >= timeout_ms
+            })
+            .map(|e| Arc::clone(&e.key().0))
             .collect();
         let mut ended = 0;
         for run in candidates {
@@ -648,19 +655,15 @@ impl Budgets {
     }
 
     pub fn run_snapshot(&self, run_id: &str) -> Option<RunSnapshot> {
-        let run = self
-            .shared
-            .runs
-            .get(run_id)
-            .map(|r| Arc::clone(r.value()))?;
+        let run = self.shared.lookup(run_id)?;
         let g = run.lock();
         if g.ended {
             return None;
         }
         Some(RunSnapshot {
             run_id: run.id.to_string(),
-            release: g.release.to_string(),
-            request_type: g.request_type.to_string(),
+            release: g.labels.release.to_string(),
+            request_type: g.labels.request_type.to_string(),
             spent: g.spent(),
             llm_cost: g.llm,
             tool_cost: g.tool,
@@ -715,11 +718,7 @@ impl Budgets {
             g.started_ms = g.started_ms.min(restored.started_ms);
         };
         for _ in 0..MAX_ADMIT_ATTEMPTS {
-            if let Some(run) = shared
-                .runs
-                .get(restored.run_id.as_str())
-                .map(|r| Arc::clone(r.value()))
-            {
+            if let Some(run) = shared.lookup(&restored.run_id) {
                 let mut g = run.lock();
                 if g.ended {
                     drop(g);
@@ -732,11 +731,10 @@ impl Budgets {
             }
             shared.make_room();
             let fresh = Arc::new(RunState::new(
-                Arc::from(restored.run_id.as_str()),
+                &restored.run_id,
                 NewRun {
                     ceiling,
-                    release: shared.intern(&restored.release),
-                    request_type: shared.intern(&restored.request_type),
+                    labels: shared.intern_labels(&restored.release, &restored.request_type),
                     now_ms: restored.last_seen_ms,
                 },
             ));
@@ -786,6 +784,27 @@ impl Shared {
         }
     }
 
+    fn lookup(&self, run_id: &str) -> Option<Arc<RunState>> {
+        self.runs.get(run_id).map(|e| Arc::clone(&e.key().0))
+    }
+
+    /// The shared labels of a (release, request type) pair; beyond
+    /// `MAX_INTERNED_LABELS` pairs each run gets its own.
+    fn intern_labels(&self, release: &str, request_type: &str) -> Arc<RunLabels> {
+        let key = (self.intern(release), self.intern(request_type));
+        if let Some(found) = self.label_pairs.get(&key) {
+            return Arc::clone(found.value());
+        }
+        let fresh = Arc::new(RunLabels {
+            release: Arc::clone(&key.0),
+            request_type: Arc::clone(&key.1),
+        });
+        if self.label_pairs.len() < MAX_INTERNED_LABELS {
+            self.label_pairs.insert(key, Arc::clone(&fresh));
+        }
+        fresh
+    }
+
     fn intern(&self, label: &str) -> Arc<str> {
         if let Some(found) = self.labels.get(label) {
             return Arc::clone(found.key());
@@ -804,12 +823,12 @@ impl Shared {
         policy: &BudgetPolicy,
         now: u64,
     ) -> Arc<RunState> {
-        if let Some(run) = self.runs.get(run_id) {
-            return Arc::clone(run.value());
+        if let Some(run) = self.lookup(run_id) {
+            return run;
         }
         self.make_room();
         let fresh = Arc::new(RunState::new(
-            Arc::from(run_id),
+            run_id,
             NewRun {
                 ceiling: policy.resolve_ceiling(
                     call.release,
@@ -817,18 +836,17 @@ impl Shared {
                     call.model,
                     call.budget_header,
                 ),
-                release: self.intern(call.release),
-                request_type: self.intern(call.request_type),
+                labels: self.intern_labels(call.release, call.request_type),
                 now_ms: now,
             },
         ));
-        match self.runs.entry(Arc::clone(&fresh.id)) {
-            Entry::Occupied(existing) => Arc::clone(existing.get()),
+        match self.runs.entry(RunKey(Arc::clone(&fresh))) {
+            Entry::Occupied(existing) => Arc::clone(&existing.key().0),
             Entry::Vacant(slot) => {
                 // Counted while the shard is still locked, so the removal
                 // (which needs that lock) can never be counted first.
                 self.run_count.fetch_add(1, Ordering::AcqRel);
-                slot.insert(Arc::clone(&fresh));
+                slot.insert(());
                 bump(&self.counters.runs_started);
                 fresh
             }
@@ -836,11 +854,11 @@ impl Shared {
     }
 
     fn insert_if_vacant(&self, fresh: &Arc<RunState>) -> bool {
-        match self.runs.entry(Arc::clone(&fresh.id)) {
+        match self.runs.entry(RunKey(Arc::clone(fresh))) {
             Entry::Occupied(_) => false,
             Entry::Vacant(slot) => {
                 self.run_count.fetch_add(1, Ordering::AcqRel);
-                slot.insert(Arc::clone(fresh));
+                slot.insert(());
                 bump(&self.counters.runs_started);
                 true
             }
@@ -851,7 +869,7 @@ impl Shared {
     fn forget(&self, run: &Arc<RunState>) {
         if self
             .runs
-            .remove_if(&run.id, |_, v| Arc::ptr_eq(v, run))
+            .remove_if(&*run.id, |k, ()| Arc::ptr_eq(&k.0, run))
             .is_some()
         {
             let _ = self
@@ -882,8 +900,8 @@ impl Shared {
             let mut idle: Vec<(u64, Arc<RunState>)> = self
                 .runs
                 .iter()
-                .filter(|e| e.in_flight() == 0)
-                .map(|e| (e.last_seen_ms(), Arc::clone(e.value())))
+                .filter(|e| e.key().0.in_flight() == 0)
+                .map(|e| (e.key().0.last_seen_ms(), Arc::clone(&e.key().0)))
                 .collect();
             if idle.len() > want {
                 idle.select_nth_unstable_by_key(want, |(seen, _)| *seen);
@@ -950,8 +968,8 @@ impl Shared {
             let cost = g.spent();
             RunEnd {
                 run_id: run.id.to_string(),
-                release: g.release.to_string(),
-                request_type: g.request_type.to_string(),
+                release: g.labels.release.to_string(),
+                request_type: g.labels.request_type.to_string(),
                 status,
                 stop_reason,
                 cost,

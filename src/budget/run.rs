@@ -1,13 +1,18 @@
 //! Per-run state.
 //!
-//! Size on 64-bit targets: `RunState` is 176 bytes (asserted in the unit
-//! tests), 192 behind its `Arc`; with the map entry (~28 bytes at the
-//! table's load factor) and a 36-character run id behind its own `Arc`
-//! (52 bytes, shared by the map key and the state) a tracked run costs
-//! about 272 bytes, plus 4 bytes per remembered body hash (at most
-//! `runs.max_body_hashes_per_run`, default 64 → 256 bytes, allocated as
-//! calls arrive). Release and request-type labels are interned.
+//! Size on 64-bit targets: `RunState` is 152 bytes (asserted in the unit
+//! tests), 168 behind its `Arc`. The registry stores only that `Arc` (8
+//! bytes a slot; the map hashes and compares by the id inside the state),
+//! and the id bytes are in one exact-size allocation, so a tracked run with
+//! a 36-character id costs about 168 + 36 + ~10 (map) bytes, plus the
+//! allocator's per-block overhead. Release and request-type labels are
+//! interned as a pair (one pointer per run). Body hashes: the first
+//! `INLINE_HASHES` are kept inline, more go to a vector that grows as calls
+//! arrive (4 bytes a hash, at most `runs.max_body_hashes_per_run`, default
+//! 64 → 256 bytes).
 
+use std::borrow::Borrow;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -17,8 +22,16 @@ use crate::money::Money;
 /// run for repeat-after-failure detection (oldest replaced when full).
 const FAILED_KEYS: usize = 4;
 
+/// A run's release and request-type labels, shared by the runs that have
+/// the same pair.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct RunLabels {
+    pub(crate) release: Arc<str>,
+    pub(crate) request_type: Arc<str>,
+}
+
 pub(crate) struct RunState {
-    pub(crate) id: Arc<str>,
+    pub(crate) id: Box<str>,
     /// Mirrors of fields guarded by `inner`, written only under that lock,
     /// readable without it by the sweep and eviction scans.
     last_seen_ms: AtomicU64,
@@ -33,10 +46,9 @@ pub(crate) struct RunInner {
     /// Sum of the reservations of this run's calls in flight.
     pub(crate) reserved: Money,
     pub(crate) started_ms: u64,
-    pub(crate) release: Arc<str>,
-    pub(crate) request_type: Arc<str>,
+    pub(crate) labels: Arc<RunLabels>,
     /// Ring of folded body hashes of the latest calls.
-    body_hashes: Vec<u32>,
+    body_hashes: BodyHashes,
     failed_keys: [u32; FAILED_KEYS],
     pub(crate) calls: u32,
     pub(crate) refusals: u32,
@@ -53,15 +65,14 @@ pub(crate) struct RunInner {
 
 pub(crate) struct NewRun {
     pub(crate) ceiling: Money,
-    pub(crate) release: Arc<str>,
-    pub(crate) request_type: Arc<str>,
+    pub(crate) labels: Arc<RunLabels>,
     pub(crate) now_ms: u64,
 }
 
 impl RunState {
-    pub(crate) fn new(id: Arc<str>, new: NewRun) -> RunState {
+    pub(crate) fn new(id: &str, new: NewRun) -> RunState {
         RunState {
-            id,
+            id: Box::from(id),
             last_seen_ms: AtomicU64::new(new.now_ms),
             in_flight: AtomicU32::new(0),
             inner: Mutex::new(RunInner {
@@ -70,9 +81,8 @@ impl RunState {
                 tool: Money::ZERO,
                 reserved: Money::ZERO,
                 started_ms: new.now_ms,
-                release: new.release,
-                request_type: new.request_type,
-                body_hashes: Vec::new(),
+                labels: new.labels,
+                body_hashes: BodyHashes::default(),
                 failed_keys: [0; FAILED_KEYS],
                 calls: 0,
                 refusals: 0,
@@ -134,21 +144,15 @@ impl RunInner {
         }
         if self.body_hashes.len() > cap {
             // The history was shortened by a reload.
-            self.body_hashes.truncate(cap);
-            self.body_hashes.shrink_to_fit();
+            self.body_hashes.shorten(cap);
         }
         let folded = fold(hash);
-        let seen = self.body_hashes.contains(&folded);
+        let seen = self.body_hashes.as_slice().contains(&folded);
         if self.body_hashes.len() < cap {
-            if self.body_hashes.len() == self.body_hashes.capacity() {
-                let len = self.body_hashes.len();
-                // Grow 4, 8, 16, … but never past `cap`.
-                self.body_hashes.reserve_exact(len.max(4).min(cap - len));
-            }
-            self.body_hashes.push(folded);
+            self.body_hashes.push(folded, cap);
         } else {
             let at = usize::from(self.hash_next) % cap;
-            self.body_hashes[at] = folded;
+            self.body_hashes.set(at, folded);
             self.hash_next = u16::try_from((at + 1) % cap).unwrap_or(0);
         }
         seen
@@ -171,6 +175,111 @@ impl RunInner {
             (false, Some(i)) => self.failed_keys[i] = 0,
             _ => {}
         }
+    }
+}
+
+/// Body hashes kept inline, without an allocation (runs of a few calls).
+pub(crate) const INLINE_HASHES: usize = 3;
+
+/// The remembered body hashes of a run: the first `INLINE_HASHES` in place
+/// (the enum is no larger than the `Vec` alone), then a vector.
+enum BodyHashes {
+    Inline {
+        len: u8,
+        hashes: [u32; INLINE_HASHES],
+    },
+    Heap(Vec<u32>),
+}
+
+impl Default for BodyHashes {
+    fn default() -> BodyHashes {
+        BodyHashes::Inline {
+            len: 0,
+            hashes: [0; INLINE_HASHES],
+        }
+    }
+}
+
+impl BodyHashes {
+    fn as_slice(&self) -> &[u32] {
+        match self {
+            BodyHashes::Inline { len, hashes } => &hashes[..usize::from(*len)],
+            BodyHashes::Heap(v) => v,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    /// Keeps the first `cap` hashes.
+    fn shorten(&mut self, cap: usize) {
+        match self {
+            BodyHashes::Inline { len, .. } => {
+                *len = (*len).min(u8::try_from(cap).unwrap_or(u8::MAX));
+            }
+            BodyHashes::Heap(v) => {
+                v.truncate(cap);
+                v.shrink_to_fit();
+            }
+        }
+    }
+
+    /// Appends `hash`; the caller keeps the length below `cap`.
+    fn push(&mut self, hash: u32, cap: usize) {
+        match self {
+            BodyHashes::Inline { len, hashes } if usize::from(*len) < INLINE_HASHES => {
+                hashes[usize::from(*len)] = hash;
+                *len += 1;
+            }
+            BodyHashes::Inline { hashes, .. } => {
+                let mut v = Vec::with_capacity((2 * INLINE_HASHES).min(cap));
+                v.extend_from_slice(hashes);
+                v.push(hash);
+                *self = BodyHashes::Heap(v);
+            }
+            BodyHashes::Heap(v) => {
+                if v.len() == v.capacity() {
+                    let len = v.len();
+                    // Grow by doubling, but never past `cap`.
+                    v.reserve_exact(len.min(cap - len));
+                }
+                v.push(hash);
+            }
+        }
+    }
+
+    fn set(&mut self, at: usize, hash: u32) {
+        match self {
+            BodyHashes::Inline { hashes, .. } => hashes[at] = hash,
+            BodyHashes::Heap(v) => v[at] = hash,
+        }
+    }
+}
+
+/// A registry entry: the run itself, hashed and compared by its id (so the
+/// map needs no key of its own and is looked up with a `&str`).
+#[derive(Clone)]
+pub(crate) struct RunKey(pub(crate) Arc<RunState>);
+
+impl Hash for RunKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `str` hashes, for lookups through `Borrow<str>`.
+        self.0.id.hash(state);
+    }
+}
+
+impl PartialEq for RunKey {
+    fn eq(&self, other: &RunKey) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for RunKey {}
+
+impl Borrow<str> for RunKey {
+    fn borrow(&self) -> &str {
+        &self.0.id
     }
 }
 

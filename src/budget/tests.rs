@@ -1,33 +1,67 @@
 use std::mem::size_of;
 use std::sync::{Arc, Mutex};
 
-use super::run::{outcome_key, NewRun, RunState};
+use super::run::{outcome_key, NewRun, RunKey, RunLabels, RunState, INLINE_HASHES};
 use super::*;
 
 fn m(usd: &str) -> Money {
     Money::parse_usd(usd).expect("test amount")
 }
 
+/// A plain LLM call of run `run` (release `v1`, request type `default`,
+/// `gpt-4.1` on route `openai`) reserving `reservation`.
+fn call(run: &str, reservation: Money) -> CallRequest<'_> {
+    CallRequest {
+        run_id: Some(run),
+        release: "v1",
+        request_type: "default",
+        model: Some("gpt-4.1"),
+        tool: None,
+        route: "openai",
+        budget_header: None,
+        reservation,
+        sdk_retry_count: None,
+        body_hash: None,
+    }
+}
+
+/// A run's state outside any registry.
+fn lone_run() -> RunState {
+    RunState::new(
+        "r",
+        NewRun {
+            ceiling: m("1"),
+            labels: Arc::new(RunLabels {
+                release: Arc::from("x"),
+                request_type: Arc::from("y"),
+            }),
+            now_ms: 0,
+        },
+    )
+}
+
 #[test]
 fn run_state_is_small() {
-    // Per tracked run: RunState behind an Arc (+2 counters), one map entry
-    // (Arc<str> key + Arc value, ~1/0.875 for the table's load factor), the
-    // id bytes behind their own Arc (shared by key and state), and 4 bytes
-    // per remembered body hash.
+    // Per tracked run: RunState behind an Arc (+2 counters), one map slot
+    // (the Arc itself, ~1/0.875 for the table's load factor, + 1 control
+    // byte), and the id bytes in their own allocation; body hashes past the
+    // first few 4 bytes each.
     let word = size_of::<usize>();
     let state = size_of::<RunState>() + 2 * word;
-    let entry = size_of::<(Arc<str>, Arc<RunState>)>() * 8 / 7 + 1;
-    let id = 2 * word + 36; // a UUID
+    let entry = size_of::<(RunKey, ())>() * 8 / 7 + 1;
+    let id = 36; // a UUID
     let fixed = state + entry + id;
     println!(
-        "RunState+Arc {state} B, map entry ~{entry} B, 36-char id {id} B: \
-         ~{fixed} B per run + 4 B per remembered body hash (64 → 256 B)"
+        "RunState+Arc {state} B, map slot ~{entry} B, 36-char id {id} B: \
+         ~{fixed} B per run; the first {INLINE_HASHES} body hashes inline, \
+         then 4 B each (64 → 256 B)"
     );
     assert!(
-        size_of::<RunState>() <= 176,
+        size_of::<RunState>() <= 152,
         "RunState grew to {state} bytes"
     );
-    assert!(fixed < 320, "{fixed}");
+    assert_eq!(size_of::<(RunKey, ())>(), word);
+    assert!(fixed < 224, "{fixed}");
 }
 
 #[test]
@@ -93,15 +127,7 @@ fn periods_change_at_utc_boundaries() {
 
 #[test]
 fn body_hash_ring_remembers_the_latest() {
-    let run = RunState::new(
-        Arc::from("r"),
-        NewRun {
-            ceiling: m("1"),
-            release: Arc::from("x"),
-            request_type: Arc::from("y"),
-            now_ms: 0,
-        },
-    );
+    let run = lone_run();
     let mut g = run.lock();
     for h in 0..3u64 {
         assert!(!g.note_body(h, 3));
@@ -115,16 +141,37 @@ fn body_hash_ring_remembers_the_latest() {
 }
 
 #[test]
-fn outcome_memory_tracks_last_result_per_route_and_model() {
-    let run = RunState::new(
-        Arc::from("r"),
-        NewRun {
-            ceiling: m("1"),
-            release: Arc::from("x"),
-            request_type: Arc::from("y"),
-            now_ms: 0,
-        },
+fn body_hash_ring_spills_from_inline_and_shortens_on_reload() {
+    let run = lone_run();
+    let mut g = run.lock();
+    let n = INLINE_HASHES as u64 + 3;
+    for h in 0..n {
+        assert!(!g.note_body(h, 8));
+    }
+    for h in 0..n {
+        assert!(g.note_body(h, 8), "{h} remembered");
+    }
+    // Full at 8: the ring replaces the oldest.
+    assert!(!g.note_body(100, 8));
+    assert!(g.note_body(100, 8));
+    // A reload shortens the history to the first 2 remembered.
+    assert!(!g.note_body(200, 2));
+    drop(g);
+    let run = lone_run();
+    let mut g2 = run.lock();
+    for h in 0..INLINE_HASHES as u64 {
+        assert!(!g2.note_body(h, 64));
+    }
+    assert!(
+        g2.note_body(0, 1),
+        "shortened inline history keeps the first"
     );
+    assert!(!g2.note_body(1, 1), "and only the first");
+}
+
+#[test]
+fn outcome_memory_tracks_last_result_per_route_and_model() {
+    let run = lone_run();
     let a = outcome_key("openai", Some("gpt-4.1"));
     let b = outcome_key("openai", Some("gpt-4.1-mini"));
     assert_ne!(a, b);
@@ -260,28 +307,12 @@ fn ended_run_entry_is_replaced_not_reused() {
         Arc::new(ManualClock::new(1_000)),
         Arc::new(move |e| sink_ends.lock().expect("sink").push(e)),
     );
-    let call = CallRequest {
-        run_id: Some("r1"),
-        release: "v1",
-        request_type: "default",
-        model: Some("gpt-4.1"),
-        tool: None,
-        route: "openai",
-        budget_header: None,
-        reservation: m("0.01"),
-        sdk_retry_count: None,
-        body_hash: None,
-    };
+    let call = call("r1", m("0.01"));
     budgets
         .admit(&call)
         .expect("admit")
         .settle(m("0.02"), CostKind::Llm, false, None);
-    let old = budgets
-        .shared
-        .runs
-        .get("r1")
-        .map(|r| Arc::clone(r.value()))
-        .expect("run");
+    let old = budgets.shared.lookup("r1").expect("run");
     old.lock().ended = true; // as if an end were half done
     let adm = budgets.admit(&call).expect("admit");
     assert_eq!(adm.run_spent(), Money::ZERO);
@@ -300,16 +331,8 @@ fn a_withdrawn_admission_charges_nothing_and_a_shared_ticket_settles_first() {
         Arc::new(|_| {}),
     );
     let call = CallRequest {
-        run_id: Some("r1"),
-        release: "v1",
-        request_type: "default",
-        model: Some("gpt-4.1"),
-        tool: None,
-        route: "openai",
-        budget_header: None,
-        reservation: m("0.01"),
         sdk_retry_count: Some(1),
-        body_hash: None,
+        ..call("r1", m("0.01"))
     };
     budgets
         .admit(&call)
@@ -361,16 +384,8 @@ fn with_limits_left_to_the_fleet_a_replica_never_refuses_on_its_own_view() {
         Arc::new(|_| {}),
     );
     let call = CallRequest {
-        run_id: Some("r1"),
-        release: "v1",
-        request_type: "default",
-        model: Some("gpt-4.1"),
-        tool: None,
-        route: "openai",
         budget_header: Some(m("0.01")),
-        reservation: m("0.01"),
-        sdk_retry_count: None,
-        body_hash: None,
+        ..call("r1", m("0.01"))
     };
     // Locally the run has spent its whole ceiling…
     budgets
