@@ -119,7 +119,12 @@ pub async fn serve_tls<H, Fut>(
             let mut stop = stop_rx.clone();
             connections.spawn(async move {
                 let protocol = tokio::select! {
-                    protocol = sniff(&stream) => protocol,
+                    protocol = tokio::time::timeout(handshake_timeout, sniff(&stream)) => match protocol {
+                        Ok(protocol) => protocol,
+                        // Silent past the header read time: close, as hyper
+                        // does with a request head that does not come.
+                        Err(_) => return,
+                    },
                     // Shutdown before the first bytes: close, as the
                     // auto-detecting connection does when cancelled there.
                     _ = stop.wait_for(|stop| *stop) => return,

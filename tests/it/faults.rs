@@ -118,6 +118,24 @@ async fn a_slowloris_head_is_cut_after_header_read_timeout() {
 }
 
 #[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_after_header_read_timeout() {
+    let (upstream, proxy) = proxy_with("header_read_timeout_ms = 300").await;
+    let mut socket = TcpStream::connect(proxy.agent).await.unwrap();
+    let started = Instant::now();
+    // Not a byte: the server must still end the connection itself.
+    let response = read_to_close(&mut socket).await;
+    let waited = started.elapsed();
+    assert!(response.is_empty(), "{response}");
+    assert!(
+        waited >= Duration::from_millis(250),
+        "closed before the timeout: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(5), "took {waited:?}");
+    assert_eq!(upstream.hits(), 0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
 async fn http_1_0_requests_are_served() {
     let (upstream, proxy) = proxy_with("").await;
     let body = r#"{"model":"gpt-4o-mini","messages":[]}"#;
