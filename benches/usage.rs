@@ -19,6 +19,11 @@ struct Case {
     path: &'static str,
     dialect: Dialect,
     content_type: &'static str,
+    /// The first record stays in place and only the ones between it and the
+    /// usage-bearing tail repeat. `false` for a stream whose first record is
+    /// an ordinary content record (Ollama NDJSON): every record but the
+    /// tail repeats.
+    keep_first: bool,
 }
 
 const CASES: &[Case] = &[
@@ -27,72 +32,95 @@ const CASES: &[Case] = &[
         path: "openai/chat-completions.stream-include-usage.sse",
         dialect: Dialect::OpenAi,
         content_type: "text/event-stream",
+        keep_first: true,
     },
     Case {
         name: "openai/completions",
         path: "openai/completions.stream.sse",
         dialect: Dialect::OpenAi,
         content_type: "text/event-stream",
+        keep_first: true,
     },
     Case {
         name: "openai/responses",
         path: "openai/responses.stream.sse",
         dialect: Dialect::OpenAi,
         content_type: "text/event-stream",
+        keep_first: true,
     },
     Case {
         name: "azure/responses",
         path: "azure/responses.stream.sse",
         dialect: Dialect::OpenAi,
         content_type: "text/event-stream",
+        keep_first: true,
     },
     Case {
         name: "openrouter/chat",
         path: "openrouter/chat-completions.stream.sse",
         dialect: Dialect::OpenAi,
         content_type: "text/event-stream",
+        keep_first: true,
     },
     Case {
         name: "groq/chat",
         path: "groq/chat-completions.stream.sse",
         dialect: Dialect::OpenAi,
         content_type: "text/event-stream",
+        keep_first: true,
     },
     Case {
         name: "mistral/chat",
         path: "mistral/chat-completions.stream.sse",
         dialect: Dialect::OpenAi,
         content_type: "text/event-stream",
+        keep_first: true,
     },
     Case {
         name: "anthropic/cache",
         path: "anthropic/messages.stream.cache.sse",
         dialect: Dialect::Anthropic,
         content_type: "text/event-stream",
+        keep_first: true,
     },
     Case {
         name: "anthropic/padded",
         path: "anthropic/messages.stream.padded.sse",
         dialect: Dialect::Anthropic,
         content_type: "text/event-stream",
+        keep_first: true,
     },
     Case {
         name: "gemini/stream",
         path: "gemini/streamGenerateContent.sse",
         dialect: Dialect::Gemini,
         content_type: "text/event-stream",
+        keep_first: true,
     },
     Case {
         name: "gemini/thinking",
         path: "gemini/streamGenerateContent.thinking.sse",
         dialect: Dialect::Gemini,
         content_type: "text/event-stream",
+        keep_first: true,
     },
     Case {
         name: "ollama/api-chat",
         path: "ollama/api-chat.stream.ndjson",
         dialect: Dialect::OpenAi,
         content_type: "application/x-ndjson",
+        keep_first: true,
+    },
+    // The same two records, inflated as a real stream is: content records
+    // repeat, the final `done` record with the usage comes once. The case
+    // above (too few records to have a middle) repeats the whole fixture,
+    // so half its records are final records.
+    Case {
+        name: "ollama/api-chat-long",
+        path: "ollama/api-chat.stream.ndjson",
+        dialect: Dialect::OpenAi,
+        content_type: "application/x-ndjson",
+        keep_first: false,
     },
 ];
 
@@ -124,20 +152,27 @@ fn records(body: &[u8], ndjson: bool) -> Vec<Vec<u8>> {
 }
 
 /// Repeats the middle records (content deltas) until the body is ~1 MiB; the
-/// first record (model-bearing start) and the last two (usage, terminator)
-/// stay in place.
-fn inflate(body: &[u8], ndjson: bool) -> Vec<u8> {
+/// first record (model-bearing start, unless `keep_first` is false) and the
+/// last two (usage, terminator; the last one in NDJSON) stay in place. A
+/// body with too few records for that repeats whole.
+fn inflate(body: &[u8], ndjson: bool, keep_first: bool) -> Vec<u8> {
     let recs = records(body, ndjson);
-    if recs.len() < 4 {
+    let head_len = usize::from(keep_first);
+    let tail_len = if ndjson { 1 } else { 2 };
+    let too_few = if keep_first {
+        recs.len() < 4
+    } else {
+        recs.len() <= tail_len
+    };
+    if too_few {
         let mut out = Vec::new();
         while out.len() < TARGET {
             out.extend_from_slice(body);
         }
         return out;
     }
-    let head = &recs[..1];
-    let tail_len = if ndjson { 1 } else { 2 };
-    let mid = &recs[1..recs.len() - tail_len];
+    let head = &recs[..head_len];
+    let mid = &recs[head_len..recs.len() - tail_len];
     let tail = &recs[recs.len() - tail_len..];
     let fixed: usize = head.iter().chain(tail).map(Vec::len).sum();
     let mut out: Vec<u8> = head.concat();
@@ -161,7 +196,7 @@ fn bench(c: &mut Criterion) {
             Ok(raw) => raw,
             Err(_) => continue,
         };
-        let body = inflate(&raw, case.content_type.contains("ndjson"));
+        let body = inflate(&raw, case.content_type.contains("ndjson"), case.keep_first);
         group.throughput(Throughput::Bytes(body.len() as u64));
         group.bench_function(case.name, |b| {
             b.iter(|| {
@@ -200,7 +235,7 @@ fn fixed_run() -> bool {
         let Ok(raw) = std::fs::read(root.join(case.path)) else {
             continue;
         };
-        let body = inflate(&raw, case.content_type.contains("ndjson"));
+        let body = inflate(&raw, case.content_type.contains("ndjson"), case.keep_first);
         for _ in 0..iters {
             let mut tap = UsageTap::new(
                 case.dialect,

@@ -29,7 +29,9 @@
 //! strings) but not literals or numbers; the captured values are validated by
 //! serde when they are decoded.
 
-use memchr::{memchr2, memchr3};
+use memchr::{memchr, memchr2, memchr3};
+
+mod line;
 
 /// Top-level members whose values are captured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +146,12 @@ static MEMBER_STOP: [bool; 256] = {
 #[derive(Debug)]
 pub(crate) struct JsonScanner {
     lines: bool,
+    /// NDJSON: whole record lines go through the fast path (`line`). Off
+    /// only in tests that compare the two paths.
+    fast_lines: bool,
+    /// Records read by the fast path (tests check it is taken).
+    #[cfg(test)]
+    fast_records: usize,
     max_value_bytes: usize,
     depth: usize,
     /// Depth at which member keys are read: 1 for a top-level object, 2 when
@@ -182,6 +190,9 @@ impl JsonScanner {
     pub(crate) fn new(lines: bool, max_value_bytes: usize) -> Self {
         JsonScanner {
             lines,
+            fast_lines: lines,
+            #[cfg(test)]
+            fast_records: 0,
             max_value_bytes: max_value_bytes.max(16),
             depth: 0,
             member_depth: 1,
@@ -223,11 +234,80 @@ impl JsonScanner {
         }
     }
 
+    /// Nothing of a member, capture or text value is pending: at depth 0
+    /// the next byte starts afresh (see `line`).
+    fn clean(&self) -> bool {
+        self.depth == 0
+            && !self.in_string
+            && !self.text
+            && self.capture.is_none()
+            && self.pending.is_none()
+            && !self.capture_scalar
+    }
+
+    /// NDJSON: reads the record line starting at `buf[i]` with the fast path
+    /// if the whole line is in `buf` and the fast path can read it exactly;
+    /// the index after its newline. Otherwise `Err` with the index up to
+    /// which the general scanner must go before trying again (the end of
+    /// that line, or of `buf`).
+    fn fast_line<S: JsonSink>(
+        &mut self,
+        buf: &[u8],
+        i: usize,
+        sink: &mut S,
+    ) -> Result<usize, usize> {
+        let rest = buf.get(i..).unwrap_or_default();
+        let Some(p) = memchr(b'\n', rest) else {
+            return Err(buf.len());
+        };
+        let line = rest.get(..p).unwrap_or_default();
+        let Some(rec) = line::read(line) else {
+            return Err(i + p + 1);
+        };
+        for (key, raw) in rec.captures(line) {
+            // As `start_value` and `append_capture` would have done.
+            if sink.wants(key) {
+                if raw.len() > self.max_value_bytes {
+                    sink.malformed();
+                } else {
+                    sink.value(key, raw);
+                }
+            }
+        }
+        if rec.text() > 0 {
+            sink.text_bytes(rec.text());
+        }
+        if rec.object() {
+            // The state the general scanner leaves after a top-level object.
+            self.member_depth = 1;
+            self.objects |= 1;
+            self.expect_key = false;
+            sink.value_end();
+            #[cfg(test)]
+            {
+                self.fast_records += 1;
+            }
+        }
+        Ok(i + p + 1)
+    }
+
     pub(crate) fn feed<S: JsonSink>(&mut self, buf: &[u8], sink: &mut S) {
         let mut i = 0;
         // Start of the part of `buf` that belongs to the current capture.
         let mut cap_from: Option<usize> = self.capture.map(|_| 0);
+        // NDJSON: before this index the general scanner reads (a line the
+        // fast path declined, or a record not whole in this read).
+        let mut general_until = 0;
         while i < buf.len() {
+            if self.fast_lines && i >= general_until && self.clean() {
+                match self.fast_line(buf, i, sink) {
+                    Ok(next) => {
+                        i = next;
+                        continue;
+                    }
+                    Err(until) => general_until = until,
+                }
+            }
             if self.in_string {
                 if self.escape {
                     self.escape = false;
@@ -662,5 +742,359 @@ mod tests {
         let r = scan(&[b"<html>}"], false, 64);
         assert!(r.malformed >= 1);
         assert_eq!(r.ends, 0);
+    }
+
+    /// Scans `chunks` in lines mode with the fast path on or off; returns
+    /// what the sink saw and how many records the fast path read.
+    fn scan_lines(chunks: &[&[u8]], fast: bool, cap: usize) -> (Rec, usize) {
+        let mut s = JsonScanner::new(true, cap);
+        s.fast_lines = fast;
+        let mut r = Rec::default();
+        for c in chunks {
+            s.feed(c, &mut r);
+        }
+        // A probe after the input: a state the fast path left different
+        // from the general scanner's (text mode, member depth) shows here.
+        s.feed(
+            b"{\"id\":\"probe\",\"model\":\"p\",\"message\":{\"content\":\"12345\"}}\n[{\"done\":true}]\n",
+            &mut r,
+        );
+        (r, s.fast_records)
+    }
+
+    /// The fast path must see exactly what the general scanner sees, for
+    /// the body whole, split anywhere in two, and byte by byte. Returns the
+    /// result and the fast path's record count on the whole body.
+    fn same_both_ways(input: &[u8], cap: usize) -> (Rec, usize) {
+        let (general, none) = scan_lines(&[input], false, cap);
+        assert_eq!(none, 0);
+        let (fast, hits) = scan_lines(&[input], true, cap);
+        let show = String::from_utf8_lossy(input);
+        assert_eq!(fast, general, "fast path vs general scanner on {show:?}");
+        for i in 0..=input.len() {
+            let (a, b) = input.split_at(i);
+            assert_eq!(
+                scan_lines(&[a, b], true, cap).0,
+                general,
+                "split at {i} of {show:?}"
+            );
+        }
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(
+            scan_lines(&bytes, true, cap).0,
+            general,
+            "byte by byte: {show:?}"
+        );
+        (fast, hits)
+    }
+
+    const OLLAMA_CONTENT: &[u8] = b"{\"model\":\"llama3.2\",\"created_at\":\"2023-08-04T08:52:19.385406455-07:00\",\"message\":{\"role\":\"assistant\",\"content\":\"The\",\"images\":null},\"done\":false}";
+    const OLLAMA_FINAL: &[u8] = b"{\"model\":\"llama3.2\",\"created_at\":\"2023-08-04T19:22:45.499127Z\",\"message\":{\"role\":\"assistant\",\"content\":\"\"},\"done\":true,\"total_duration\":4883583458,\"load_duration\":1334875,\"prompt_eval_count\":26,\"prompt_eval_duration\":342546000,\"eval_count\":282,\"eval_duration\":4535599000}";
+
+    #[test]
+    fn fast_path_reads_ollama_records_whole() {
+        let mut body = Vec::new();
+        for _ in 0..3 {
+            body.extend_from_slice(OLLAMA_CONTENT);
+            body.push(b'\n');
+        }
+        body.extend_from_slice(OLLAMA_FINAL);
+        body.push(b'\n');
+        let (r, hits) = same_both_ways(&body, 1024);
+        assert_eq!(
+            hits,
+            4 + 1,
+            "every record (and the probe's object line) by the fast path"
+        );
+        let usage: Vec<_> = r
+            .values
+            .iter()
+            .filter(|(k, _)| matches!(k, Key::PromptEvalCount | Key::EvalCount | Key::Done))
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        assert_eq!(
+            usage,
+            vec![
+                (Key::Done, "false"),
+                (Key::Done, "false"),
+                (Key::Done, "false"),
+                (Key::Done, "true"),
+                (Key::PromptEvalCount, "26"),
+                (Key::EvalCount, "282"),
+                (Key::Done, "true"),
+            ]
+        );
+        assert_eq!(
+            r.values.first(),
+            Some(&(Key::Model, "\"llama3.2\"".to_owned()))
+        );
+        // "The" three times, plus the probe's 5.
+        assert_eq!(r.text, 9 + 5);
+        assert_eq!(r.ends, 4 + 2);
+        assert_eq!(r.malformed, 0);
+    }
+
+    #[test]
+    fn fast_path_keeps_what_records_carry() {
+        let cases: &[&[u8]] = &[
+            // Usage on a record that also has content.
+            b"{\"message\":{\"content\":\"hi\"},\"done\":true,\"prompt_eval_count\":1,\"eval_count\":2}\n",
+            // Error records, string and object.
+            b"{\"error\":\"model 'x' not found\"}\n",
+            b"{\"error\":{\"type\":\"overloaded\",\"message\":\"busy\"}}\n",
+            // Key text inside string values is not a key.
+            b"{\"message\":{\"content\":\"\\\"eval_count\\\":99, \\\"done\\\":true\"},\"done\":false}\n",
+            b"{\"response\":\"{\\\"usage\\\":{}}\",\"id\":\"\\\"model\\\"\"}\n",
+            // Escaped quotes and backslashes at string ends.
+            b"{\"message\":{\"content\":\"a\\\\\"},\"done\":false}\n",
+            b"{\"message\":{\"content\":\"\\\\\\\"\"},\"x\":\"\\\\\"}\n",
+            // Text under leaf keys at depth, arrays, tool calls.
+            b"{\"message\":{\"role\":\"assistant\",\"content\":\"\",\"thinking\":\"hmm\",\"tool_calls\":[{\"function\":{\"name\":\"f\",\"arguments\":{\"city\":\"Paris\"}}}]}}\n",
+            b"{\"message\":{\"content\":[\"a\",{\"text\":\"bc\",\"k\":\"no\"}],\"role\":\"r\"}}\n",
+            // /api/generate shape, CRLF, blank lines, whitespace.
+            b"{ \"model\" : \"m\" , \"response\" : \"Hello\" , \"done\" : false }\r\n\r\n  \n{\"response\":\"!\",\"done\":true ,\"eval_count\": 3}\r\n",
+            // The last record without its newline.
+            b"{\"response\":\"a\"}\n{\"done\":true,\"eval_count\":7}",
+            // A top-level array record, then an object record.
+            b"[{\"done\":true}]\n{\"eval_count\":1}\n",
+            // Nested usage and error in the general-scanner sense.
+            b"{\"usage\":{\"prompt_tokens\":3,\"nested\":{\"a\":[1,2]}},\"type\":\"error\"}\n",
+            // Key-looking bytes as a long key, and an escaped key.
+            b"{\"eval_count_of_something_very_long_indeed\":1,\"con\\u0074ent\":\"x\",\"eval_count\":2}\n",
+        ];
+        for case in cases {
+            let (r, hits) = same_both_ways(case, 1024);
+            assert!(
+                hits >= 2,
+                "fast path taken on {:?}",
+                String::from_utf8_lossy(case)
+            );
+            assert_eq!(r.malformed, 0, "{:?}", String::from_utf8_lossy(case));
+        }
+        let (r, _) = same_both_ways(cases[0], 1024);
+        assert!(r.values.contains(&(Key::EvalCount, "2".to_owned())));
+        let (r, _) = same_both_ways(cases[1], 1024);
+        assert_eq!(r.values.first().map(|v| v.0), Some(Key::Error));
+        let (r, _) = same_both_ways(cases[3], 1024);
+        assert!(!r.values.iter().any(|(k, _)| *k == Key::EvalCount));
+        let content = br#"\"eval_count\":99, \"done\":true"#;
+        assert_eq!(r.text, content.len() as u64 + 5);
+    }
+
+    #[test]
+    fn fast_path_declines_what_it_does_not_read_exactly() {
+        let cases: &[&[u8]] = &[
+            // Broken records, a newline inside a string.
+            b"{\"done\":tr\n{\"done\":true}\n",
+            b"{\"message\":{\"content\":\"a\nb\"}}\n",
+            // Stray and mismatched brackets.
+            b"{\"a\":1}}\n{\"a\":[}\n",
+            // A scalar text member (the general scanner stays in text mode).
+            b"{\"content\":1,\"id\":\"abc\"}\n{\"id\":\"def\"}\n",
+            // Two values on a line, top-level scalars, junk.
+            b"{\"a\":1}{\"eval_count\":2}\n12 true\n\"s\"\n<html>\n",
+            // Trailing comma, missing value, odd scalars.
+            b"{\"a\":1,}\n{\"a\":}\n{\"done\":tr\"ue\"}\n{\"done\":true]\n",
+            // Deep nesting.
+            &[b"{\"a\":".as_slice(), &[b'['; 100], &[b']'; 100], b"}\n"].concat(),
+            // More captures than the fast path holds.
+            b"{\"done\":1,\"done\":2,\"done\":3,\"done\":4,\"done\":5,\"done\":6,\"done\":7,\"done\":8,\"done\":9}\n",
+        ];
+        for case in cases {
+            same_both_ways(case, 1024);
+        }
+    }
+
+    #[test]
+    fn fast_path_value_over_cap_is_malformed_only_when_wanted() {
+        let input = b"{\"model\":\"0123456789012345678901234567890123456789\",\"done\":true}\n{\"model\":\"m\"}\n";
+        let (r, hits) = same_both_ways(input, 20);
+        assert!(hits >= 2);
+        assert_eq!(r.malformed, 1);
+        assert!(r.values.contains(&(Key::Model, "\"m\"".to_owned())));
+    }
+
+    mod generated {
+        //! Generated NDJSON bodies: records built from the keys and string
+        //! shapes that matter (captured keys, text keys and leaves, key
+        //! text inside strings, escapes), with odd whitespace, CRLF, blank
+        //! lines, a last record without newline, and byte-level damage.
+        //! The fast path must agree with the general scanner on each.
+
+        use super::*;
+        use proptest::prelude::*;
+
+        const KEYS: &[&str] = &[
+            "usage",
+            "model",
+            "modelVersion",
+            "usageMetadata",
+            "error",
+            "type",
+            "done",
+            "prompt_eval_count",
+            "eval_count",
+            "choices",
+            "candidates",
+            "content",
+            "message",
+            "output",
+            "response",
+            "thinking",
+            "text",
+            "reasoning",
+            "arguments",
+            "role",
+            "id",
+            "images",
+            "con\\u0074ent",
+            "a_key_that_is_longer_than_thirty_two_bytes",
+        ];
+        const STRINGS: &[&str] = &[
+            "",
+            "abc",
+            "a\\\"b",
+            "\\\\",
+            "\\\"eval_count\\\":1",
+            "\\\"done\\\":true",
+            "eval_count",
+            "x\\ny",
+            "\\u00e9t\\u00e9",
+            "\u{e9}t\u{e9}",
+            "true",
+            "{[",
+            "]}",
+            ",:",
+        ];
+        const SCALARS: &[&str] = &["true", "false", "null", "0", "282", "-1.5e3"];
+        const WS: &[&str] = &["", "", "", " ", "\t", "\r", "  "];
+
+        fn ws() -> impl Strategy<Value = String> {
+            prop::sample::select(WS).prop_map(str::to_owned)
+        }
+
+        fn string() -> impl Strategy<Value = String> {
+            prop::sample::select(STRINGS).prop_map(|s| format!("\"{s}\""))
+        }
+
+        fn value() -> impl Strategy<Value = String> + Clone {
+            let leaf = prop_oneof![
+                string(),
+                prop::sample::select(SCALARS).prop_map(str::to_owned),
+            ];
+            leaf.prop_recursive(4, 24, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec((ws(), inner.clone(), ws()), 0..4).prop_map(|v| {
+                        let items: Vec<String> = v
+                            .into_iter()
+                            .map(|(a, x, b)| format!("{a}{x}{b}"))
+                            .collect();
+                        format!("[{}]", items.join(","))
+                    }),
+                    members(inner).prop_map(|m| format!("{{{m}}}")),
+                ]
+            })
+        }
+
+        fn members(value: impl Strategy<Value = String> + Clone) -> impl Strategy<Value = String> {
+            prop::collection::vec((prop::sample::select(KEYS), ws(), value, ws()), 0..6).prop_map(
+                |v| {
+                    let items: Vec<String> = v
+                        .into_iter()
+                        .map(|(k, a, x, b)| format!("\"{k}\"{a}:{b}{x}{a}"))
+                        .collect();
+                    items.join(",")
+                },
+            )
+        }
+
+        fn record() -> impl Strategy<Value = Vec<u8>> {
+            (
+                ws(),
+                members(value()),
+                ws(),
+                prop::sample::select(&["\n", "\r\n", "\n\n"][..]),
+            )
+                .prop_map(|(a, m, b, end)| format!("{a}{{{m}}}{b}{end}").into_bytes())
+        }
+
+        /// A byte changed, inserted or removed at a spot, from the bytes
+        /// that steer the scanner.
+        fn damage(mut body: Vec<u8>, at: usize, how: u8) -> Vec<u8> {
+            const BYTES: &[u8] = b"\"\\{}[],:\n \rt1";
+            let at = at % (body.len() + 1);
+            let b = BYTES[usize::from(how) % BYTES.len()];
+            match how % 3 {
+                0 if at < body.len() => body[at] = b,
+                1 => body.insert(at, b),
+                _ if at < body.len() => {
+                    body.remove(at);
+                }
+                _ => {}
+            }
+            body
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn fast_path_agrees_with_the_general_scanner(
+                records in prop::collection::vec(record(), 1..5),
+                cut_last_newline in any::<bool>(),
+                damages in prop::collection::vec((any::<usize>(), any::<u8>()), 0..3),
+                cap in prop::sample::select(&[16usize, 40, 1024][..]),
+                cuts in prop::collection::vec(any::<usize>(), 0..4),
+            ) {
+                let mut body = records.concat();
+                if cut_last_newline && body.last() == Some(&b'\n') {
+                    body.pop();
+                }
+                for (at, how) in damages {
+                    body = damage(body, at, how);
+                }
+                let (general, _) = scan_lines(&[&body], false, cap);
+                let (fast, _) = scan_lines(&[&body], true, cap);
+                prop_assert_eq!(&fast, &general);
+                let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (body.len() + 1)).collect();
+                cuts.sort_unstable();
+                let mut chunks = Vec::new();
+                let mut prev = 0;
+                for c in cuts.into_iter().chain(std::iter::once(body.len())) {
+                    chunks.push(&body[prev..c]);
+                    prev = c;
+                }
+                // Against the general scanner fed the same reads: its count
+                // of `malformed` calls on damaged input can depend on where
+                // a read ends (the tap only keeps whether there was one).
+                prop_assert_eq!(
+                    &scan_lines(&chunks, true, cap).0,
+                    &scan_lines(&chunks, false, cap).0
+                );
+            }
+        }
+
+        /// The generator above must reach the fast path, or the property
+        /// checks nothing.
+        #[test]
+        fn generated_records_mostly_take_the_fast_path() {
+            use proptest::strategy::ValueTree;
+            use proptest::test_runner::TestRunner;
+            let mut runner = TestRunner::deterministic();
+            let strategy = record();
+            let (mut fast, mut total) = (0, 0);
+            for _ in 0..200 {
+                let rec = strategy.new_tree(&mut runner).unwrap().current();
+                let mut s = JsonScanner::new(true, 1024);
+                let mut r = Rec::default();
+                s.feed(&rec, &mut r);
+                fast += s.fast_records;
+                total += 1;
+            }
+            assert!(
+                fast * 2 > total,
+                "{fast} of {total} records by the fast path"
+            );
+        }
     }
 }

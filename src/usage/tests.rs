@@ -269,6 +269,48 @@ fn ollama_ndjson_without_done_is_incomplete_and_broken_line_recovers() {
     assert_eq!(o.provider_error.as_deref(), Some("error"));
 }
 
+/// Records the NDJSON fast path reads (whole lines) must give what the
+/// general scanner gives: usage on the final record, the first model, text
+/// whose bytes look like keys, escaped quotes and backslashes, CRLF, a last
+/// record without newline, and errors after content.
+#[test]
+fn ollama_ndjson_fast_path_loses_nothing() {
+    let content = br#"He said \"eval_count\":9, \"done\":true"#;
+    let mut body = Vec::new();
+    body.extend_from_slice(b"{\"model\":\"llama3.2\",\"created_at\":\"t\",\"message\":{\"role\":\"assistant\",\"content\":\"");
+    body.extend_from_slice(content);
+    body.extend_from_slice(b"\"},\"done\":false}\r\n");
+    body.extend_from_slice(b"{\"model\":\"other\",\"message\":{\"role\":\"assistant\",\"content\":\"\\\\\"},\"done\":false}\n");
+    body.extend_from_slice(b"{\"model\":\"llama3.2\",\"message\":{\"role\":\"assistant\",\"content\":\"\"},\"done\":true,\"done_reason\":\"stop\",\"prompt_eval_count\":26,\"eval_count\":282}");
+    let o = run_splits(Dialect::OpenAi, Some("application/x-ndjson"), &body);
+    assert_eq!(o.outcome, Outcome::Completed);
+    assert!(!o.parse_error);
+    assert_eq!(o.model.as_deref(), Some("llama3.2"));
+    let u = o.usage.clone().unwrap();
+    assert_eq!((u.input_tokens, u.output_tokens), (Some(26), Some(282)));
+    assert_eq!(o.output_text_bytes, content.len() as u64 + 2);
+
+    // The same with a newline after the final record: one more body byte.
+    body.push(b'\n');
+    let o2 = run_splits(Dialect::OpenAi, Some("application/x-ndjson"), &body);
+    assert_eq!(o2.body_bytes, o.body_bytes + 1);
+    assert_eq!(
+        Observation {
+            body_bytes: o.body_bytes,
+            ..o2
+        },
+        o
+    );
+
+    // An error record after content, then nothing.
+    let body = b"{\"model\":\"m\",\"message\":{\"content\":\"ab\"},\"done\":false}\n{\"error\":{\"type\":\"overloaded\",\"message\":\"busy\"}}\n";
+    let o = run_splits(Dialect::OpenAi, Some("application/x-ndjson"), body);
+    assert_eq!(o.outcome, Outcome::Failed);
+    assert_eq!(o.provider_error.as_deref(), Some("overloaded"));
+    assert_eq!(o.output_text_bytes, 2);
+    assert!(o.usage.is_none());
+}
+
 #[test]
 fn format_sniffing() {
     // No content type: JSON by its first byte, else SSE.

@@ -1,0 +1,318 @@
+//! NDJSON fast path: one whole record line, read in a single pass over a
+//! slice that holds all of it.
+//!
+//! The general scanner ([`super::JsonScanner::feed`]) is byte-at-a-time
+//! state machine work, because a record may be cut anywhere by the reads it
+//! arrives in. Most records of a stream (an Ollama `/api/chat` content
+//! record is ~140 bytes) arrive whole inside one read, and for those a
+//! single forward walk over the line does the same job at a
+//! fraction of the cost: keys are compared in place, captured values are
+//! sub-slices of the line (no copy), and strings are skipped with a
+//! quote/backslash search.
+//!
+//! Contract: for a line `L` (without its `\n`) that [`read`] accepts, the
+//! general scanner, started at depth 0 with no member, capture or text state
+//! pending, would make for `L\n` exactly the sink calls that
+//! `JsonScanner::fast_line` makes from the [`Record`] (the same captured
+//! values in the same order, the same text byte total, the same `value_end`)
+//! and would end in the same state. A line outside the simple grammar below
+//! is declined (`None`) before any sink call, and the caller runs the general
+//! scanner over it instead, so a surprise costs time, never a different
+//! result:
+//!
+//! - the line is blank, or one object: `{`, members, `}`, with spaces, tabs
+//!   and carriage returns around tokens;
+//! - a member is `"key" : value`; a value is a string, an object or array
+//!   (nesting up to 64 deep, brackets must match), or a scalar made of
+//!   `[A-Za-z0-9+-.]` followed by whitespace, `,` or `}`;
+//! - the value of a text-bearing key is a string or a container (after a
+//!   scalar there the general scanner stays in text mode and counts later
+//!   string values as text, a quirk not worth copying);
+//! - at most [`MAX_CAPTURES`] captured members.
+//!
+//! Inside containers the walk applies the general scanner's own rules (which
+//! strings are keys, which keys name generated text), so the leniency of the
+//! general scanner there (it does not validate commas or literals) is kept.
+
+use super::{classify, is_text_leaf, Key, KeyKind, DEEP_STOP, MEMBER_STOP};
+use memchr::memchr2;
+
+/// Captured members per record: an Ollama final record has four
+/// (`model`, `done`, `prompt_eval_count`, `eval_count`).
+const MAX_CAPTURES: usize = 8;
+
+/// Nesting deeper than this goes to the general scanner.
+const MAX_DEPTH: u32 = 64;
+
+/// What one record line holds for the sink.
+#[derive(Debug)]
+pub(super) struct Record {
+    /// Bytes of generated text (string contents as written).
+    text: u64,
+    /// Captured members: key and the value's byte range in the line.
+    caps: [(Key, usize, usize); MAX_CAPTURES],
+    n: usize,
+    /// The line held an object (a blank line holds nothing).
+    object: bool,
+}
+
+impl Default for Record {
+    fn default() -> Self {
+        Record {
+            text: 0,
+            caps: [(Key::Usage, 0, 0); MAX_CAPTURES],
+            n: 0,
+            object: false,
+        }
+    }
+}
+
+impl Record {
+    fn push(&mut self, key: Key, from: usize, to: usize) -> bool {
+        match self.caps.get_mut(self.n) {
+            Some(slot) => {
+                *slot = (key, from, to);
+                self.n += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether the line held an object (a top-level value ended).
+    pub(super) fn object(&self) -> bool {
+        self.object
+    }
+
+    /// Generated text bytes.
+    pub(super) fn text(&self) -> u64 {
+        self.text
+    }
+
+    /// Captured members in line order, as sub-slices of `line`.
+    pub(super) fn captures<'a>(&'a self, line: &'a [u8]) -> impl Iterator<Item = (Key, &'a [u8])> {
+        self.caps
+            .iter()
+            .take(self.n)
+            .map(move |&(k, from, to)| (k, line.get(from..to).unwrap_or_default()))
+    }
+}
+
+#[inline]
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r')
+}
+
+#[inline]
+fn skip_ws(line: &[u8], mut i: usize) -> usize {
+    while line.get(i).is_some_and(|&b| is_ws(b)) {
+        i += 1;
+    }
+    i
+}
+
+/// Bytes the general scanner takes as a scalar member value.
+#[inline]
+fn is_scalar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'+' | b'.')
+}
+
+/// Index of the quote that closes the string whose content starts at `i`.
+#[inline]
+fn string_end(line: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        let rest = line.get(i..)?;
+        // Most strings are short keys and ids: a plain loop first.
+        let head = rest.get(..rest.len().min(16)).unwrap_or_default();
+        let p = match head.iter().position(|&b| b == b'"' || b == b'\\') {
+            Some(p) => p,
+            None => head.len() + memchr2(b'"', b'\\', rest.get(head.len()..)?)?,
+        };
+        i += p;
+        if *line.get(i)? == b'"' {
+            return Some(i);
+        }
+        // A backslash escapes the next byte, whatever it is.
+        i += 2;
+    }
+}
+
+/// Index of the next byte at or after `i` that `table` stops at.
+#[inline]
+fn next_stop(line: &[u8], i: usize, table: &[bool; 256]) -> Option<usize> {
+    let rest = line.get(i..)?;
+    rest.iter().position(|&b| table[b as usize]).map(|p| i + p)
+}
+
+/// Bit stack of open containers (1 = object), innermost in bit 0.
+#[derive(Default)]
+struct Stack {
+    bits: u64,
+    depth: u32,
+}
+
+impl Stack {
+    #[inline]
+    fn push(&mut self, open: u8) -> Option<()> {
+        if self.depth >= MAX_DEPTH {
+            return None;
+        }
+        self.bits = (self.bits << 1) | u64::from(open == b'{');
+        self.depth += 1;
+        Some(())
+    }
+
+    /// Pops a container; `None` when `close` does not match it.
+    #[inline]
+    fn pop(&mut self, close: u8) -> Option<()> {
+        if self.depth == 0 || (self.bits & 1 == 1) != (close == b'}') {
+            return None;
+        }
+        self.bits >>= 1;
+        self.depth -= 1;
+        Some(())
+    }
+
+    #[inline]
+    fn in_object(&self) -> bool {
+        self.depth > 0 && self.bits & 1 == 1
+    }
+}
+
+/// Skips the container opening at `line[i]` whose member is not text; the
+/// index after its closing bracket. Only strings and brackets matter there.
+fn skip_container(line: &[u8], mut i: usize) -> Option<usize> {
+    let mut stack = Stack::default();
+    loop {
+        match *line.get(i)? {
+            b'"' => i = string_end(line, i + 1)?,
+            b @ (b'{' | b'[') => stack.push(b)?,
+            b @ (b'}' | b']') => {
+                stack.pop(b)?;
+                if stack.depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            _ => {}
+        }
+        i = next_stop(line, i + 1, &DEEP_STOP)?;
+    }
+}
+
+/// Walks the container value of a text-bearing member opening at `line[i]`,
+/// adding the bytes of strings under text leaf keys to `text`; the index
+/// after its closing bracket. Mirrors the general scanner inside a text
+/// member: a string is a key when a key is expected in an object, every key
+/// decides whether the strings after it are text.
+fn text_container(line: &[u8], mut i: usize, text: &mut u64) -> Option<usize> {
+    let mut stack = Stack::default();
+    let mut expect_key = false;
+    let mut text_key = false;
+    loop {
+        match *line.get(i)? {
+            b'"' => {
+                let end = string_end(line, i + 1)?;
+                let s = line.get(i + 1..end)?;
+                if expect_key && stack.in_object() {
+                    text_key = is_text_leaf(s);
+                } else if text_key {
+                    *text += s.len() as u64;
+                }
+                i = end;
+            }
+            b @ (b'{' | b'[') => {
+                stack.push(b)?;
+                expect_key = b == b'{';
+            }
+            b @ (b'}' | b']') => {
+                stack.pop(b)?;
+                expect_key = false;
+                if stack.depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            b',' => expect_key = stack.in_object(),
+            b':' => expect_key = false,
+            _ => {}
+        }
+        i = next_stop(line, i + 1, &MEMBER_STOP)?;
+    }
+}
+
+/// Reads one record line (without its `\n`). `None`: the line is not one
+/// the fast path reads exactly (see the module notes); nothing has been
+/// reported and the general scanner must read it.
+pub(super) fn read(line: &[u8]) -> Option<Record> {
+    let mut rec = Record::default();
+    read_object(line, &mut rec)?;
+    Some(rec)
+}
+
+fn read_object(line: &[u8], rec: &mut Record) -> Option<()> {
+    let mut i = skip_ws(line, 0);
+    match line.get(i) {
+        None => return Some(()),
+        Some(b'{') => {}
+        Some(_) => return None,
+    }
+    i = skip_ws(line, i + 1);
+    if line.get(i) == Some(&b'}') {
+        i += 1;
+    } else {
+        loop {
+            if line.get(i) != Some(&b'"') {
+                return None;
+            }
+            let end = string_end(line, i + 1)?;
+            let kind = classify(line.get(i + 1..end)?);
+            i = skip_ws(line, end + 1);
+            if line.get(i) != Some(&b':') {
+                return None;
+            }
+            i = skip_ws(line, i + 1);
+            let start = i;
+            match *line.get(i)? {
+                b'"' => {
+                    let end = string_end(line, i + 1)?;
+                    if kind == KeyKind::Text {
+                        rec.text += (end - i - 1) as u64;
+                    }
+                    i = end + 1;
+                }
+                b'{' | b'[' => {
+                    i = if kind == KeyKind::Text {
+                        text_container(line, i, &mut rec.text)?
+                    } else {
+                        skip_container(line, i)?
+                    };
+                }
+                b if is_scalar(b) && kind != KeyKind::Text => {
+                    i += 1;
+                    while line.get(i).is_some_and(|&b| is_scalar(b)) {
+                        i += 1;
+                    }
+                }
+                _ => return None,
+            }
+            if let KeyKind::Capture(key) = kind {
+                if !rec.push(key, start, i) {
+                    return None;
+                }
+            }
+            i = skip_ws(line, i);
+            match line.get(i) {
+                Some(b',') => i = skip_ws(line, i + 1),
+                Some(b'}') => {
+                    i += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    if skip_ws(line, i) != line.len() {
+        return None;
+    }
+    rec.object = true;
+    Some(())
+}
