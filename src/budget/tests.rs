@@ -25,6 +25,17 @@ fn call(run: &str, reservation: Money) -> CallRequest<'_> {
     }
 }
 
+/// Budgets with the default policy and runs config, a still clock, and run
+/// ends dropped.
+fn default_budgets() -> Budgets {
+    Budgets::new(
+        BudgetPolicy::default(),
+        RunsConfig::default(),
+        Arc::new(ManualClock::new(1_000)),
+        Arc::new(|_| {}),
+    )
+}
+
 /// A run's state outside any registry.
 fn lone_run() -> RunState {
     RunState::new(
@@ -324,12 +335,7 @@ fn ended_run_entry_is_replaced_not_reused() {
 
 #[test]
 fn a_withdrawn_admission_charges_nothing_and_a_shared_ticket_settles_first() {
-    let budgets = Budgets::new(
-        BudgetPolicy::default(),
-        RunsConfig::default(),
-        Arc::new(ManualClock::new(1_000)),
-        Arc::new(|_| {}),
-    );
+    let budgets = default_budgets();
     let call = CallRequest {
         sdk_retry_count: Some(1),
         ..call("r1", m("0.01"))
@@ -377,12 +383,7 @@ fn a_withdrawn_admission_charges_nothing_and_a_shared_ticket_settles_first() {
 
 #[test]
 fn with_limits_left_to_the_fleet_a_replica_never_refuses_on_its_own_view() {
-    let budgets = Budgets::new(
-        BudgetPolicy::default(),
-        RunsConfig::default(),
-        Arc::new(ManualClock::new(1_000)),
-        Arc::new(|_| {}),
-    );
+    let budgets = default_budgets();
     let call = CallRequest {
         budget_header: Some(m("0.01")),
         ..call("r1", m("0.01"))
