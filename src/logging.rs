@@ -8,6 +8,12 @@
 //! every `%`/`?` value into a fresh `String` first. This writes the fields
 //! straight into the line buffer, escaping as it goes (a quarter of the
 //! instructions per line; see BENCHMARKS.md).
+//!
+//! [`StdoutBatch`] writes the lines to stdout in batches.
+
+mod stdout_batch;
+
+pub use stdout_batch::{StdoutBatch, StdoutBatchGuard, BATCH_WINDOW};
 
 use std::fmt::{self, Write as _};
 

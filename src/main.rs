@@ -75,8 +75,25 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig { path } => check_config(&path),
         Command::Serve => {
-            init_tracing(cli.log_format, "info");
-            run_async(serve(cli.config))
+            // Per-call lines go out in batches (`tollgate::logging::StdoutBatch`);
+            // the guard writes what is pending once serving has stopped.
+            let batch = tollgate::logging::StdoutBatch::start();
+            let guard = match batch {
+                Ok((sink, guard)) => {
+                    init_tracing(cli.log_format, "info", sink);
+                    Some(guard)
+                }
+                Err(e) => {
+                    eprintln!("tollgate: cannot start the log writer ({e}); logging line by line");
+                    init_tracing(cli.log_format, "info", std::io::stdout);
+                    None
+                }
+            };
+            let code = run_async(serve(cli.config));
+            if let Some(guard) = guard {
+                guard.flush_and_stop();
+            }
+            code
         }
         Command::Demo {
             agent_listen,
@@ -85,7 +102,7 @@ fn main() -> ExitCode {
             speed,
         } => {
             // The demo prints its own summary; per-call logs would bury it.
-            init_tracing(cli.log_format, "warn");
+            init_tracing(cli.log_format, "warn", std::io::stdout);
             let options = tollgate::demo::DemoOptions {
                 agent_listen,
                 admin_listen,
@@ -215,12 +232,15 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-fn init_tracing(format: LogFormat, default_filter: &str) {
+fn init_tracing<W>(format: LogFormat, default_filter: &str, writer: W)
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder.event_format(tollgate::logging::JsonLines).init(),
         LogFormat::Text => builder.init(),
