@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# System calls per proxied call, counted by `strace -c -f`: which syscalls
+# (and futex wake-ups between threads) a call costs, a figure that repeats
+# on a busy machine.
+#
+# Starts examples/mock_upstream, hyper-bare (examples/bare_proxy, with
+# BARE=1) and tollgate (and BEFORE=<another tollgate binary>, same config);
+# for each, sends WARMUP calls, attaches strace to every thread, sends CALLS
+# calls (examples/loadgen, CONNECTIONS keep-alive connections, run id per
+# connection), detaches and prints each syscall's count per call.
+#
+# Environment (defaults): CALLS=5000 WARMUP=500 CONNECTIONS=32 BARE=1
+#   TOLLGATE=target/release/tollgate BEFORE= LEDGER=true RUST_LOG=info
+
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+CALLS=${CALLS:-5000}
+WARMUP=${WARMUP:-500}
+CONNECTIONS=${CONNECTIONS:-32}
+BARE=${BARE:-1}
+LEDGER=${LEDGER:-true}
+
+command -v strace >/dev/null || {
+    echo "strace is not installed (Debian: apt-get install strace)" >&2
+    exit 2
+}
+harness_init syscalls-call
+build_release --example loadgen --example bare_proxy
+tollgate_bin=${TOLLGATE:-$root/$bin/tollgate}
+start_mock "$work" --threads 1
+
+# Sends $2 calls to URL $1.
+drive() {
+    "$bin/examples/loadgen" --url "$1" --connections "$CONNECTIONS" \
+        --duration-secs 600 --requests "$2" --warmup-secs 0 --threads 1 \
+        --header 'x-agent-run-id: sc-{conn}' --header 'x-agent-release: sc' \
+        --label syscalls >/dev/null
+}
+
+# Counts process $1's syscalls over CALLS calls to URL $2 into
+# $work/strace.$3.
+measure() {
+    local pid=$1 url=$2 name=$3 tracer
+    drive "$url" "$WARMUP"
+    strace -c -f -p "$pid" -o "$work/strace.$name" 2>/dev/null &
+    tracer=$!
+    # strace attaches to each thread before it reports; give it that time.
+    sleep 1
+    drive "$url" "$CALLS"
+    kill -INT "$tracer"
+    wait "$tracer" || true
+}
+
+names=()
+if [[ $BARE == 1 ]]; then
+    "$bin/examples/bare_proxy" "$mock_addr" >"$work/bare.out" 2>"$work/bare.err" &
+    pids+=($!)
+    bare_addr=$(wait_line "$work/bare.out" '^127\.')
+    measure "${pids[-1]}" "http://$bare_addr/openai/v1/chat/completions" hyper-bare
+    names+=(hyper-bare)
+fi
+targets=("tollgate=$tollgate_bin")
+[[ -n ${BEFORE:-} ]] && targets+=("tollgate-before=$BEFORE")
+for target in "${targets[@]}"; do
+    name=${target%%=*}
+    write_tollgate_config "$work/$name.toml" "$mock_addr" <<EOF
+[ledger]
+enabled = $LEDGER
+path = "$work/$name.db"
+EOF
+    start_tollgate_process "${target#*=}" "$work/$name" "${RUST_LOG:-info}"
+    measure "$tollgate_pid" "http://$tollgate_agent/openai/v1/chat/completions" "$name"
+    names+=("$name")
+done
+
+echo
+echo "System calls per call (strace -c -f, $CALLS calls after $WARMUP, $CONNECTIONS connections):"
+echo
+printf '| syscall |'
+printf ' %s |' "${names[@]}"
+printf '\n|---|'
+printf -- '---:|%.0s' "${names[@]}"
+echo
+# strace -c rows: % time, seconds, usecs/call, calls, [errors,] syscall.
+for name in "${names[@]}"; do
+    awk -v n="$name" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" {print n, $NF, $4}' "$work/strace.$name"
+done | awk -v calls="$CALLS" -v list="${names[*]}" '
+    { count[$2, $1] = $3; seen[$2] = 1; total[$1] += $3 }
+    END {
+        n = split(list, order, " ")
+        line = "| all |"
+        for (i = 1; i <= n; i++) line = line sprintf(" %.2f |", total[order[i]] / calls)
+        print line
+        for (s in seen) {
+            line = "| " s " |"
+            for (i = 1; i <= n; i++) line = line sprintf(" %.2f |", count[s, order[i]] / calls)
+            print line
+        }
+    }' | sort -t'|' -k3 -rn
