@@ -1,7 +1,7 @@
 use std::mem::size_of;
 use std::sync::{Arc, Mutex};
 
-use super::run::{outcome_key, NewRun, RunKey, RunLabels, RunState, INLINE_HASHES};
+use super::run::{outcome_key, NewRun, RunKey, RunLabels, RunState, INLINE_HASHES, INLINE_ID};
 use super::*;
 
 fn m(usd: &str) -> Money {
@@ -55,15 +55,14 @@ fn lone_run() -> RunState {
 fn run_state_is_small() {
     // Per tracked run: RunState behind an Arc (+2 counters), one map slot
     // (the Arc itself, ~1/0.875 for the table's load factor, + 1 control
-    // byte), and the id bytes in their own allocation; body hashes past the
-    // first few 4 bytes each.
+    // byte); an id longer than INLINE_ID in its own allocation; body hashes
+    // past the first few 4 bytes each.
     let word = size_of::<usize>();
     let state = size_of::<RunState>() + 2 * word;
     let entry = size_of::<(RunKey, ())>() * 8 / 7 + 1;
-    let id = 36; // a UUID
-    let fixed = state + entry + id;
+    let fixed = state + entry;
     println!(
-        "RunState+Arc {state} B, map slot ~{entry} B, 36-char id {id} B: \
+        "RunState+Arc {state} B (ids up to {INLINE_ID} B inside), map slot ~{entry} B: \
          ~{fixed} B per run; the first {INLINE_HASHES} body hashes inline, \
          then 4 B each (64 → 256 B)"
     );
@@ -72,7 +71,28 @@ fn run_state_is_small() {
         "RunState grew to {state} bytes"
     );
     assert_eq!(size_of::<(RunKey, ())>(), word);
-    assert!(fixed < 224, "{fixed}");
+    assert!(fixed < 184, "{fixed}");
+}
+
+#[test]
+fn run_ids_short_and_long_are_found_by_their_text() {
+    let short = "r".repeat(INLINE_ID);
+    let long = "l".repeat(INLINE_ID + 1);
+    let uuid = "0b7e6a52-2d4f-4f7e-9a57-3f1c8e2b9d10";
+    let budgets = default_budgets();
+    for id in [short.as_str(), long.as_str(), uuid, "a"] {
+        let admission = budgets.admit(&call(id, m("0.01"))).expect("admitted");
+        assert_eq!(admission.run_id(), Some(id));
+        drop(admission);
+        let snapshot = budgets.run_snapshot(id).expect("tracked");
+        assert_eq!(snapshot.run_id, id);
+        assert_eq!(snapshot.calls, 1);
+    }
+    assert_eq!(budgets.active_runs(), 4);
+    assert!(budgets.run_snapshot(&"r".repeat(INLINE_ID - 1)).is_none());
+    assert!(budgets.finish_run(&long, RunStatus::Ok, None));
+    assert!(budgets.run_snapshot(&long).is_none());
+    assert!(budgets.run_snapshot(&short).is_some());
 }
 
 #[test]
