@@ -236,7 +236,7 @@ impl JsonScanner {
     }
 
     /// Nothing of a member, capture or text value is pending: at depth 0
-    /// the next byte starts afresh (see `line`).
+    /// the next byte starts afresh (see `whole`).
     fn clean(&self) -> bool {
         self.depth == 0
             && !self.in_string
