@@ -14,6 +14,8 @@ use serde::Deserialize;
 use crate::config::RouteKind;
 use crate::proxy::error::ProxyError;
 
+mod peek;
+
 /// Reads the whole request body, refusing it once it passes `limit`.
 pub async fn read_body(
     body: Incoming,
@@ -42,7 +44,9 @@ pub async fn read_body(
 }
 
 /// What metering needs from a request body. Unknown fields are skipped.
-#[derive(Debug, Default, Deserialize)]
+/// serde_json's reading of this struct is the definition; `peek` reads it
+/// the same way, faster, when it can.
+#[derive(Debug, Default, PartialEq, Deserialize)]
 struct BodyPeek {
     model: Option<String>,
     stream: Option<bool>,
@@ -54,12 +58,12 @@ struct BodyPeek {
     generation_config: Option<GenerationConfig>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 struct StreamOptions {
     include_usage: Option<bool>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 struct GenerationConfig {
     #[serde(rename = "maxOutputTokens")]
     max_output_tokens: Option<u64>,
@@ -86,13 +90,9 @@ pub fn inspect(
     query: Option<&str>,
     body: &Bytes,
 ) -> (RequestInfo, Option<Bytes>) {
-    let peek: BodyPeek = if body.is_empty() {
-        BodyPeek::default()
-    } else {
-        serde_json::from_slice(body).unwrap_or_default()
-    };
+    let mut peek = read_peek(body);
     let mut info = RequestInfo {
-        model: peek.model.clone().filter(|m| !m.is_empty()),
+        model: peek.model.take().filter(|m| !m.is_empty()),
         stream: peek.stream.unwrap_or(false),
         max_output_tokens: peek
             .max_completion_tokens
@@ -135,6 +135,15 @@ pub fn inspect(
         }
     }
     (info, None)
+}
+
+/// The body as serde_json reads it into a [`BodyPeek`]; anything that is
+/// not such a JSON document gives the default.
+fn read_peek(body: &[u8]) -> BodyPeek {
+    if body.is_empty() {
+        return BodyPeek::default();
+    }
+    peek::read(body).unwrap_or_else(|| serde_json::from_slice(body).unwrap_or_default())
 }
 
 /// When the body has no `stream_options` at all, the member is inserted

@@ -173,7 +173,11 @@ impl JsonSink for Extractor {
                     }
                 }
                 Dialect::OpenAi | Dialect::Gemini => {
-                    if let Some(Some(u)) = self.parse::<Option<openai::OaUsage>>(raw, false) {
+                    let usage = match openai::OaUsage::read_plain(raw) {
+                        Some(usage) => Some(usage),
+                        None => self.parse::<Option<openai::OaUsage>>(raw, false),
+                    };
+                    if let Some(Some(u)) = usage {
                         self.set_usage(u.to_usage());
                     }
                 }
@@ -184,7 +188,11 @@ impl JsonSink for Extractor {
                 }
             }
             Key::Model | Key::ModelVersion => {
-                if let Some(m) = self.parse::<Option<String>>(raw, false) {
+                // Borrowed when the string holds no escape (nearly always):
+                // `set_model` copies what it keeps.
+                if let Ok(m) = serde_json::from_slice::<Option<&str>>(raw) {
+                    self.set_model(m);
+                } else if let Some(m) = self.parse::<Option<String>>(raw, false) {
                     self.set_model(m.as_deref());
                 }
             }

@@ -31,7 +31,7 @@
 
 use memchr::{memchr, memchr2, memchr3};
 
-mod line;
+mod whole;
 
 /// Top-level members whose values are captured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,10 +146,11 @@ static MEMBER_STOP: [bool; 256] = {
 #[derive(Debug)]
 pub(crate) struct JsonScanner {
     lines: bool,
-    /// NDJSON: whole record lines go through the fast path (`line`). Off
-    /// only in tests that compare the two paths.
-    fast_lines: bool,
-    /// Records read by the fast path (tests check it is taken).
+    /// Values that are whole in one read (NDJSON record lines, top-level
+    /// objects) go through the fast path (`whole`). Off only in tests that
+    /// compare the two paths.
+    fast: bool,
+    /// Records and objects read by the fast path (tests check it is taken).
     #[cfg(test)]
     fast_records: usize,
     max_value_bytes: usize,
@@ -190,7 +191,7 @@ impl JsonScanner {
     pub(crate) fn new(lines: bool, max_value_bytes: usize) -> Self {
         JsonScanner {
             lines,
-            fast_lines: lines,
+            fast: true,
             #[cfg(test)]
             fast_records: 0,
             max_value_bytes: max_value_bytes.max(16),
@@ -235,7 +236,7 @@ impl JsonScanner {
     }
 
     /// Nothing of a member, capture or text value is pending: at depth 0
-    /// the next byte starts afresh (see `line`).
+    /// the next byte starts afresh (see `whole`).
     fn clean(&self) -> bool {
         self.depth == 0
             && !self.in_string
@@ -261,10 +262,48 @@ impl JsonScanner {
             return Err(buf.len());
         };
         let line = rest.get(..p).unwrap_or_default();
-        let Some(rec) = line::read(line) else {
+        let Some(rec) = whole::read_line(line) else {
             return Err(i + p + 1);
         };
-        for (key, raw) in rec.captures(line) {
+        self.report(&rec, line, sink);
+        Ok(i + p + 1)
+    }
+
+    /// Plain JSON: reads the top-level object opening at the first
+    /// non-whitespace byte from `buf[i]` with the fast path if it ends in
+    /// `buf` and the fast path can read it exactly; the index after it.
+    /// Otherwise `Err` with the index up to which the general scanner must
+    /// go before trying again: past a byte that opens no object, or the end
+    /// of `buf`.
+    fn fast_object<S: JsonSink>(
+        &mut self,
+        buf: &[u8],
+        i: usize,
+        sink: &mut S,
+    ) -> Result<usize, usize> {
+        let rest = buf.get(i..).unwrap_or_default();
+        let Some(p) = rest
+            .iter()
+            .position(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+        else {
+            // Whitespace between top-level values changes nothing.
+            return Ok(buf.len());
+        };
+        let at = i + p;
+        if rest.get(p) != Some(&b'{') {
+            return Err(at + 1);
+        }
+        let object = rest.get(p..).unwrap_or_default();
+        let Some((rec, len)) = whole::read_object(object) else {
+            return Err(buf.len());
+        };
+        self.report(&rec, object, sink);
+        Ok(at + len)
+    }
+
+    /// Makes the sink calls of a record the fast path read from `input`.
+    fn report<S: JsonSink>(&mut self, rec: &whole::Record, input: &[u8], sink: &mut S) {
+        for (key, raw) in rec.captures(input) {
             // As `start_value` and `append_capture` would have done.
             if sink.wants(key) {
                 if raw.len() > self.max_value_bytes {
@@ -288,19 +327,23 @@ impl JsonScanner {
                 self.fast_records += 1;
             }
         }
-        Ok(i + p + 1)
     }
 
     pub(crate) fn feed<S: JsonSink>(&mut self, buf: &[u8], sink: &mut S) {
         let mut i = 0;
         // Start of the part of `buf` that belongs to the current capture.
         let mut cap_from: Option<usize> = self.capture.map(|_| 0);
-        // NDJSON: before this index the general scanner reads (a line the
-        // fast path declined, or a record not whole in this read).
+        // Before this index the general scanner reads (a value the fast
+        // path declined, or one not whole in this read).
         let mut general_until = 0;
         while i < buf.len() {
-            if self.fast_lines && i >= general_until && self.clean() {
-                match self.fast_line(buf, i, sink) {
+            if self.fast && i >= general_until && self.clean() {
+                let fast = if self.lines {
+                    self.fast_line(buf, i, sink)
+                } else {
+                    self.fast_object(buf, i, sink)
+                };
+                match fast {
                     Ok(next) => {
                         i = next;
                         continue;
@@ -744,11 +787,12 @@ mod tests {
         assert_eq!(r.ends, 0);
     }
 
-    /// Scans `chunks` in lines mode with the fast path on or off; returns
-    /// what the sink saw and how many records the fast path read.
-    fn scan_lines(chunks: &[&[u8]], fast: bool, cap: usize) -> (Rec, usize) {
-        let mut s = JsonScanner::new(true, cap);
-        s.fast_lines = fast;
+    /// Scans `chunks` in lines mode (NDJSON) or not, with the fast path on
+    /// or off; returns what the sink saw and how many records the fast path
+    /// read.
+    fn scan_mode(lines: bool, chunks: &[&[u8]], fast: bool, cap: usize) -> (Rec, usize) {
+        let mut s = JsonScanner::new(lines, cap);
+        s.fast = fast;
         let mut r = Rec::default();
         for c in chunks {
             s.feed(c, &mut r);
@@ -765,27 +809,132 @@ mod tests {
     /// The fast path must see exactly what the general scanner sees, for
     /// the body whole, split anywhere in two, and byte by byte. Returns the
     /// result and the fast path's record count on the whole body.
-    fn same_both_ways(input: &[u8], cap: usize) -> (Rec, usize) {
-        let (general, none) = scan_lines(&[input], false, cap);
+    fn same_in_mode(lines: bool, input: &[u8], cap: usize) -> (Rec, usize) {
+        let (general, none) = scan_mode(lines, &[input], false, cap);
         assert_eq!(none, 0);
-        let (fast, hits) = scan_lines(&[input], true, cap);
+        let (fast, hits) = scan_mode(lines, &[input], true, cap);
         let show = String::from_utf8_lossy(input);
         assert_eq!(fast, general, "fast path vs general scanner on {show:?}");
         for i in 0..=input.len() {
             let (a, b) = input.split_at(i);
             assert_eq!(
-                scan_lines(&[a, b], true, cap).0,
+                scan_mode(lines, &[a, b], true, cap).0,
                 general,
                 "split at {i} of {show:?}"
             );
         }
         let bytes: Vec<&[u8]> = input.chunks(1).collect();
         assert_eq!(
-            scan_lines(&bytes, true, cap).0,
+            scan_mode(lines, &bytes, true, cap).0,
             general,
             "byte by byte: {show:?}"
         );
         (fast, hits)
+    }
+
+    fn same_both_ways(input: &[u8], cap: usize) -> (Rec, usize) {
+        same_in_mode(true, input, cap)
+    }
+
+    fn same_both_ways_json(input: &[u8], cap: usize) -> (Rec, usize) {
+        same_in_mode(false, input, cap)
+    }
+
+    /// Every captured provider JSON body (non-streamed replies, errors).
+    fn provider_json_fixtures() -> Vec<(String, Vec<u8>)> {
+        let root =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/providers");
+        let mut out = Vec::new();
+        for dir in std::fs::read_dir(root).unwrap() {
+            let dir = dir.unwrap().path();
+            if !dir.is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(&dir).unwrap() {
+                let f = f.unwrap().path();
+                let name = f.to_string_lossy().into_owned();
+                if name.ends_with(".json") && !name.ends_with(".expected.json") {
+                    out.push((name, std::fs::read(&f).unwrap()));
+                }
+            }
+        }
+        assert!(out.len() >= 10, "fixtures found: {}", out.len());
+        out
+    }
+
+    #[test]
+    fn fast_path_reads_every_provider_json_body_whole() {
+        for (name, body) in provider_json_fixtures() {
+            let (r, hits) = same_both_ways_json(&body, 1 << 16);
+            assert_eq!(hits, 2, "body and probe by the fast path: {name}");
+            assert_eq!(r.malformed, 0, "{name}");
+            assert_eq!(r.ends, 1 + 2, "body, probe object and array: {name}");
+        }
+    }
+
+    #[test]
+    fn fast_path_keeps_what_json_bodies_carry() {
+        let cases: &[&[u8]] = &[
+            // Pretty-printed, usage and model, text under choices.
+            b"{\n  \"model\": \"gpt\",\n  \"choices\": [\n    {\"message\": {\"content\": \"a\\nb\"}}\n  ],\n  \"usage\": {\n    \"prompt_tokens\": 3\n  }\n}\n",
+            // A raw newline inside a string is content outside NDJSON.
+            b"{\"choices\":[{\"text\":\"a\nb\"}],\"usage\":{\"total_tokens\":1}}",
+            // Several top-level values, whitespace between.
+            b" \r\n{\"model\":\"a\"}\n\t{\"usage\":{\"prompt_tokens\":1}} {}{\"done\":true}",
+            // An object, then an array (the general scanner takes the array).
+            b"{\"model\":\"a\"}[{\"usageMetadata\":{\"promptTokenCount\":2}}]",
+            // Error bodies.
+            b"{\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"busy\"}}",
+            b"{\"error\":{\"code\":429,\"message\":\"m\",\"status\":\"RESOURCE_EXHAUSTED\"}}",
+            // Key text inside strings, escapes at string ends.
+            b"{\"id\":\"\\\"usage\\\":{}\",\"output\":[{\"content\":[{\"text\":\"x\\\\\"}]}],\"usage\":null}",
+            // Scalars of every kind at member level.
+            b"{\"done\" : true ,\"eval_count\":282\n,\"prompt_eval_count\":-1.5e3,\"x\":null}",
+        ];
+        for case in cases {
+            let (r, hits) = same_both_ways_json(case, 1024);
+            assert!(
+                hits >= 2,
+                "fast path taken on {:?}",
+                String::from_utf8_lossy(case)
+            );
+            assert_eq!(r.malformed, 0, "{:?}", String::from_utf8_lossy(case));
+        }
+        let (r, _) = same_both_ways_json(cases[1], 1024);
+        assert_eq!(r.text, 3 + 5);
+        let (r, hits) = same_both_ways_json(cases[2], 1024);
+        assert_eq!((hits, r.ends), (4 + 1, 4 + 2));
+    }
+
+    #[test]
+    fn fast_path_declines_json_it_does_not_read_exactly() {
+        let cases: &[&[u8]] = &[
+            // Cut short, stray and mismatched brackets.
+            b"{\"usage\":{\"prompt_tokens\":3}",
+            b"{\"a\":1}}{\"a\":[}{\"model\":\"m\"}",
+            // A scalar text member (the general scanner stays in text mode).
+            b"{\"content\":1,\"id\":\"abc\"}{\"id\":\"def\"}",
+            // Top-level scalars and junk, form feed as whitespace.
+            b"12 true \"s\" <html> \x0c{\"model\":\"m\"}\x0c",
+            // Trailing comma, missing value, odd scalars.
+            b"{\"a\":1,}{\"a\":}{\"done\":tr\"ue\"}{\"done\":true]",
+            // Deep nesting.
+            &[b"{\"a\":".as_slice(), &[b'['; 100], &[b']'; 100], b"}"].concat(),
+            // More captures than the fast path holds.
+            b"{\"done\":1,\"done\":2,\"done\":3,\"done\":4,\"done\":5,\"done\":6,\"done\":7,\"done\":8,\"done\":9}",
+        ];
+        for case in cases {
+            same_both_ways_json(case, 1024);
+        }
+    }
+
+    #[test]
+    fn fast_path_json_value_over_cap_is_malformed_only_when_wanted() {
+        let input = b"{\"model\":\"0123456789012345678901234567890123456789\",\"done\":true}{\"model\":\"m\"}";
+        let (r, hits) = same_both_ways_json(input, 20);
+        assert!(hits >= 2);
+        assert_eq!(r.malformed, 1);
+        assert!(r.values.contains(&(Key::Model, "\"m\"".to_owned())));
     }
 
     const OLLAMA_CONTENT: &[u8] = b"{\"model\":\"llama3.2\",\"created_at\":\"2023-08-04T08:52:19.385406455-07:00\",\"message\":{\"role\":\"assistant\",\"content\":\"The\",\"images\":null},\"done\":false}";
@@ -1040,6 +1189,8 @@ mod tests {
 
             #[test]
             fn fast_path_agrees_with_the_general_scanner(
+                lines in any::<bool>(),
+                pretty in any::<bool>(),
                 records in prop::collection::vec(record(), 1..5),
                 cut_last_newline in any::<bool>(),
                 damages in prop::collection::vec((any::<usize>(), any::<u8>()), 0..3),
@@ -1050,11 +1201,20 @@ mod tests {
                 if cut_last_newline && body.last() == Some(&b'\n') {
                     body.pop();
                 }
+                if pretty && !lines {
+                    // Outside NDJSON a newline is whitespace like any other
+                    // (the generated strings hold no spaces).
+                    for b in &mut body {
+                        if *b == b' ' {
+                            *b = b'\n';
+                        }
+                    }
+                }
                 for (at, how) in damages {
                     body = damage(body, at, how);
                 }
-                let (general, _) = scan_lines(&[&body], false, cap);
-                let (fast, _) = scan_lines(&[&body], true, cap);
+                let (general, _) = scan_mode(lines, &[&body], false, cap);
+                let (fast, _) = scan_mode(lines, &[&body], true, cap);
                 prop_assert_eq!(&fast, &general);
                 let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (body.len() + 1)).collect();
                 cuts.sort_unstable();
@@ -1068,8 +1228,8 @@ mod tests {
                 // of `malformed` calls on damaged input can depend on where
                 // a read ends (the tap only keeps whether there was one).
                 prop_assert_eq!(
-                    &scan_lines(&chunks, true, cap).0,
-                    &scan_lines(&chunks, false, cap).0
+                    &scan_mode(lines, &chunks, true, cap).0,
+                    &scan_mode(lines, &chunks, false, cap).0
                 );
             }
         }
@@ -1082,19 +1242,21 @@ mod tests {
             use proptest::test_runner::TestRunner;
             let mut runner = TestRunner::deterministic();
             let strategy = record();
-            let (mut fast, mut total) = (0, 0);
-            for _ in 0..200 {
-                let rec = strategy.new_tree(&mut runner).unwrap().current();
-                let mut s = JsonScanner::new(true, 1024);
-                let mut r = Rec::default();
-                s.feed(&rec, &mut r);
-                fast += s.fast_records;
-                total += 1;
+            for lines in [true, false] {
+                let (mut fast, mut total) = (0, 0);
+                for _ in 0..200 {
+                    let rec = strategy.new_tree(&mut runner).unwrap().current();
+                    let mut s = JsonScanner::new(lines, 1024);
+                    let mut r = Rec::default();
+                    s.feed(&rec, &mut r);
+                    fast += s.fast_records;
+                    total += 1;
+                }
+                assert!(
+                    fast * 2 > total,
+                    "{fast} of {total} records by the fast path (lines: {lines})"
+                );
             }
-            assert!(
-                fast * 2 > total,
-                "{fast} of {total} records by the fast path"
-            );
         }
     }
 }

@@ -34,6 +34,7 @@ mod gemini;
 mod json_scan;
 mod openai;
 mod sse;
+pub(crate) mod strict_json;
 mod strip;
 mod wire;
 

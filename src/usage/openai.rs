@@ -20,12 +20,13 @@
 //!    event (flat or nested) and `response.failed` make the outcome Failed.
 
 use super::extract::{trim, Extractor};
+use super::strict_json::{Seen, Walk};
 use super::wire::{error_label, for_each_member, non_null_at, string_at, Count};
 use super::Usage;
 use serde::Deserialize;
 use serde_json::Value;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(default)]
 pub(crate) struct Details {
     cached_tokens: Count,
@@ -35,7 +36,7 @@ pub(crate) struct Details {
 
 /// Every usage shape of the OpenAI family (chat/completions/embeddings use
 /// `prompt_tokens`…, the Responses API `input_tokens`…).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(default)]
 pub(crate) struct OaUsage {
     prompt_tokens: Count,
@@ -51,7 +52,101 @@ pub(crate) struct OaUsage {
     output_tokens_details: Option<Details>,
 }
 
+impl Details {
+    fn walk(w: &mut Walk) -> Option<Details> {
+        let mut d = Details::default();
+        let mut seen = Seen::default();
+        w.object(|w, key| {
+            match key {
+                b"cached_tokens" => {
+                    seen.once(0)?;
+                    d.cached_tokens = count(w)?;
+                }
+                b"cache_write_tokens" => {
+                    seen.once(1)?;
+                    d.cache_write_tokens = count(w)?;
+                }
+                b"reasoning_tokens" => {
+                    seen.once(2)?;
+                    d.reasoning_tokens = count(w)?;
+                }
+                _ => w.value()?,
+            }
+            Some(())
+        })?;
+        Some(d)
+    }
+}
+
+/// A count that is `null` or a plain non-negative integer.
+fn count(w: &mut Walk) -> Option<Count> {
+    w.nullable(Walk::count).map(Count)
+}
+
 impl OaUsage {
+    /// serde_json's reading of a captured `usage` value (`null` or an
+    /// object) when its counts are plain integers or `null`, as they nearly
+    /// always are; `None` leaves the value to serde_json (other shapes,
+    /// duplicate members, invalid JSON).
+    pub(crate) fn read_plain(raw: &[u8]) -> Option<Option<OaUsage>> {
+        let mut w = Walk::new(raw);
+        w.ws();
+        let usage = w.nullable(OaUsage::walk)?;
+        w.at_end().then_some(usage)
+    }
+
+    fn walk(w: &mut Walk) -> Option<OaUsage> {
+        let mut u = OaUsage::default();
+        let mut seen = Seen::default();
+        w.object(|w, key| {
+            match key {
+                b"prompt_tokens" => {
+                    seen.once(0)?;
+                    u.prompt_tokens = count(w)?;
+                }
+                b"completion_tokens" => {
+                    seen.once(1)?;
+                    u.completion_tokens = count(w)?;
+                }
+                b"total_tokens" => {
+                    seen.once(2)?;
+                    u.total_tokens = count(w)?;
+                }
+                b"prompt_tokens_details" => {
+                    seen.once(3)?;
+                    u.prompt_tokens_details = w.nullable(Details::walk)?;
+                }
+                b"completion_tokens_details" => {
+                    seen.once(4)?;
+                    u.completion_tokens_details = w.nullable(Details::walk)?;
+                }
+                b"prompt_cache_hit_tokens" => {
+                    seen.once(5)?;
+                    u.prompt_cache_hit_tokens = count(w)?;
+                }
+                b"input_tokens" => {
+                    seen.once(6)?;
+                    u.input_tokens = count(w)?;
+                }
+                b"output_tokens" => {
+                    seen.once(7)?;
+                    u.output_tokens = count(w)?;
+                }
+                b"input_tokens_details" => {
+                    seen.once(8)?;
+                    u.input_tokens_details = w.nullable(Details::walk)?;
+                }
+                b"output_tokens_details" => {
+                    seen.once(9)?;
+                    u.output_tokens_details = w.nullable(Details::walk)?;
+                }
+                _ => w.value()?,
+            }
+            Some(())
+        })?;
+        Some(u)
+    }
+
     pub(crate) fn to_usage(&self) -> Option<Usage> {
         let none = Details::default();
         if self.prompt_tokens.get().is_some() || self.completion_tokens.get().is_some() {
@@ -382,5 +477,170 @@ mod tests {
                 reasoning_tokens: Some(7),
             }
         );
+    }
+
+    /// The contract of `read_plain`: what it reads is serde_json's reading,
+    /// and serde_json accepts the value. Returns whether it read it.
+    fn plain_agrees(raw: &[u8]) -> bool {
+        match OaUsage::read_plain(raw) {
+            Some(u) => {
+                let serde = serde_json::from_slice::<Option<OaUsage>>(raw);
+                assert_eq!(serde.ok(), Some(u), "{:?}", String::from_utf8_lossy(raw));
+                true
+            }
+            None => false,
+        }
+    }
+
+    #[test]
+    fn plain_usage_read_without_serde() {
+        let cases: &[&str] = &[
+            "null",
+            "{}",
+            " {\n  \"prompt_tokens\": 16,\n  \"completion_tokens\": 363,\n  \"total_tokens\": 379,\n  \"prompt_tokens_details\": {\n    \"cached_tokens\": 0,\n    \"audio_tokens\": 0\n  },\n  \"completion_tokens_details\": {\"reasoning_tokens\": 0, \"accepted_prediction_tokens\": 0}\n} ",
+            r#"{"input_tokens":14,"input_tokens_details":{"cached_tokens":3,"cache_write_tokens":1},"output_tokens":50,"output_tokens_details":{"reasoning_tokens":7},"total_tokens":64}"#,
+            r#"{"prompt_tokens":563,"completion_tokens":null,"prompt_cache_hit_tokens":512,"prompt_tokens_details":null,"cost":1.5e-3,"x":{"y":["z",true]}}"#,
+            r#"{"prompt_tokens":9999999999999999999}"#,
+        ];
+        for case in cases {
+            assert!(plain_agrees(case.as_bytes()), "declined {case:?}");
+        }
+    }
+
+    #[test]
+    fn other_usage_shapes_go_to_serde() {
+        let cases: &[&str] = &[
+            // Shapes `Count` reads leniently: serde_json decides.
+            r#"{"prompt_tokens":12.0}"#,
+            r#"{"prompt_tokens":-3}"#,
+            r#"{"prompt_tokens":"12"}"#,
+            r#"{"prompt_tokens":true}"#,
+            r#"{"prompt_tokens":[1]}"#,
+            r#"{"prompt_tokens":18446744073709551616}"#,
+            r#"{"prompt_tokens_details":[]}"#,
+            // Duplicates (an error to serde), escaped keys.
+            r#"{"prompt_tokens":1,"prompt_tokens":2}"#,
+            r#"{"prompt_tokens_details":{"cached_tokens":1,"cached_tokens":2}}"#,
+            r#"{"prompt\u005ftokens":1}"#,
+            // Not an object, invalid JSON.
+            "[]",
+            "12",
+            r#"{"prompt_tokens":1,}"#,
+            r#"{"prompt_tokens":1} x"#,
+            r#"{"prompt_tokens":01}"#,
+            r#"{"x":"\q"}"#,
+        ];
+        for case in cases {
+            assert!(!plain_agrees(case.as_bytes()), "read {case:?}");
+        }
+    }
+
+    mod generated {
+        use super::*;
+        use proptest::prelude::*;
+
+        const KEYS: &[&str] = &[
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "prompt_tokens_details",
+            "completion_tokens_details",
+            "prompt_cache_hit_tokens",
+            "input_tokens",
+            "output_tokens",
+            "input_tokens_details",
+            "output_tokens_details",
+            "cached_tokens",
+            "cache_write_tokens",
+            "reasoning_tokens",
+            "audio_tokens",
+        ];
+        const SCALARS: &[&str] = &[
+            "null",
+            "0",
+            "16",
+            "363",
+            "-1",
+            "1.0",
+            "2e1",
+            "\"7\"",
+            "true",
+            "01",
+            "18446744073709551615",
+            "99999999999999999999",
+            "\"a\\\"b\"",
+            "\"\\u00e9\"",
+        ];
+        const WS: &[&str] = &["", "", " ", "\n  ", "\t"];
+
+        fn ws() -> impl Strategy<Value = String> {
+            prop::sample::select(WS).prop_map(str::to_owned)
+        }
+
+        fn value() -> impl Strategy<Value = String> {
+            let leaf = prop::sample::select(SCALARS).prop_map(str::to_owned);
+            leaf.prop_recursive(2, 16, 5, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..3)
+                        .prop_map(|v| format!("[{}]", v.join(","))),
+                    object(inner),
+                ]
+            })
+        }
+
+        fn object(value: impl Strategy<Value = String>) -> impl Strategy<Value = String> {
+            prop::collection::vec((prop::sample::select(KEYS), ws(), value), 0..6).prop_map(|v| {
+                let items: Vec<String> = v
+                    .into_iter()
+                    .map(|(k, a, x)| format!("{a}\"{k}\"{a}:{a}{x}{a}"))
+                    .collect();
+                format!("{{{}}}", items.join(","))
+            })
+        }
+
+        fn damage(mut raw: Vec<u8>, at: usize, how: u8) -> Vec<u8> {
+            const BYTES: &[u8] = b"\"\\{}[],:\n 1-.e";
+            let at = at % (raw.len() + 1);
+            let b = BYTES[usize::from(how) % BYTES.len()];
+            match how % 3 {
+                0 if at < raw.len() => raw[at] = b,
+                1 => raw.insert(at, b),
+                _ if at < raw.len() => {
+                    raw.remove(at);
+                }
+                _ => {}
+            }
+            raw
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn plain_read_agrees_with_serde(
+                raw in object(value()),
+                damages in prop::collection::vec((any::<usize>(), any::<u8>()), 0..2),
+            ) {
+                let mut raw = raw.into_bytes();
+                for (at, how) in damages {
+                    raw = damage(raw, at, how);
+                }
+                plain_agrees(&raw);
+            }
+        }
+
+        #[test]
+        fn generated_usage_is_often_read_plain() {
+            use proptest::strategy::ValueTree;
+            use proptest::test_runner::TestRunner;
+            let mut runner = TestRunner::deterministic();
+            let strategy = object(value());
+            let read = (0..400)
+                .filter(|_| {
+                    plain_agrees(strategy.new_tree(&mut runner).unwrap().current().as_bytes())
+                })
+                .count();
+            assert!(read > 60, "{read} of 400 generated usage values read plain");
+        }
     }
 }

@@ -1,27 +1,31 @@
-//! NDJSON fast path: one whole record line, read in a single pass over a
-//! slice that holds all of it.
+//! Fast path for a whole top-level object in one slice: an NDJSON record
+//! line, or a JSON body (or one of several top-level values) that arrived
+//! in a single read. One pass over a slice that holds all of it.
 //!
 //! The general scanner ([`super::JsonScanner::feed`]) is byte-at-a-time
-//! state machine work, because a record may be cut anywhere by the reads it
-//! arrives in. Most records of a stream (an Ollama `/api/chat` content
-//! record is ~140 bytes) arrive whole inside one read, and for those a
-//! single forward walk over the line does the same job at a
+//! state machine work, because a value may be cut anywhere by the reads it
+//! arrives in. Most values arrive whole inside one read (an Ollama
+//! `/api/chat` content record is ~140 bytes, a non-streamed chat completion
+//! a few KB), and for those a single forward walk does the same job at a
 //! fraction of the cost: keys are compared in place, captured values are
-//! sub-slices of the line (no copy), and strings are skipped with a
+//! sub-slices of the input (no copy), and strings are skipped with a
 //! quote/backslash search.
 //!
-//! Contract: for a line `L` (without its `\n`) that [`read`] accepts, the
-//! general scanner, started at depth 0 with no member, capture or text state
-//! pending, would make for `L\n` exactly the sink calls that
+//! Contract: for a line `L` (without its `\n`) that [`read_line`] accepts,
+//! the general scanner, started at depth 0 with no member, capture or text
+//! state pending, would make for `L\n` exactly the sink calls that
 //! `JsonScanner::fast_line` makes from the [`Record`] (the same captured
 //! values in the same order, the same text byte total, the same `value_end`)
-//! and would end in the same state. A line outside the simple grammar below
+//! and would end in the same state. Likewise for an object `O` at the start
+//! of a slice that [`read_object`] accepts (returning its length): the
+//! general scanner, in either mode, makes for `O` the calls
+//! `JsonScanner::fast_object` makes. Input outside the simple grammar below
 //! is declined (`None`) before any sink call, and the caller runs the general
 //! scanner over it instead, so a surprise costs time, never a different
 //! result:
 //!
-//! - the line is blank, or one object: `{`, members, `}`, with spaces, tabs
-//!   and carriage returns around tokens;
+//! - one object: `{`, members, `}`, with spaces, tabs, carriage returns (and
+//!   outside a line, newlines) around tokens; a line may also be blank;
 //! - a member is `"key" : value`; a value is a string, an object or array
 //!   (nesting up to 64 deep, brackets must match), or a scalar made of
 //!   `[A-Za-z0-9+-.]` followed by whitespace, `,` or `}`;
@@ -33,6 +37,8 @@
 //! Inside containers the walk applies the general scanner's own rules (which
 //! strings are keys, which keys name generated text), so the leniency of the
 //! general scanner there (it does not validate commas or literals) is kept.
+//! A raw newline is whitespace to the general scanner outside NDJSON and
+//! inside strings; a line holds none.
 
 use super::{classify, is_text_leaf, Key, KeyKind, DEEP_STOP, MEMBER_STOP};
 use memchr::memchr2;
@@ -44,15 +50,15 @@ const MAX_CAPTURES: usize = 8;
 /// Nesting deeper than this goes to the general scanner.
 const MAX_DEPTH: u32 = 64;
 
-/// What one record line holds for the sink.
+/// What one record line or object holds for the sink.
 #[derive(Debug)]
 pub(super) struct Record {
     /// Bytes of generated text (string contents as written).
     text: u64,
-    /// Captured members: key and the value's byte range in the line.
+    /// Captured members: key and the value's byte range in the input.
     caps: [(Key, usize, usize); MAX_CAPTURES],
     n: usize,
-    /// The line held an object (a blank line holds nothing).
+    /// An object was read (a blank line holds none).
     object: bool,
 }
 
@@ -79,7 +85,7 @@ impl Record {
         }
     }
 
-    /// Whether the line held an object (a top-level value ended).
+    /// Whether an object was read (a top-level value ended).
     pub(super) fn object(&self) -> bool {
         self.object
     }
@@ -89,23 +95,23 @@ impl Record {
         self.text
     }
 
-    /// Captured members in line order, as sub-slices of `line`.
-    pub(super) fn captures<'a>(&'a self, line: &'a [u8]) -> impl Iterator<Item = (Key, &'a [u8])> {
+    /// Captured members in input order, as sub-slices of `input`.
+    pub(super) fn captures<'a>(&'a self, input: &'a [u8]) -> impl Iterator<Item = (Key, &'a [u8])> {
         self.caps
             .iter()
             .take(self.n)
-            .map(move |&(k, from, to)| (k, line.get(from..to).unwrap_or_default()))
+            .map(move |&(k, from, to)| (k, input.get(from..to).unwrap_or_default()))
     }
 }
 
 #[inline]
 fn is_ws(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\r')
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
 }
 
 #[inline]
-fn skip_ws(line: &[u8], mut i: usize) -> usize {
-    while line.get(i).is_some_and(|&b| is_ws(b)) {
+fn skip_ws(buf: &[u8], mut i: usize) -> usize {
+    while buf.get(i).is_some_and(|&b| is_ws(b)) {
         i += 1;
     }
     i
@@ -119,9 +125,9 @@ fn is_scalar(b: u8) -> bool {
 
 /// Index of the quote that closes the string whose content starts at `i`.
 #[inline]
-fn string_end(line: &[u8], mut i: usize) -> Option<usize> {
+fn string_end(buf: &[u8], mut i: usize) -> Option<usize> {
     loop {
-        let rest = line.get(i..)?;
+        let rest = buf.get(i..)?;
         // Most strings are short keys and ids: a plain loop first.
         let head = rest.get(..rest.len().min(16)).unwrap_or_default();
         let p = match head.iter().position(|&b| b == b'"' || b == b'\\') {
@@ -129,7 +135,7 @@ fn string_end(line: &[u8], mut i: usize) -> Option<usize> {
             None => head.len() + memchr2(b'"', b'\\', rest.get(head.len()..)?)?,
         };
         i += p;
-        if *line.get(i)? == b'"' {
+        if *buf.get(i)? == b'"' {
             return Some(i);
         }
         // A backslash escapes the next byte, whatever it is.
@@ -139,8 +145,8 @@ fn string_end(line: &[u8], mut i: usize) -> Option<usize> {
 
 /// Index of the next byte at or after `i` that `table` stops at.
 #[inline]
-fn next_stop(line: &[u8], i: usize, table: &[bool; 256]) -> Option<usize> {
-    let rest = line.get(i..)?;
+fn next_stop(buf: &[u8], i: usize, table: &[bool; 256]) -> Option<usize> {
+    let rest = buf.get(i..)?;
     rest.iter().position(|&b| table[b as usize]).map(|p| i + p)
 }
 
@@ -179,13 +185,13 @@ impl Stack {
     }
 }
 
-/// Skips the container opening at `line[i]` whose member is not text; the
+/// Skips the container opening at `buf[i]` whose member is not text; the
 /// index after its closing bracket. Only strings and brackets matter there.
-fn skip_container(line: &[u8], mut i: usize) -> Option<usize> {
+fn skip_container(buf: &[u8], mut i: usize) -> Option<usize> {
     let mut stack = Stack::default();
     loop {
-        match *line.get(i)? {
-            b'"' => i = string_end(line, i + 1)?,
+        match *buf.get(i)? {
+            b'"' => i = string_end(buf, i + 1)?,
             b @ (b'{' | b'[') => stack.push(b)?,
             b @ (b'}' | b']') => {
                 stack.pop(b)?;
@@ -195,24 +201,24 @@ fn skip_container(line: &[u8], mut i: usize) -> Option<usize> {
             }
             _ => {}
         }
-        i = next_stop(line, i + 1, &DEEP_STOP)?;
+        i = next_stop(buf, i + 1, &DEEP_STOP)?;
     }
 }
 
-/// Walks the container value of a text-bearing member opening at `line[i]`,
+/// Walks the container value of a text-bearing member opening at `buf[i]`,
 /// adding the bytes of strings under text leaf keys to `text`; the index
 /// after its closing bracket. Mirrors the general scanner inside a text
 /// member: a string is a key when a key is expected in an object, every key
 /// decides whether the strings after it are text.
-fn text_container(line: &[u8], mut i: usize, text: &mut u64) -> Option<usize> {
+fn text_container(buf: &[u8], mut i: usize, text: &mut u64) -> Option<usize> {
     let mut stack = Stack::default();
     let mut expect_key = false;
     let mut text_key = false;
     loop {
-        match *line.get(i)? {
+        match *buf.get(i)? {
             b'"' => {
-                let end = string_end(line, i + 1)?;
-                let s = line.get(i + 1..end)?;
+                let end = string_end(buf, i + 1)?;
+                let s = buf.get(i + 1..end)?;
                 if expect_key && stack.in_object() {
                     text_key = is_text_leaf(s);
                 } else if text_key {
@@ -235,84 +241,95 @@ fn text_container(line: &[u8], mut i: usize, text: &mut u64) -> Option<usize> {
             b':' => expect_key = false,
             _ => {}
         }
-        i = next_stop(line, i + 1, &MEMBER_STOP)?;
+        i = next_stop(buf, i + 1, &MEMBER_STOP)?;
     }
 }
 
 /// Reads one record line (without its `\n`). `None`: the line is not one
 /// the fast path reads exactly (see the module notes); nothing has been
 /// reported and the general scanner must read it.
-pub(super) fn read(line: &[u8]) -> Option<Record> {
+pub(super) fn read_line(line: &[u8]) -> Option<Record> {
     let mut rec = Record::default();
-    read_object(line, &mut rec)?;
+    let start = skip_ws(line, 0);
+    if start == line.len() {
+        return Some(rec);
+    }
+    let end = read_members(line, start, &mut rec)?;
+    if skip_ws(line, end) != line.len() {
+        return None;
+    }
     Some(rec)
 }
 
-fn read_object(line: &[u8], rec: &mut Record) -> Option<()> {
-    let mut i = skip_ws(line, 0);
-    match line.get(i) {
-        None => return Some(()),
-        Some(b'{') => {}
-        Some(_) => return None,
-    }
-    i = skip_ws(line, i + 1);
-    if line.get(i) == Some(&b'}') {
-        i += 1;
-    } else {
-        loop {
-            if line.get(i) != Some(&b'"') {
-                return None;
-            }
-            let end = string_end(line, i + 1)?;
-            let kind = classify(line.get(i + 1..end)?);
-            i = skip_ws(line, end + 1);
-            if line.get(i) != Some(&b':') {
-                return None;
-            }
-            i = skip_ws(line, i + 1);
-            let start = i;
-            match *line.get(i)? {
-                b'"' => {
-                    let end = string_end(line, i + 1)?;
-                    if kind == KeyKind::Text {
-                        rec.text += (end - i - 1) as u64;
-                    }
-                    i = end + 1;
-                }
-                b'{' | b'[' => {
-                    i = if kind == KeyKind::Text {
-                        text_container(line, i, &mut rec.text)?
-                    } else {
-                        skip_container(line, i)?
-                    };
-                }
-                b if is_scalar(b) && kind != KeyKind::Text => {
-                    i += 1;
-                    while line.get(i).is_some_and(|&b| is_scalar(b)) {
-                        i += 1;
-                    }
-                }
-                _ => return None,
-            }
-            if let KeyKind::Capture(key) = kind {
-                if !rec.push(key, start, i) {
-                    return None;
-                }
-            }
-            i = skip_ws(line, i);
-            match line.get(i) {
-                Some(b',') => i = skip_ws(line, i + 1),
-                Some(b'}') => {
-                    i += 1;
-                    break;
-                }
-                _ => return None,
-            }
-        }
-    }
-    if skip_ws(line, i) != line.len() {
+/// Reads the object that opens at `buf[0]`, if it ends inside `buf`; the
+/// record and the object's length. `None`: the object does not end in
+/// `buf`, or is not one the fast path reads exactly; nothing has been
+/// reported.
+pub(super) fn read_object(buf: &[u8]) -> Option<(Record, usize)> {
+    let mut rec = Record::default();
+    let end = read_members(buf, 0, &mut rec)?;
+    Some((rec, end))
+}
+
+/// The object opening at `buf[i]`: its members into `rec`, the index after
+/// its closing brace.
+fn read_members(buf: &[u8], mut i: usize, rec: &mut Record) -> Option<usize> {
+    if buf.get(i) != Some(&b'{') {
         return None;
     }
-    rec.object = true;
-    Some(())
+    i = skip_ws(buf, i + 1);
+    if buf.get(i) == Some(&b'}') {
+        rec.object = true;
+        return Some(i + 1);
+    }
+    loop {
+        if buf.get(i) != Some(&b'"') {
+            return None;
+        }
+        let end = string_end(buf, i + 1)?;
+        let kind = classify(buf.get(i + 1..end)?);
+        i = skip_ws(buf, end + 1);
+        if buf.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(buf, i + 1);
+        let start = i;
+        match *buf.get(i)? {
+            b'"' => {
+                let end = string_end(buf, i + 1)?;
+                if kind == KeyKind::Text {
+                    rec.text += (end - i - 1) as u64;
+                }
+                i = end + 1;
+            }
+            b'{' | b'[' => {
+                i = if kind == KeyKind::Text {
+                    text_container(buf, i, &mut rec.text)?
+                } else {
+                    skip_container(buf, i)?
+                };
+            }
+            b if is_scalar(b) && kind != KeyKind::Text => {
+                i += 1;
+                while buf.get(i).is_some_and(|&b| is_scalar(b)) {
+                    i += 1;
+                }
+            }
+            _ => return None,
+        }
+        if let KeyKind::Capture(key) = kind {
+            if !rec.push(key, start, i) {
+                return None;
+            }
+        }
+        i = skip_ws(buf, i);
+        match buf.get(i) {
+            Some(b',') => i = skip_ws(buf, i + 1),
+            Some(b'}') => {
+                rec.object = true;
+                return Some(i + 1);
+            }
+            _ => return None,
+        }
+    }
 }

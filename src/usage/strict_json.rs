@@ -1,0 +1,333 @@
+//! A strict JSON walk for the few places that read a small fixed shape out
+//! of a document faster than serde_json would, and must agree with it.
+//!
+//! The walk checks the grammar serde_json checks (strings without raw
+//! control bytes and with valid escapes, numbers, literals, brackets,
+//! commas) while skipping what the caller does not read, string contents
+//! with a vectorised search. Every method returns `None` both for invalid
+//! JSON and for anything the caller chose not to settle itself; callers
+//! then ask serde_json, so `None` never means "absent".
+
+use memchr::memchr2;
+
+/// Containers nested deeper than this are left to serde_json.
+const MAX_DEPTH: u32 = 64;
+
+/// Known members already read (serde refuses a duplicate).
+#[derive(Default)]
+pub(crate) struct Seen(u32);
+
+impl Seen {
+    pub(crate) fn once(&mut self, bit: u32) -> Option<()> {
+        if self.0 & (1 << bit) != 0 {
+            return None;
+        }
+        self.0 |= 1 << bit;
+        Some(())
+    }
+}
+
+/// Bytes that end a plain run inside a string: the quote, the backslash and
+/// the control bytes JSON forbids raw.
+static STRING_STOP: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        t[b] = true;
+        b += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
+
+/// A cursor over one JSON document.
+pub(crate) struct Walk<'a> {
+    buf: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Walk<'a> {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
+        Walk { buf, i: 0 }
+    }
+
+    /// Only whitespace is left.
+    pub(crate) fn at_end(&mut self) -> bool {
+        self.ws();
+        self.i == self.buf.len()
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.buf.get(self.i).copied()
+    }
+
+    pub(crate) fn ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\n' | b'\t' | b'\r')) {
+            self.i += 1;
+        }
+    }
+
+    /// Consumes `lit` if the input continues with it.
+    fn eat(&mut self, lit: &[u8]) -> Option<()> {
+        let end = self.i + lit.len();
+        if self.buf.get(self.i..end)? != lit {
+            return None;
+        }
+        self.i = end;
+        Some(())
+    }
+
+    /// An object's members, `f` called at each key (the walk then at the
+    /// value, whitespace skipped); `f` reads the value. The walk starts at
+    /// `{` and ends past `}`.
+    pub(crate) fn object(
+        &mut self,
+        mut f: impl FnMut(&mut Self, &'a [u8]) -> Option<()>,
+    ) -> Option<()> {
+        self.eat(b"{")?;
+        self.ws();
+        if self.peek()? == b'}' {
+            self.i += 1;
+            return Some(());
+        }
+        loop {
+            let (key, escaped) = self.string()?;
+            if escaped || !key.is_ascii() {
+                return None;
+            }
+            self.ws();
+            self.eat(b":")?;
+            self.ws();
+            f(self, key)?;
+            self.ws();
+            match self.peek()? {
+                b',' => {
+                    self.i += 1;
+                    self.ws();
+                }
+                b'}' => {
+                    self.i += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// `null` (then `None`) or what `f` reads.
+    pub(crate) fn nullable<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Option<T>,
+    ) -> Option<Option<T>> {
+        if self.peek()? == b'n' {
+            self.eat(b"null")?;
+            return Some(None);
+        }
+        f(self).map(Some)
+    }
+
+    /// A string; its raw contents and whether it holds an escape. Refuses
+    /// raw control bytes and invalid escapes, as serde_json does.
+    pub(crate) fn string(&mut self) -> Option<(&'a [u8], bool)> {
+        self.eat(b"\"")?;
+        let start = self.i;
+        let mut escaped = false;
+        loop {
+            let rest = self.buf.get(self.i..)?;
+            // Most strings are short keys and roles: a plain loop first.
+            let head = rest.get(..rest.len().min(16))?;
+            let p = match head.iter().position(|&b| STRING_STOP[usize::from(b)]) {
+                Some(p) => p,
+                None => {
+                    let tail = rest.get(head.len()..)?;
+                    let q = memchr2(b'"', b'\\', tail)?;
+                    if has_control(tail.get(..q)?) {
+                        return None;
+                    }
+                    head.len() + q
+                }
+            };
+            self.i += p;
+            match self.peek()? {
+                b'"' => {
+                    let s = self.buf.get(start..self.i)?;
+                    self.i += 1;
+                    return Some((s, escaped));
+                }
+                b'\\' => {
+                    escaped = true;
+                    self.escape()?;
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// The escape at the backslash under the walk.
+    fn escape(&mut self) -> Option<()> {
+        match *self.buf.get(self.i + 1)? {
+            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 2,
+            b'u' => {
+                let hex = self.buf.get(self.i + 2..self.i + 6)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                self.i += 6;
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+
+    /// A string without escapes, as `&str` (serde_json decodes escapes
+    /// and checks surrogates; those strings go to it).
+    pub(crate) fn plain_string(&mut self) -> Option<&'a str> {
+        let (s, escaped) = self.string()?;
+        if escaped {
+            return None;
+        }
+        std::str::from_utf8(s).ok()
+    }
+
+    pub(crate) fn boolean(&mut self) -> Option<bool> {
+        match self.peek()? {
+            b't' => self.eat(b"true").map(|()| true),
+            b'f' => self.eat(b"false").map(|()| false),
+            _ => None,
+        }
+    }
+
+    /// A non-negative integer of 1 to 19 digits without a leading zero (so
+    /// within `u64`), not followed by a fraction or an exponent.
+    pub(crate) fn count(&mut self) -> Option<u64> {
+        let rest = self.buf.get(self.i..)?;
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 || digits > 19 || (digits > 1 && rest.first() == Some(&b'0')) {
+            return None;
+        }
+        if matches!(rest.get(digits), Some(b'.' | b'e' | b'E')) {
+            return None;
+        }
+        let n = rest
+            .get(..digits)?
+            .iter()
+            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        self.i += digits;
+        Some(n)
+    }
+
+    /// Any JSON value, checked and skipped (serde_json's `ignore_value`).
+    /// Containers are tracked on a bit stack (1 = object).
+    pub(crate) fn value(&mut self) -> Option<()> {
+        let mut stack = 0u64;
+        let mut depth = 0u32;
+        loop {
+            // A value.
+            match self.peek()? {
+                b'"' => {
+                    self.string()?;
+                }
+                b'{' | b'[' => {
+                    if depth >= MAX_DEPTH {
+                        return None;
+                    }
+                    let object = self.peek()? == b'{';
+                    self.i += 1;
+                    self.ws();
+                    let close = if object { b'}' } else { b']' };
+                    if self.peek()? == close {
+                        self.i += 1;
+                    } else {
+                        stack = (stack << 1) | u64::from(object);
+                        depth += 1;
+                        if object {
+                            self.member_key()?;
+                        }
+                        continue;
+                    }
+                }
+                b't' => self.eat(b"true")?,
+                b'f' => self.eat(b"false")?,
+                b'n' => self.eat(b"null")?,
+                b'-' | b'0'..=b'9' => self.number()?,
+                _ => return None,
+            }
+            // After a value: a comma and the next one, or closing brackets.
+            loop {
+                if depth == 0 {
+                    return Some(());
+                }
+                let object = stack & 1 == 1;
+                self.ws();
+                match self.peek()? {
+                    b',' => {
+                        self.i += 1;
+                        self.ws();
+                        if object {
+                            self.member_key()?;
+                        }
+                        break;
+                    }
+                    b'}' if object => {}
+                    b']' if !object => {}
+                    _ => return None,
+                }
+                self.i += 1;
+                stack >>= 1;
+                depth -= 1;
+            }
+        }
+    }
+
+    /// `"key" :` inside a skipped object; the walk then at the value.
+    fn member_key(&mut self) -> Option<()> {
+        self.string()?;
+        self.ws();
+        self.eat(b":")?;
+        self.ws();
+        Some(())
+    }
+
+    /// A JSON number: `-`? (`0` | [1-9][0-9]*) (`.` [0-9]+)? ([eE] [+-]? [0-9]+)?
+    fn number(&mut self) -> Option<()> {
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        match self.peek()? {
+            b'0' => self.i += 1,
+            b'1'..=b'9' => self.digits(),
+            _ => return None,
+        }
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            if !self.peek()?.is_ascii_digit() {
+                return None;
+            }
+            self.digits();
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.i += 1;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.i += 1;
+            }
+            if !self.peek()?.is_ascii_digit() {
+                return None;
+            }
+            self.digits();
+        }
+        Some(())
+    }
+
+    fn digits(&mut self) {
+        while self.peek().is_some_and(|b| b.is_ascii_digit()) {
+            self.i += 1;
+        }
+    }
+}
+
+/// Whether `s` holds a byte below 0x20. Written without an early exit so
+/// that it compiles to wide compares.
+fn has_control(s: &[u8]) -> bool {
+    s.iter().fold(0u8, |acc, &b| acc | u8::from(b < 0x20)) != 0
+}
