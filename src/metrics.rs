@@ -647,4 +647,112 @@ mod tests {
             "the contract's 8 buckets and +Inf"
         );
     }
+
+    /// The exported series of a fixed set of updates, line for line (sorted:
+    /// the order of series within a family is not fixed).
+    /// Label values, the status code, the overflow to `other` and every
+    /// per-call family must keep this exact encoding.
+    #[test]
+    fn exported_text_is_unchanged() {
+        let m = Metrics::new(2);
+        let release = m.release("r1");
+        let model = m.model("gpt-4.1");
+        let _ = m.model("gpt-4o");
+        let overflow = m.model("claude-3");
+        let route = m.route("openai");
+        let usage = Usage {
+            input_tokens: Some(1200),
+            output_tokens: Some(30),
+            cached_input_tokens: Some(800),
+            cache_write_input_tokens: Some(5),
+            reasoning_tokens: Some(7),
+            ..Usage::default()
+        };
+        m.record_tokens(&model, &release, &usage);
+        m.record_tokens(&overflow, &release, &usage);
+        m.llm_cost
+            .get_or_create(&ModelRelease {
+                model: overflow.clone(),
+                release: release.clone(),
+            })
+            .add(Money::parse_usd("0.000000001").unwrap());
+        m.segment_cost
+            .get_or_create(&SegmentLabels {
+                release: release.clone(),
+                request_type: m.request_type("default"),
+            })
+            .add(Money::parse_usd("1.5").unwrap());
+        m.calls
+            .get_or_create(&CallLabels {
+                route: route.clone(),
+                status: "200".into(),
+            })
+            .inc();
+        m.calls
+            .get_or_create(&CallLabels {
+                route: route.clone(),
+                status: "503".into(),
+            })
+            .inc();
+        m.tool_calls
+            .get_or_create(&ToolStatus {
+                tool: m.tool("search"),
+                status: "402".into(),
+            })
+            .inc();
+        m.retries
+            .get_or_create(&RetryLabels {
+                release: release.clone(),
+                kind: "sdk_retry".into(),
+            })
+            .inc();
+        m.usage_estimated
+            .get_or_create(&ProviderLabel {
+                provider: "tool".into(),
+            })
+            .inc();
+        m.run_total
+            .get_or_create(&RunLabels {
+                status: "error".into(),
+                stop_reason: m.stop_reason("budget_exceeded"),
+                release: release.clone(),
+            })
+            .inc();
+        m.call_duration
+            .get_or_create(&RouteLabel { route })
+            .observe(0.02);
+        let sorted = |text: &str| {
+            let mut lines: Vec<String> = text
+                .lines()
+                .filter(|l| l.contains('{') && (!l.contains("_bucket{") || l.contains("+Inf")))
+                .map(str::to_string)
+                .collect();
+            lines.sort();
+            lines
+        };
+        let expected = "\
+agent_call_duration_seconds_bucket{le=\"+Inf\",route=\"openai\"} 1
+agent_call_duration_seconds_count{route=\"openai\"} 1
+agent_call_duration_seconds_sum{route=\"openai\"} 0.02
+agent_calls_total{route=\"openai\",status=\"200\"} 1
+agent_calls_total{route=\"openai\",status=\"503\"} 1
+agent_llm_cost_usd_total{model=\"other\",release=\"r1\"} 1e-9
+agent_retries_total{release=\"r1\",kind=\"sdk_retry\"} 1
+agent_run_total{status=\"error\",stop_reason=\"budget_exceeded\",release=\"r1\"} 1
+agent_segment_cost_usd_total{release=\"r1\",request_type=\"default\"} 1.5
+agent_token_usage_total{model=\"gpt-4.1\",token_type=\"cache_write\",release=\"r1\"} 5
+agent_token_usage_total{model=\"gpt-4.1\",token_type=\"cached_prompt\",release=\"r1\"} 800
+agent_token_usage_total{model=\"gpt-4.1\",token_type=\"completion\",release=\"r1\"} 30
+agent_token_usage_total{model=\"gpt-4.1\",token_type=\"prompt\",release=\"r1\"} 1200
+agent_token_usage_total{model=\"gpt-4.1\",token_type=\"reasoning\",release=\"r1\"} 7
+agent_token_usage_total{model=\"other\",token_type=\"cache_write\",release=\"r1\"} 5
+agent_token_usage_total{model=\"other\",token_type=\"cached_prompt\",release=\"r1\"} 800
+agent_token_usage_total{model=\"other\",token_type=\"completion\",release=\"r1\"} 30
+agent_token_usage_total{model=\"other\",token_type=\"prompt\",release=\"r1\"} 1200
+agent_token_usage_total{model=\"other\",token_type=\"reasoning\",release=\"r1\"} 7
+agent_tool_calls_total{tool=\"search\",status=\"402\"} 1
+agent_usage_estimated_total{provider=\"tool\"} 1
+";
+        assert_eq!(sorted(&m.render()), sorted(expected), "{}", m.render());
+    }
 }
