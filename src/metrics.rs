@@ -10,10 +10,13 @@
 //! registered without it (`agent_run` is exposed as `agent_run_total`).
 
 use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::encoding::{
+    EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder, MetricEncoder,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -68,11 +71,62 @@ impl EncodeMetric for MoneyCounter {
     }
 }
 
+/// A label value: a fixed word of tollgate's own, or a value a [`LabelCap`]
+/// admitted, shared with every series that carries it. A clone is a copy or
+/// a reference-count increment, never a new string; equality and hashing go
+/// by the text, so the two forms of one word are the same label.
+#[derive(Clone, Debug)]
+pub enum LabelValue {
+    Fixed(&'static str),
+    Interned(Arc<str>),
+}
+
+impl LabelValue {
+    pub fn as_str(&self) -> &str {
+        match self {
+            LabelValue::Fixed(v) => v,
+            LabelValue::Interned(v) => v,
+        }
+    }
+}
+
+impl From<&'static str> for LabelValue {
+    fn from(value: &'static str) -> Self {
+        LabelValue::Fixed(value)
+    }
+}
+
+impl PartialEq for LabelValue {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for LabelValue {}
+
+impl Hash for LabelValue {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialEq<&str> for LabelValue {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl EncodeLabelValue for LabelValue {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
 /// Caps the distinct values of one label.
 #[derive(Debug)]
 pub struct LabelCap {
     max: usize,
-    seen: Mutex<HashSet<String>>,
+    seen: Mutex<HashSet<Arc<str>>>,
 }
 
 pub const OVERFLOW_LABEL: &str = "other";
@@ -86,112 +140,115 @@ impl LabelCap {
     }
 
     /// `value` if it is one of the first `max` distinct values, else `other`.
-    pub fn get(&self, value: &str) -> String {
+    pub fn get(&self, value: &str) -> LabelValue {
         let mut seen = match self.seen.lock() {
             Ok(seen) => seen,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if seen.contains(value) {
-            return value.to_string();
+        if let Some(known) = seen.get(value) {
+            return LabelValue::Interned(known.clone());
         }
         if seen.len() < self.max {
-            seen.insert(value.to_string());
-            return value.to_string();
+            let admitted: Arc<str> = Arc::from(value);
+            seen.insert(admitted.clone());
+            return LabelValue::Interned(admitted);
         }
-        OVERFLOW_LABEL.to_string()
+        LabelValue::Fixed(OVERFLOW_LABEL)
     }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelRelease {
-    pub model: String,
-    pub release: String,
+    pub model: LabelValue,
+    pub release: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
-    pub model: String,
-    pub token_type: String,
-    pub release: String,
+    pub model: LabelValue,
+    pub token_type: LabelValue,
+    pub release: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ToolRelease {
-    pub tool: String,
-    pub release: String,
+    pub tool: LabelValue,
+    pub release: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RunLabels {
-    pub status: String,
-    pub stop_reason: String,
-    pub release: String,
+    pub status: LabelValue,
+    pub stop_reason: LabelValue,
+    pub release: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReleaseLabel {
-    pub release: String,
+    pub release: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
-    pub route: String,
-    pub status: String,
+    pub route: LabelValue,
+    /// The HTTP status code, written as its number.
+    pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
-    pub route: String,
+    pub route: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProviderLabel {
-    pub provider: String,
+    pub provider: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabel {
-    pub model: String,
+    pub model: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectionLabels {
-    pub release: String,
-    pub scope: String,
+    pub release: LabelValue,
+    pub scope: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RetryLabels {
-    pub release: String,
-    pub kind: String,
+    pub release: LabelValue,
+    pub kind: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ToolStatus {
-    pub tool: String,
-    pub status: String,
+    pub tool: LabelValue,
+    /// The HTTP status code, written as its number.
+    pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SegmentLabels {
-    pub release: String,
-    pub request_type: String,
+    pub release: LabelValue,
+    pub request_type: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateErrorLabels {
-    pub backend: String,
-    pub op: String,
+    pub backend: LabelValue,
+    pub op: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateOpLabel {
-    pub op: String,
+    pub op: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
-    pub result: String,
+    pub result: LabelValue,
 }
 
 type LatencyFamily = Family<RouteLabel, Histogram, fn() -> Histogram>;
@@ -488,29 +545,29 @@ impl Metrics {
         out
     }
 
-    pub fn model(&self, v: &str) -> String {
+    pub fn model(&self, v: &str) -> LabelValue {
         self.caps.model.get(v)
     }
-    pub fn release(&self, v: &str) -> String {
+    pub fn release(&self, v: &str) -> LabelValue {
         self.caps.release.get(v)
     }
-    pub fn tool(&self, v: &str) -> String {
+    pub fn tool(&self, v: &str) -> LabelValue {
         self.caps.tool.get(v)
     }
-    pub fn route(&self, v: &str) -> String {
+    pub fn route(&self, v: &str) -> LabelValue {
         self.caps.route.get(v)
     }
-    pub fn request_type(&self, v: &str) -> String {
+    pub fn request_type(&self, v: &str) -> LabelValue {
         self.caps.request_type.get(v)
     }
-    pub fn stop_reason(&self, v: &str) -> String {
+    pub fn stop_reason(&self, v: &str) -> LabelValue {
         self.caps.stop_reason.get(v)
     }
 
     /// Adds one call's tokens to `agent_token_usage_total`. Token types:
     /// `prompt` (all input), `cached_prompt`, `cache_write`, `completion`
     /// (all output), `reasoning` (SPEC §4).
-    pub fn record_tokens(&self, model: &str, release: &str, usage: &Usage) {
+    pub fn record_tokens(&self, model: &LabelValue, release: &LabelValue, usage: &Usage) {
         for (token_type, value) in [
             ("prompt", usage.input_tokens),
             ("cached_prompt", usage.cached_input_tokens),
@@ -521,9 +578,9 @@ impl Metrics {
             if let Some(value) = value.filter(|v| *v > 0) {
                 self.token_usage
                     .get_or_create(&TokenLabels {
-                        model: model.to_string(),
-                        token_type: token_type.to_string(),
-                        release: release.to_string(),
+                        model: model.clone(),
+                        token_type: LabelValue::Fixed(token_type),
+                        release: release.clone(),
                     })
                     .inc_by(value);
             }
@@ -577,8 +634,8 @@ mod tests {
     fn contract_metrics_have_their_names_types_and_buckets() {
         let m = Metrics::new(200);
         m.record_tokens(
-            "gpt-4.1",
-            "r1",
+            &"gpt-4.1".into(),
+            &"r1".into(),
             &Usage {
                 input_tokens: Some(10),
                 output_tokens: Some(3),
@@ -646,5 +703,113 @@ mod tests {
             RUN_COST_BUCKETS.len() + 1,
             "the contract's 8 buckets and +Inf"
         );
+    }
+
+    /// The exported series of a fixed set of updates, line for line (sorted:
+    /// the order of series within a family is not fixed).
+    /// Label values, the status code, the overflow to `other` and every
+    /// per-call family must keep this exact encoding.
+    #[test]
+    fn exported_text_is_unchanged() {
+        let m = Metrics::new(2);
+        let release = m.release("r1");
+        let model = m.model("gpt-4.1");
+        let _ = m.model("gpt-4o");
+        let overflow = m.model("claude-3");
+        let route = m.route("openai");
+        let usage = Usage {
+            input_tokens: Some(1200),
+            output_tokens: Some(30),
+            cached_input_tokens: Some(800),
+            cache_write_input_tokens: Some(5),
+            reasoning_tokens: Some(7),
+            ..Usage::default()
+        };
+        m.record_tokens(&model, &release, &usage);
+        m.record_tokens(&overflow, &release, &usage);
+        m.llm_cost
+            .get_or_create(&ModelRelease {
+                model: overflow.clone(),
+                release: release.clone(),
+            })
+            .add(Money::parse_usd("0.000000001").unwrap());
+        m.segment_cost
+            .get_or_create(&SegmentLabels {
+                release: release.clone(),
+                request_type: m.request_type("default"),
+            })
+            .add(Money::parse_usd("1.5").unwrap());
+        m.calls
+            .get_or_create(&CallLabels {
+                route: route.clone(),
+                status: 200,
+            })
+            .inc();
+        m.calls
+            .get_or_create(&CallLabels {
+                route: route.clone(),
+                status: 503,
+            })
+            .inc();
+        m.tool_calls
+            .get_or_create(&ToolStatus {
+                tool: m.tool("search"),
+                status: 402,
+            })
+            .inc();
+        m.retries
+            .get_or_create(&RetryLabels {
+                release: release.clone(),
+                kind: "sdk_retry".into(),
+            })
+            .inc();
+        m.usage_estimated
+            .get_or_create(&ProviderLabel {
+                provider: "tool".into(),
+            })
+            .inc();
+        m.run_total
+            .get_or_create(&RunLabels {
+                status: "error".into(),
+                stop_reason: m.stop_reason("budget_exceeded"),
+                release: release.clone(),
+            })
+            .inc();
+        m.call_duration
+            .get_or_create(&RouteLabel { route })
+            .observe(0.02);
+        let sorted = |text: &str| {
+            let mut lines: Vec<String> = text
+                .lines()
+                .filter(|l| l.contains('{') && (!l.contains("_bucket{") || l.contains("+Inf")))
+                .map(str::to_string)
+                .collect();
+            lines.sort();
+            lines
+        };
+        let expected = "\
+agent_call_duration_seconds_bucket{le=\"+Inf\",route=\"openai\"} 1
+agent_call_duration_seconds_count{route=\"openai\"} 1
+agent_call_duration_seconds_sum{route=\"openai\"} 0.02
+agent_calls_total{route=\"openai\",status=\"200\"} 1
+agent_calls_total{route=\"openai\",status=\"503\"} 1
+agent_llm_cost_usd_total{model=\"other\",release=\"r1\"} 1e-9
+agent_retries_total{release=\"r1\",kind=\"sdk_retry\"} 1
+agent_run_total{status=\"error\",stop_reason=\"budget_exceeded\",release=\"r1\"} 1
+agent_segment_cost_usd_total{release=\"r1\",request_type=\"default\"} 1.5
+agent_token_usage_total{model=\"gpt-4.1\",token_type=\"cache_write\",release=\"r1\"} 5
+agent_token_usage_total{model=\"gpt-4.1\",token_type=\"cached_prompt\",release=\"r1\"} 800
+agent_token_usage_total{model=\"gpt-4.1\",token_type=\"completion\",release=\"r1\"} 30
+agent_token_usage_total{model=\"gpt-4.1\",token_type=\"prompt\",release=\"r1\"} 1200
+agent_token_usage_total{model=\"gpt-4.1\",token_type=\"reasoning\",release=\"r1\"} 7
+agent_token_usage_total{model=\"other\",token_type=\"cache_write\",release=\"r1\"} 5
+agent_token_usage_total{model=\"other\",token_type=\"cached_prompt\",release=\"r1\"} 800
+agent_token_usage_total{model=\"other\",token_type=\"completion\",release=\"r1\"} 30
+agent_token_usage_total{model=\"other\",token_type=\"prompt\",release=\"r1\"} 1200
+agent_token_usage_total{model=\"other\",token_type=\"reasoning\",release=\"r1\"} 7
+agent_tool_calls_total{tool=\"search\",status=\"402\"} 1
+agent_usage_estimated_total{provider=\"tool\"} 1
+";
+        assert_eq!(sorted(&m.render()), sorted(expected), "{}", m.render());
     }
 }

@@ -77,7 +77,7 @@ pub struct CallRecord {
     pub request_type: String,
     pub route: String,
     /// `openai`, `anthropic`, `gemini` or `tool`.
-    pub provider: String,
+    pub provider: &'static str,
     pub model: Option<String>,
     /// The price-table entry that priced the call.
     pub price_entry: Option<String>,
@@ -85,7 +85,7 @@ pub struct CallRecord {
     pub status: u16,
     /// `complete`, `upstream_error`, `client_gone`, `idle_timeout`,
     /// `refused`, `upstream_unreachable`…
-    pub outcome: String,
+    pub outcome: &'static str,
     pub prompt_tokens: Option<u64>,
     pub cached_tokens: Option<u64>,
     pub cache_write_tokens: Option<u64>,
@@ -154,13 +154,16 @@ impl From<&RunEnd> for RunRecord {
     }
 }
 
+/// What goes through the writer's channel. Every variant is boxed: the
+/// bounded channel allocates its `queue_capacity` slots up front, so the
+/// entry's size is paid 65 536 times by default.
 enum Entry {
     Call(Box<CallRecord>),
     Run(Box<RunRecord>),
     /// Commit everything before this and answer.
-    Flush(mpsc::Sender<()>),
+    Flush(Box<mpsc::Sender<()>>),
     /// Find the runs to restore (PostgreSQL: on the writer's connection).
-    Restore(postgres::RestoreRequest),
+    Restore(Box<postgres::RestoreRequest>),
 }
 
 /// Counters the writer keeps (exported as metrics).
@@ -225,42 +228,64 @@ const CALL_COLUMNS: [&str; 26] = [
     "price_version",
 ];
 
-fn flag(v: bool) -> Param {
-    Param::Int(Some(i64::from(v)))
+/// One column value of a record being written, borrowed from the record:
+/// the writers bind it without copying its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field<'a> {
+    Int(Option<i64>),
+    Text(Option<&'a str>),
 }
 
-fn opt_uint(v: Option<u64>) -> Param {
-    Param::Int(v.map(clamp))
+impl<'a> Field<'a> {
+    fn uint(value: u64) -> Field<'a> {
+        Field::Int(Some(clamp(value)))
+    }
+
+    fn opt_uint(value: Option<u64>) -> Field<'a> {
+        Field::Int(value.map(clamp))
+    }
+
+    fn flag(value: bool) -> Field<'a> {
+        Field::Int(Some(i64::from(value)))
+    }
+
+    fn text(value: &'a str) -> Field<'a> {
+        Field::Text(Some(value))
+    }
+
+    fn opt_text(value: &'a Option<String>) -> Field<'a> {
+        Field::Text(value.as_deref())
+    }
 }
 
-fn call_values(c: &CallRecord) -> [Param; 26] {
+fn call_values(c: &CallRecord) -> [Field<'_>; 26] {
     [
-        Param::uint(c.ts_ms),
-        Param::Text(c.run_id.clone()),
-        Param::text(&c.release),
-        Param::text(&c.request_type),
-        Param::text(&c.route),
-        Param::text(&c.provider),
-        Param::Text(c.model.clone()),
-        Param::Text(c.price_entry.clone()),
-        Param::Text(c.tool.clone()),
-        Param::uint(u64::from(c.status)),
-        Param::text(&c.outcome),
-        opt_uint(c.prompt_tokens),
-        opt_uint(c.cached_tokens),
-        opt_uint(c.cache_write_tokens),
-        opt_uint(c.completion_tokens),
-        opt_uint(c.reasoning_tokens),
-        Param::uint(c.cost.picos()),
-        Param::uint(c.latency_ms),
-        opt_uint(c.ttfb_ms),
-        flag(c.streamed),
-        flag(c.estimated),
-        flag(c.sdk_retry),
-        flag(c.repeat_after_failure),
-        flag(c.duplicate_body),
-        opt_uint(c.run_ceiling.map(Money::picos)),
-        Param::text(&c.price_version),
+        Field::uint(c.ts_ms),
+        Field::opt_text(&c.run_id),
+        Field::text(&c.release),
+        Field::text(&c.request_type),
+        Field::text(&c.route),
+        Field::text(c.provider),
+        Field::opt_text(&c.model),
+        Field::opt_text(&c.price_entry),
+        Field::opt_text(&c.tool),
+        Field::uint(u64::from(c.status)),
+        Field::text(c.outcome),
+        Field::opt_uint(c.prompt_tokens),
+        Field::opt_uint(c.cached_tokens),
+        Field::opt_uint(c.cache_write_tokens),
+        Field::opt_uint(c.completion_tokens),
+        Field::opt_uint(c.reasoning_tokens),
+        Field::uint(c.cost.picos()),
+        Field::uint(c.latency_ms),
+        Field::opt_uint(c.ttfb_ms),
+        Field::flag(c.streamed),
+        Field::flag(c.estimated),
+        Field::flag(c.sdk_retry),
+        Field::flag(c.repeat_after_failure),
+        Field::flag(c.duplicate_body),
+        Field::opt_uint(c.run_ceiling.map(Money::picos)),
+        Field::text(&c.price_version),
     ]
 }
 
@@ -286,25 +311,25 @@ const RUN_COLUMNS: [&str; 17] = [
     "evicted",
 ];
 
-fn run_values(r: &RunRecord) -> [Param; 17] {
+fn run_values(r: &RunRecord) -> [Field<'_>; 17] {
     [
-        Param::text(&r.run_id),
-        Param::uint(r.started_ms),
-        Param::uint(r.ended_ms),
-        Param::text(&r.release),
-        Param::text(&r.request_type),
-        Param::text(&r.status),
-        Param::text(&r.stop_reason),
-        Param::uint(r.ceiling.picos()),
-        Param::uint(r.cost.picos()),
-        Param::uint(r.llm_cost.picos()),
-        Param::uint(r.tool_cost.picos()),
-        Param::uint(r.calls),
-        Param::uint(r.refusals),
-        Param::uint(r.retries),
-        Param::uint(r.repeated_calls),
-        flag(r.breached),
-        flag(r.evicted),
+        Field::text(&r.run_id),
+        Field::uint(r.started_ms),
+        Field::uint(r.ended_ms),
+        Field::text(&r.release),
+        Field::text(&r.request_type),
+        Field::text(&r.status),
+        Field::text(&r.stop_reason),
+        Field::uint(r.ceiling.picos()),
+        Field::uint(r.cost.picos()),
+        Field::uint(r.llm_cost.picos()),
+        Field::uint(r.tool_cost.picos()),
+        Field::uint(r.calls),
+        Field::uint(r.refusals),
+        Field::uint(r.retries),
+        Field::uint(r.repeated_calls),
+        Field::flag(r.breached),
+        Field::flag(r.evicted),
     ]
 }
 
@@ -406,7 +431,7 @@ impl Ledger {
             return;
         };
         let (done_tx, done_rx) = mpsc::channel();
-        if tx.send(Entry::Flush(done_tx)).is_ok() {
+        if tx.send(Entry::Flush(Box::new(done_tx))).is_ok() {
             let _ = done_rx.recv();
         }
     }
@@ -508,10 +533,10 @@ mod tests {
             release: "r1".into(),
             request_type: "default".into(),
             route: "openai".into(),
-            provider: "openai".into(),
+            provider: "openai",
             model: Some("gpt-4.1".into()),
             status: 200,
-            outcome: "complete".into(),
+            outcome: "complete",
             cost: Money::from_picos(cost),
             price_version: "v1".into(),
             ..CallRecord::default()
@@ -519,6 +544,15 @@ mod tests {
     }
 
     const T0: u64 = 1_800_000_000_000;
+
+    #[test]
+    fn a_channel_entry_is_a_tag_and_a_pointer() {
+        // The channel preallocates `queue_capacity` of them.
+        assert_eq!(
+            std::mem::size_of::<Entry>(),
+            2 * std::mem::size_of::<usize>()
+        );
+    }
 
     #[test]
     fn retention_removes_only_expired_records() {

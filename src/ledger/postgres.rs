@@ -35,8 +35,8 @@ use tokio_postgres::NoTls;
 
 use super::reader::{postgres_placeholders, Param, Reader, Row, Value};
 use super::{
-    call_values, now_ms, query, run_values, CallRecord, Entry, LedgerError, LedgerStats, RunRecord,
-    CALL_COLUMNS, MAX_BATCH, RETENTION_EVERY, RETENTION_STEP, RUN_COLUMNS,
+    call_values, now_ms, query, run_values, CallRecord, Entry, Field, LedgerError, LedgerStats,
+    RunRecord, CALL_COLUMNS, MAX_BATCH, RETENTION_EVERY, RETENTION_STEP, RUN_COLUMNS,
 };
 use crate::budget::RestoredRun;
 
@@ -196,7 +196,7 @@ pub(super) fn restore_through_writer(
     since_ms: u64,
 ) -> Result<Vec<RestoredRun>, LedgerError> {
     let (reply, answer) = mpsc::channel();
-    tx.send(Entry::Restore(RestoreRequest { since_ms, reply }))
+    tx.send(Entry::Restore(Box::new(RestoreRequest { since_ms, reply })))
         .map_err(|_| LedgerError::Unavailable("the ledger writer is gone".into()))?;
     answer.recv_timeout(RESTORE_WAIT).map_err(|_| {
         LedgerError::Unavailable(format!("no answer within {} s", RESTORE_WAIT.as_secs()))
@@ -470,7 +470,7 @@ impl Writer {
             Entry::Call(call) => self.queue.push_back(Queued::Call(seq, call)),
             Entry::Run(run) => self.queue.push_back(Queued::Run(seq, run)),
             Entry::Flush(done) => {
-                self.waiters.push((seq - 1, done));
+                self.waiters.push((seq - 1, *done));
                 return;
             }
             Entry::Restore(request) => {
@@ -672,20 +672,20 @@ enum Column {
 }
 
 impl Column {
-    fn new(like: &Param, capacity: usize) -> Column {
+    fn new(like: &Field, capacity: usize) -> Column {
         match like {
-            Param::Int(_) => Column::Int(Vec::with_capacity(capacity)),
-            Param::Text(_) => Column::Text(Vec::with_capacity(capacity)),
+            Field::Int(_) => Column::Int(Vec::with_capacity(capacity)),
+            Field::Text(_) => Column::Text(Vec::with_capacity(capacity)),
         }
     }
 
-    fn push(&mut self, value: Param) {
+    fn push(&mut self, value: Field) {
         match (self, value) {
-            (Column::Int(v), Param::Int(x)) => v.push(x),
+            (Column::Int(v), Field::Int(x)) => v.push(x),
             // PostgreSQL text cannot hold NUL; a provider could send one.
-            (Column::Text(v), Param::Text(x)) => v.push(x.map(|s| s.replace('\0', "\u{FFFD}"))),
-            (Column::Int(v), Param::Text(_)) => v.push(None),
-            (Column::Text(v), Param::Int(_)) => v.push(None),
+            (Column::Text(v), Field::Text(x)) => v.push(x.map(|s| s.replace('\0', "\u{FFFD}"))),
+            (Column::Int(v), Field::Text(_)) => v.push(None),
+            (Column::Text(v), Field::Int(_)) => v.push(None),
         }
     }
 
@@ -705,7 +705,7 @@ impl Column {
 }
 
 /// Columns of `rows` (all of one table, in `columns` order).
-fn columns(rows: Vec<Vec<Param>>) -> Vec<Column> {
+fn columns(rows: Vec<Vec<Field>>) -> Vec<Column> {
     let Some(first) = rows.first() else {
         return Vec::new();
     };
@@ -739,17 +739,17 @@ struct Batch {
 }
 
 impl Batch {
-    fn of<'a>(queued: impl Iterator<Item = &'a Queued>, writer_id: &str) -> Batch {
+    fn of<'a>(queued: impl Iterator<Item = &'a Queued>, writer_id: &'a str) -> Batch {
         let mut calls = Vec::new();
         // One row per run key, the last one winning (an upsert may not touch
         // a row twice in one statement).
-        let mut runs: Vec<Vec<Param>> = Vec::new();
+        let mut runs: Vec<Vec<Field>> = Vec::new();
         let mut run_index: HashMap<(String, u64), usize> = HashMap::new();
         for entry in queued {
             match entry {
                 Queued::Call(seq, call) => {
-                    let mut row: Vec<Param> = call_values(call).into();
-                    row.extend([Param::text(writer_id), Param::Int(Some(*seq))]);
+                    let mut row: Vec<Field> = call_values(call).into();
+                    row.extend([Field::text(writer_id), Field::Int(Some(*seq))]);
                     calls.push(row);
                 }
                 Queued::Run(_, run) => {

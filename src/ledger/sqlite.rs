@@ -13,7 +13,7 @@ use rusqlite::{params, params_from_iter, Connection, ToSql};
 
 use super::reader::{Param, Row, Value};
 use super::{
-    call_values, run_values, Entry, LedgerError, LedgerStats, CALL_COLUMNS, MAX_BATCH,
+    call_values, run_values, Entry, Field, LedgerError, LedgerStats, CALL_COLUMNS, MAX_BATCH,
     RETENTION_EVERY, RETENTION_STEP, RUN_COLUMNS,
 };
 
@@ -115,6 +115,17 @@ impl ToSql for Param {
     }
 }
 
+/// Binds a record's column value straight from the record.
+impl ToSql for Field<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match *self {
+            Field::Int(Some(v)) => ValueRef::Integer(v),
+            Field::Text(Some(v)) => ValueRef::Text(v.as_bytes()),
+            Field::Int(None) | Field::Text(None) => ValueRef::Null,
+        }))
+    }
+}
+
 /// Runs a portable read query (see [`super::reader`]).
 pub(super) fn rows(
     conn: &Connection,
@@ -170,7 +181,7 @@ pub(super) fn write_loop(
         let mut commit_now = !open;
         let mut take = |entry: Entry, batch: &mut Vec<Entry>| match entry {
             Entry::Flush(done) => {
-                waiters.push(done);
+                waiters.push(*done);
                 true
             }
             entry => {

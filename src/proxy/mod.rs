@@ -238,7 +238,7 @@ pub async fn handle(
                         .calls
                         .get_or_create(&crate::metrics::CallLabels {
                             route: state.metrics.route(&route.name),
-                            status: error.status().as_u16().to_string(),
+                            status: error.status().as_u16(),
                         })
                         .inc();
                     record_unmetered(&state, unmetered(503, error.kind(), ceiling));
@@ -309,7 +309,7 @@ pub async fn handle(
                 .calls
                 .get_or_create(&crate::metrics::CallLabels {
                     route: state.metrics.route(&route.name),
-                    status: e.status().as_u16().to_string(),
+                    status: e.status().as_u16(),
                 })
                 .inc();
             record_unmetered(
@@ -332,11 +332,12 @@ pub async fn handle(
         }
     };
     let upstream_latency = sent.elapsed();
+    let route_label = state.metrics.route(&route.name);
     state
         .metrics
         .upstream_latency
         .get_or_create(&crate::metrics::RouteLabel {
-            route: state.metrics.route(&route.name),
+            route: route_label.clone(),
         })
         .observe(upstream_latency.as_secs_f64());
 
@@ -376,6 +377,8 @@ pub async fn handle(
         state: state.clone(),
         pricing,
         route: route.name.clone(),
+        route_label,
+        release_label,
         kind,
         tool: route.tool.clone(),
         tool_cost: route.tool_cost.clone(),
@@ -555,11 +558,11 @@ fn record_unmetered(state: &AppState, call: Unmetered<'_>) {
         release: call.attribution.release.clone(),
         request_type: call.attribution.request_type.clone(),
         route: call.route.to_string(),
-        provider: call.kind.as_str().to_string(),
+        provider: call.kind.as_str(),
         model: call.model,
         tool: call.tool,
         status: call.status,
-        outcome: call.outcome.to_string(),
+        outcome: call.outcome,
         latency_ms: call.started.elapsed().as_millis() as u64,
         sdk_retry: call.flags.sdk_retry,
         repeat_after_failure: call.flags.repeat_after_failure,

@@ -15,8 +15,8 @@ use crate::budget::{Admission, CallFlags, CostKind};
 use crate::config::{RouteKind, ToolCost};
 use crate::ledger::CallRecord;
 use crate::metrics::{
-    CallLabels, ModelLabel, ModelRelease, ProviderLabel, RouteLabel, SegmentLabels, ToolRelease,
-    ToolStatus,
+    CallLabels, LabelValue, ModelLabel, ModelRelease, ProviderLabel, ReleaseLabel, RouteLabel,
+    SegmentLabels, ToolRelease, ToolStatus,
 };
 use crate::money::Money;
 use crate::pricing::PriceTable;
@@ -66,6 +66,10 @@ pub struct CallMeter {
     pub state: Arc<AppState>,
     pub pricing: Arc<PriceTable>,
     pub route: String,
+    /// The route's and the release's metric label values, looked up once
+    /// per call when it came in.
+    pub route_label: LabelValue,
+    pub release_label: LabelValue,
     pub kind: RouteKind,
     pub tool: Option<String>,
     pub tool_cost: Option<ToolCost>,
@@ -95,34 +99,34 @@ impl CallMeter {
         end: End,
     ) -> Settled {
         let duration = self.started.elapsed();
-        let release = self.attribution.release.clone();
         let metrics = self.state.metrics.clone();
-        let release_label = metrics.release(&release);
-        let route_label = metrics.route(&self.route);
+        let status = self.status.as_u16();
         metrics
             .calls
             .get_or_create(&CallLabels {
-                route: route_label.clone(),
-                status: self.status.as_u16().to_string(),
+                route: self.route_label.clone(),
+                status,
             })
             .inc();
         metrics
             .call_duration
             .get_or_create(&RouteLabel {
-                route: route_label.clone(),
+                route: self.route_label.clone(),
             })
             .observe(duration.as_secs_f64());
         if let Some(ttfb) = self.first_byte {
             metrics
                 .time_to_first_byte
-                .get_or_create(&RouteLabel { route: route_label })
+                .get_or_create(&RouteLabel {
+                    route: self.route_label.clone(),
+                })
                 .observe(ttfb.as_secs_f64());
         }
         if end == End::BudgetStop {
             metrics
                 .budget_stream_stops
-                .get_or_create(&crate::metrics::ReleaseLabel {
-                    release: release_label.clone(),
+                .get_or_create(&ReleaseLabel {
+                    release: self.release_label.clone(),
                 })
                 .inc();
         }
@@ -133,13 +137,13 @@ impl CallMeter {
             || end != End::Complete;
 
         let (cost, kind, record) = match self.kind {
-            RouteKind::Tool => self.tool_cost(tool_body, end, &release_label),
-            _ => self.llm_cost(observation, end, &release_label),
+            RouteKind::Tool => self.tool_cost(tool_body, end),
+            _ => self.llm_cost(observation, end),
         };
         metrics
             .segment_cost
             .get_or_create(&SegmentLabels {
-                release: release_label,
+                release: self.release_label.clone(),
                 request_type: metrics.request_type(&self.attribution.request_type),
             })
             .add(cost);
@@ -161,12 +165,12 @@ impl CallMeter {
         tracing::info!(
             target: "tollgate::call",
             run_id = self.attribution.run_id.as_deref().unwrap_or(""),
-            release = %release,
+            release = %self.attribution.release,
             request_type = %self.attribution.request_type,
             route = %self.route,
             model = record.model.as_deref().unwrap_or(""),
             tool = self.tool.as_deref().unwrap_or(""),
-            status = self.status.as_u16(),
+            status,
             end = end.as_str(),
             streamed = self.request.stream,
             prompt_tokens = record.usage.as_ref().and_then(|u| u.input_tokens),
@@ -179,19 +183,20 @@ impl CallMeter {
             "call"
         );
         if let Some(ledger) = &self.state.ledger {
+            // The meter ends here: its strings move into the record.
             let usage = record.usage.unwrap_or_default();
             ledger.record_call(CallRecord {
                 ts_ms: self.started_ms,
-                run_id: self.attribution.run_id.clone(),
-                release,
-                request_type: self.attribution.request_type.clone(),
-                route: self.route.clone(),
-                provider: self.kind.as_str().to_string(),
+                run_id: self.attribution.run_id,
+                release: self.attribution.release,
+                request_type: self.attribution.request_type,
+                route: self.route,
+                provider: self.kind.as_str(),
                 model: record.model,
                 price_entry: record.price_entry,
-                tool: self.tool.clone(),
-                status: self.status.as_u16(),
-                outcome: end.as_str().to_string(),
+                tool: self.tool,
+                status,
+                outcome: end.as_str(),
                 prompt_tokens: usage.input_tokens,
                 cached_tokens: usage.cached_input_tokens,
                 cache_write_tokens: usage.cache_write_input_tokens,
@@ -216,15 +221,10 @@ impl CallMeter {
         }
     }
 
-    fn llm_cost(
-        &self,
-        observation: Option<Observation>,
-        end: End,
-        release: &str,
-    ) -> (Money, CostKind, Record) {
+    fn llm_cost(&self, observation: Option<Observation>, end: End) -> (Money, CostKind, Record) {
         let metrics = &self.state.metrics;
         let provider = self.kind.as_str();
-        let observation = observation.unwrap_or_else(empty_observation);
+        let mut observation = observation.unwrap_or_else(empty_observation);
         if observation.parse_error {
             metrics
                 .usage_parse_errors
@@ -236,7 +236,7 @@ impl CallMeter {
         let (usage, estimated) = resolve_usage(&observation, self.status, end, self.request_bytes);
         let model = observation
             .model
-            .clone()
+            .take()
             .filter(|m| !m.is_empty())
             .or_else(|| self.request.model.clone());
         if estimated {
@@ -259,14 +259,14 @@ impl CallMeter {
                 },
             );
         };
-        let model_name = model.clone().unwrap_or_else(|| "unknown".to_string());
-        let mut priced = self.pricing.cost(&model_name, &usage);
+        let model_name = model.as_deref().unwrap_or("unknown");
+        let mut priced = self.pricing.cost(model_name, &usage);
         if priced.entry.is_none() {
             if let Some(requested) = self.request.model.as_deref().filter(|r| *r != model_name) {
                 priced = self.pricing.cost(requested, &usage);
             }
         }
-        let model_label = metrics.model(&model_name);
+        let model_label = metrics.model(model_name);
         if priced.entry.is_none() {
             metrics
                 .unpriced_calls
@@ -274,14 +274,14 @@ impl CallMeter {
                     model: model_label.clone(),
                 })
                 .inc();
-            self.state.note_unpriced(&model_name);
+            self.state.note_unpriced(model_name);
         }
-        metrics.record_tokens(&model_label, release, &usage);
+        metrics.record_tokens(&model_label, &self.release_label, &usage);
         metrics
             .llm_cost
             .get_or_create(&ModelRelease {
                 model: model_label,
-                release: release.to_string(),
+                release: self.release_label.clone(),
             })
             .add(priced.cost);
         (
@@ -296,7 +296,7 @@ impl CallMeter {
         )
     }
 
-    fn tool_cost(&self, body: Option<&[u8]>, end: End, release: &str) -> (Money, CostKind, Record) {
+    fn tool_cost(&self, body: Option<&[u8]>, end: End) -> (Money, CostKind, Record) {
         let metrics = &self.state.metrics;
         let tool = self.tool.clone().unwrap_or_else(|| self.route.clone());
         let tool_label = metrics.tool(&tool);
@@ -304,7 +304,7 @@ impl CallMeter {
             .tool_calls
             .get_or_create(&ToolStatus {
                 tool: tool_label.clone(),
-                status: self.status.as_u16().to_string(),
+                status: self.status.as_u16(),
             })
             .inc();
         let chargeable = self.status.is_success() || self.charge_failed_calls;
@@ -345,7 +345,7 @@ impl CallMeter {
             .tool_cost
             .get_or_create(&ToolRelease {
                 tool: tool_label,
-                release: release.to_string(),
+                release: self.release_label.clone(),
             })
             .add(cost);
         (

@@ -153,9 +153,9 @@ fn record(run: &str, i: u64) -> CallRecord {
         release: "mig".into(),
         request_type: "default".into(),
         route: "openai".into(),
-        provider: "openai".into(),
+        provider: "openai",
         status: 200,
-        outcome: "complete".into(),
+        outcome: "complete",
         cost: Money::from_picos(7),
         price_version: "v".into(),
         ..CallRecord::default()
