@@ -193,6 +193,9 @@ pub enum LedgerError {
 pub struct Ledger {
     tx: Mutex<Option<SyncSender<Entry>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// The SQLite writer's thread, woken by a sender that finds the queue
+    /// full (the writer otherwise sleeps until its batch is due).
+    wake_writer: Option<std::thread::Thread>,
     reader: Reader,
     pub stats: Arc<LedgerStats>,
     path: Option<PathBuf>,
@@ -349,7 +352,7 @@ impl Ledger {
         let (tx, rx) = mpsc::sync_channel(settings.queue_capacity.max(1));
         let stats = Arc::new(LedgerStats::default());
         let retention = Duration::from_secs(settings.retention_days.saturating_mul(86_400));
-        let (writer, reader, path) = match &settings.backend {
+        let (writer, reader, path, wake_writer) = match &settings.backend {
             LedgerBackend::Sqlite { path } => {
                 let (writer_conn, reader_conn) = sqlite::open(path)?;
                 let writer_stats = stats.clone();
@@ -364,17 +367,19 @@ impl Ledger {
                         message: format!("cannot start the writer thread: {e}"),
                     })?;
                 let reader = Reader::Sqlite(Arc::new(Mutex::new(reader_conn)));
-                (writer, reader, Some(path.clone()))
+                let wake = writer.thread().clone();
+                (writer, reader, Some(path.clone()), Some(wake))
             }
             LedgerBackend::Postgres(pg) => {
                 let (writer, pool) =
                     postgres::start(pg, settings.flush_interval, retention, rx, stats.clone())?;
-                (writer, Reader::Postgres(pool), None)
+                (writer, Reader::Postgres(pool), None, None)
             }
         };
         Ok(Ledger {
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
+            wake_writer,
             reader,
             stats,
             path,
@@ -413,6 +418,7 @@ impl Ledger {
                 self.stats
                     .backpressure_waits
                     .fetch_add(1, Ordering::Relaxed);
+                self.wake_writer();
                 if tx.send(entry).is_err() {
                     self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
                 }
@@ -424,6 +430,13 @@ impl Ledger {
         }
     }
 
+    /// Ends the SQLite writer's sleep before its batch is due.
+    fn wake_writer(&self) {
+        if let Some(writer) = &self.wake_writer {
+            writer.unpark();
+        }
+    }
+
     /// Waits until every record queued before this call is committed (or,
     /// with PostgreSQL, dropped because the outage buffer was full).
     pub fn flush(&self) {
@@ -432,6 +445,7 @@ impl Ledger {
         };
         let (done_tx, done_rx) = mpsc::channel();
         if tx.send(Entry::Flush(Box::new(done_tx))).is_ok() {
+            self.wake_writer();
             let _ = done_rx.recv();
         }
     }
@@ -439,6 +453,7 @@ impl Ledger {
     /// Drains the queue, commits, and stops the writer. Idempotent.
     pub fn close(&self) {
         drop(lock(&self.tx).take());
+        self.wake_writer();
         if let Some(writer) = lock(&self.writer).take() {
             let _ = writer.join();
         }
@@ -594,6 +609,35 @@ mod tests {
             .unwrap();
         assert_eq!((count, sum), (5000, 35_000));
         assert_eq!(ledger.stats.written.load(Ordering::Relaxed), 5000);
+    }
+
+    #[test]
+    fn a_full_queue_wakes_a_writer_whose_batch_is_not_due() {
+        // The writer sleeps until its batch is due (an hour here); senders
+        // that find the 16-slot queue full must wake it rather than wait.
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(
+            Ledger::open(&LedgerSettings {
+                flush_interval: Duration::from_secs(3600),
+                ..settings(dir.path())
+            })
+            .unwrap(),
+        );
+        let (done_tx, done_rx) = mpsc::channel();
+        let sender = ledger.clone();
+        std::thread::spawn(move || {
+            for i in 0..500 {
+                sender.record_call(call("a", i, 1));
+            }
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(60)).is_ok(),
+            "senders held back by a sleeping writer"
+        );
+        assert!(ledger.stats.backpressure_waits.load(Ordering::Relaxed) > 0);
+        ledger.close();
+        assert_eq!(ledger.stats.written.load(Ordering::Relaxed), 500);
     }
 
     #[test]

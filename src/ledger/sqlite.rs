@@ -161,10 +161,6 @@ pub(super) fn rows(
     query(conn).map_err(|e| LedgerError::Query(e.to_string()))
 }
 
-/// Longest sleep of the writer while a batch waits for its deadline: how long
-/// a full queue may hold a sender back, beyond the commit itself.
-const BATCH_NAP: Duration = Duration::from_millis(2);
-
 pub(super) fn write_loop(
     mut conn: Connection,
     rx: Receiver<Entry>,
@@ -217,14 +213,14 @@ pub(super) fn write_loop(
             commit_now = true;
         }
         if !commit_now {
-            // A batch is open: wait for its deadline in short naps instead of
-            // on the channel, so the senders on the request path do not wake
-            // this thread once per record (a futex call per call, measured as
-            // the whole cost of the ledger in BENCHMARKS.md).
+            // A batch is open: sleep until it is due rather than wait on the
+            // channel, so that the senders on the request path find no
+            // parked receiver to wake (a futex call per call). A sender that
+            // finds the queue full unparks this thread (`Ledger::push`).
             let left = batch_started.map_or(Duration::ZERO, |s| {
                 flush_interval.saturating_sub(s.elapsed())
             });
-            std::thread::sleep(left.min(BATCH_NAP));
+            std::thread::park_timeout(left);
             continue;
         }
         if !batch.is_empty() {
