@@ -1167,22 +1167,8 @@ mod tests {
                 .prop_map(|(a, m, b, end)| format!("{a}{{{m}}}{b}{end}").into_bytes())
         }
 
-        /// A byte changed, inserted or removed at a spot, from the bytes
-        /// that steer the scanner.
-        fn damage(mut body: Vec<u8>, at: usize, how: u8) -> Vec<u8> {
-            const BYTES: &[u8] = b"\"\\{}[],:\n \rt1";
-            let at = at % (body.len() + 1);
-            let b = BYTES[usize::from(how) % BYTES.len()];
-            match how % 3 {
-                0 if at < body.len() => body[at] = b,
-                1 => body.insert(at, b),
-                _ if at < body.len() => {
-                    body.remove(at);
-                }
-                _ => {}
-            }
-            body
-        }
+        /// The bytes that steer the reader, for the damage the property test does.
+        const STEERING_BYTES: &[u8] = b"\"\\{}[],:\n \rt1";
 
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(256))]
@@ -1211,7 +1197,7 @@ mod tests {
                     }
                 }
                 for (at, how) in damages {
-                    body = damage(body, at, how);
+                    body = crate::usage::strict_json::damage(body, at, how, STEERING_BYTES);
                 }
                 let (general, _) = scan_mode(lines, &[&body], false, cap);
                 let (fast, _) = scan_mode(lines, &[&body], true, cap);

@@ -331,3 +331,21 @@ impl<'a> Walk<'a> {
 fn has_control(s: &[u8]) -> bool {
     s.iter().fold(0u8, |acc, &b| acc | u8::from(b < 0x20)) != 0
 }
+
+/// For property tests of JSON readers: `body` with one byte changed,
+/// inserted or removed at `at`, the byte taken from `bytes` (the bytes that
+/// steer the reader under test).
+#[cfg(test)]
+pub(crate) fn damage(mut body: Vec<u8>, at: usize, how: u8, bytes: &[u8]) -> Vec<u8> {
+    let at = at % (body.len() + 1);
+    let b = bytes[usize::from(how) % bytes.len()];
+    match how % 3 {
+        0 if at < body.len() => body[at] = b,
+        1 => body.insert(at, b),
+        _ if at < body.len() => {
+            body.remove(at);
+        }
+        _ => {}
+    }
+    body
+}
