@@ -34,7 +34,9 @@ mod sqlite;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::mpsc;
+
+use flume::TrySendError;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -154,9 +156,10 @@ impl From<&RunEnd> for RunRecord {
     }
 }
 
-/// What goes through the writer's channel. Every variant is boxed: the
-/// bounded channel allocates its `queue_capacity` slots up front, so the
-/// entry's size is paid 65 536 times by default.
+/// What goes through the writer's channel. Every variant is boxed, so an
+/// entry waiting in the queue takes 16 bytes (the queue grows with what
+/// waits, up to `queue_capacity`, 65 536 by default, and keeps its
+/// high-water mark).
 enum Entry {
     Call(Box<CallRecord>),
     Run(Box<RunRecord>),
@@ -191,7 +194,7 @@ pub enum LedgerError {
 }
 
 pub struct Ledger {
-    tx: Mutex<Option<SyncSender<Entry>>>,
+    tx: Mutex<Option<flume::Sender<Entry>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     /// The SQLite writer's thread, woken by a sender that finds the queue
     /// full (the writer otherwise sleeps until its batch is due).
@@ -349,7 +352,7 @@ impl Ledger {
     /// the writer connects, migrates and writes in the background, so an
     /// unreachable database at start only delays the writes.
     pub fn open(settings: &LedgerSettings) -> Result<Ledger, LedgerError> {
-        let (tx, rx) = mpsc::sync_channel(settings.queue_capacity.max(1));
+        let (tx, rx) = flume::bounded(settings.queue_capacity.max(1));
         let stats = Arc::new(LedgerStats::default());
         let retention = Duration::from_secs(settings.retention_days.saturating_mul(86_400));
         let (writer, reader, path, wake_writer) = match &settings.backend {
@@ -562,7 +565,7 @@ mod tests {
 
     #[test]
     fn a_channel_entry_is_a_tag_and_a_pointer() {
-        // The channel preallocates `queue_capacity` of them.
+        // A burst can queue `queue_capacity` of them.
         assert_eq!(
             std::mem::size_of::<Entry>(),
             2 * std::mem::size_of::<usize>()

@@ -192,7 +192,7 @@ pub struct RestoreRequest {
 
 /// Asks the writer for the runs to restore and waits (bounded).
 pub(super) fn restore_through_writer(
-    tx: &mpsc::SyncSender<Entry>,
+    tx: &flume::Sender<Entry>,
     since_ms: u64,
 ) -> Result<Vec<RestoredRun>, LedgerError> {
     let (reply, answer) = mpsc::channel();
@@ -209,7 +209,7 @@ pub(super) fn start(
     settings: &PostgresSettings,
     flush_interval: Duration,
     retention: Duration,
-    rx: mpsc::Receiver<Entry>,
+    rx: flume::Receiver<Entry>,
     stats: Arc<LedgerStats>,
 ) -> Result<(std::thread::JoinHandle<()>, Pool), LedgerError> {
     let fail = |message: String| LedgerError::Open {
@@ -263,7 +263,7 @@ fn writer_id() -> String {
 /// Moves entries from the bounded channel to the writer's queue, dropping
 /// records past `max_buffered`.
 fn intake(
-    rx: mpsc::Receiver<Entry>,
+    rx: flume::Receiver<Entry>,
     queue: UnboundedSender<Entry>,
     stats: Arc<LedgerStats>,
     max_buffered: u64,
