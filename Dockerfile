@@ -3,7 +3,7 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin tollgate
+RUN cargo build --profile dist --locked --bin tollgate
 
 FROM debian:bookworm-slim
 RUN apt-get update \
@@ -11,7 +11,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /app --create-home tollgate
 WORKDIR /app
-COPY --from=build /src/target/release/tollgate /usr/local/bin/tollgate
+COPY --from=build /src/target/dist/tollgate /usr/local/bin/tollgate
 COPY config ./config
 # The example config listens on loopback; in a container both listeners
 # must be reachable from outside it. Mount your own file over this one.

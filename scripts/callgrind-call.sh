@@ -10,14 +10,14 @@
 # only (the kernel's share is not counted); every thread of the process
 # (runtime workers, ledger writer) is included.
 #
-# Proxies: tollgate (TOLLGATE, default target/release/tollgate; with
+# Proxies: tollgate (TOLLGATE, default target/dist/tollgate; with
 # BEFORE=<another tollgate binary> that one too, same config) and, with
 # BARE=1 (default), examples/bare_proxy: hyper forwarding and nothing else.
 # Prints instructions per call for each, and with TOP=n (default 25) the n
 # functions with the most inclusive instructions in tollgate's own code.
 #
 # Environment (defaults): SCENARIO=json (or stream) CALLS=2000 WARMUP=200
-#   CONNECTIONS=4 BARE=1 TOP=25 TOLLGATE=target/release/tollgate BEFORE=
+#   CONNECTIONS=4 BARE=1 TOP=25 TOLLGATE=target/dist/tollgate BEFORE=
 #   LEDGER=true
 # Output files (callgrind.<name>.out) stay in the work directory with KEEP=1.
 
@@ -34,7 +34,7 @@ LEDGER=${LEDGER:-true}
 
 harness_init callgrind-call
 [[ ${KEEP:-0} == 1 ]] && keep_work=1
-build_release --example loadgen --example bare_proxy
+build_dist --example loadgen --example bare_proxy
 tollgate_bin=${TOLLGATE:-$root/$bin/tollgate}
 start_mock "$work" --threads 1
 

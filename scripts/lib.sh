@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # What the perf and soak harnesses (load.sh, load_state.sh, memory.sh,
 # soak.sh) share: a work directory and the processes they started, both
-# gone on exit; the release build; the mock upstream and tollgate on port 0,
+# gone on exit; the dist build; the mock upstream and tollgate on port 0,
 # with the bound addresses read back from their output.
 #
 # Sourced, not run:  source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -10,8 +10,8 @@
 
 # The repository root; harness_init makes it the working directory.
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# Where `cargo build --release` leaves the binaries (relative to $root).
-bin=target/release
+# Where `cargo build --profile dist` leaves the binaries (relative to $root).
+bin=target/dist
 
 # Changes to $root, creates the work directory $work
 # (${TMPDIR:-/tmp}/tollgate-$1.XXXXXX) and an empty $pids, and installs the
@@ -49,11 +49,12 @@ print_load_average() {
     echo "load average $1: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 }
 
-# Builds the tollgate binary and examples/mock_upstream in release, plus
+# Builds the tollgate binary and examples/mock_upstream with the dist profile
+# (release with link-time optimisation, what production runs), plus
 # whatever else "$@" names (e.g. --example loadgen).
-build_release() {
-    echo "building (release)..." >&2
-    cargo build --release --quiet --bin tollgate --example mock_upstream "$@"
+build_dist() {
+    echo "building (dist profile; the first build takes minutes)..." >&2
+    cargo build --profile dist --quiet --bin tollgate --example mock_upstream "$@"
 }
 
 # Waits (at most 10 s) until file $1 has a line matching $2 and prints it;

@@ -3,7 +3,7 @@
 # through nginx and through tollgate, interleaved, several rounds, on
 # loopback.
 #
-# Builds release, starts examples/mock_upstream and target/release/tollgate
+# Builds the dist profile, starts examples/mock_upstream and target/dist/tollgate
 # (with a generated config, both on port 0; the bound addresses are read
 # from the mock's first stdout line and tollgate's "tollgate listening" log
 # line) and nginx (generated config in the temp dir, on a free port found at
@@ -42,7 +42,7 @@
 #   SCENARIOS="json stream stream-inject json-rate stream-paced" RATE=500
 #   PACE_US=20000 CHUNK_DELAY_US=0 NGINX=1 BARE=1 NGINX_WORKERS=$(nproc) QUIET=0
 #   NO_LEDGER=1 LOADGEN_THREADS=2 MOCK_THREADS=1
-#   TOLLGATE=target/release/tollgate BEFORE= OUT=<temp dir>/results.jsonl
+#   TOLLGATE=target/dist/tollgate BEFORE= OUT=<temp dir>/results.jsonl
 # Every measurement is bounded (WARMUP + DURATION + 5 s grace, and killed
 # after 30 s more); everything started here is stopped on exit.
 
@@ -70,7 +70,7 @@ harness_init load
 OUT=${OUT:-$work/results.jsonl}
 
 print_load_average "at the start"
-build_release --example loadgen --example bare_proxy
+build_dist --example loadgen --example bare_proxy
 
 tollgate_bin=${TOLLGATE:-$bin/tollgate}
 

@@ -44,7 +44,7 @@ command -v "$REDIS_SERVER" >/dev/null || {
 }
 
 print_load_average "at the start"
-build_release --example loadgen
+build_dist --example loadgen
 
 start_mock "$work" --threads "$MOCK_THREADS"
 echo "mock upstream on $mock_addr" >&2

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Memory of the tollgate process (VmRSS from /proc), on loopback, in two
 # phases, each with its own mock upstream (examples/mock_upstream) and
-# tollgate (release, generated config, ports 0, ledger on):
+# tollgate (dist profile, generated config, ports 0, ledger on):
 #
 #   runs  RUNS calls, each with a new x-agent-run-id, so RUNS runs are
 #         tracked at once (runs.idle_timeout_secs is set past the test);
@@ -16,7 +16,7 @@
 #         mean of the first and of the last minute.
 #
 # Environment (defaults): PHASES="runs soak" RUNS=100000 STREAMS=1000
-#   SOAK_SECS=600 JSON_RATE=300 STREAM_RATE=30 TOLLGATE=target/release/tollgate
+#   SOAK_SECS=600 JSON_RATE=300 STREAM_RATE=30 TOLLGATE=target/dist/tollgate
 # Every load run is bounded in time; everything started here is stopped on
 # exit.
 
@@ -33,7 +33,7 @@ STREAM_RATE=${STREAM_RATE:-30}
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 harness_init memory
 
-build_release --example loadgen
+build_dist --example loadgen
 tollgate_bin=${TOLLGATE:-$bin/tollgate}
 # Two sockets per open stream (client and upstream side) plus the ledger.
 ulimit -n "$(ulimit -Hn)"

@@ -3,7 +3,7 @@
 # through tollgate for a bounded time on loopback, then a consistency and
 # memory report.
 #
-# Builds release, starts examples/mock_upstream and target/release/tollgate
+# Builds the dist profile, starts examples/mock_upstream and target/dist/tollgate
 # (generated config, both on port 0; addresses read from the mock's first
 # stdout line and tollgate's "tollgate listening" log line) with a ledger,
 # upstream_response_timeout_ms = 1000 and runs.idle_timeout_secs = 30, and
@@ -50,7 +50,7 @@ harness_init soak
 keep_work=$KEEP
 
 # shellcheck disable=SC2119 # nothing to build beyond tollgate and the mock
-build_release
+build_dist
 
 start_mock "$work" --threads 2 --max-secs $((DURATION + 120))
 

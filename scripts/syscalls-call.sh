@@ -10,7 +10,7 @@
 # connection), detaches and prints each syscall's count per call.
 #
 # Environment (defaults): CALLS=5000 WARMUP=500 CONNECTIONS=32 BARE=1
-#   TOLLGATE=target/release/tollgate BEFORE= LEDGER=true RUST_LOG=info
+#   TOLLGATE=target/dist/tollgate BEFORE= LEDGER=true RUST_LOG=info
 
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -26,7 +26,7 @@ command -v strace >/dev/null || {
     exit 2
 }
 harness_init syscalls-call
-build_release --example loadgen --example bare_proxy
+build_dist --example loadgen --example bare_proxy
 tollgate_bin=${TOLLGATE:-$root/$bin/tollgate}
 start_mock "$work" --threads 1
 
