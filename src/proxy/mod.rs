@@ -17,6 +17,7 @@
 
 pub mod attribution;
 pub mod body;
+pub mod cost_header;
 pub mod error;
 pub mod guards;
 pub mod request;
@@ -582,13 +583,9 @@ fn set_cost_headers(response: &mut Response<ProxyBody>, run_cost: Money, remaini
     // Names built once, not parsed from the strings on every call.
     const RUN_COST: HeaderName = HeaderName::from_static(RUN_COST_HEADER);
     const REMAINING: HeaderName = HeaderName::from_static(BUDGET_REMAINING_HEADER);
-    if let Ok(v) = HeaderValue::from_str(&run_cost.to_header_value()) {
-        headers.insert(RUN_COST, v);
-    }
+    headers.insert(RUN_COST, cost_header::usd(run_cost));
     if let Some(remaining) = remaining {
-        if let Ok(v) = HeaderValue::from_str(&remaining.to_header_value()) {
-            headers.insert(REMAINING, v);
-        }
+        headers.insert(REMAINING, cost_header::usd(remaining));
     }
 }
 
