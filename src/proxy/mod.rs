@@ -79,7 +79,7 @@ pub async fn handle(
     let started = Instant::now();
     let started_ms = state.clock.now_ms();
     let config = state.config.load_full();
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let local = parts.extensions.get::<ConnInfo>().map(|c| c.local);
 
     // request_filter: target and route.
@@ -283,8 +283,11 @@ pub async fn handle(
         Ok(uri) => uri,
         Err(e) => return Ok(refuse_after_admission(e, kind, admission)),
     };
+    // The client's headers move into the upstream request: nothing reads
+    // them after this point.
     let upstream_request = match upstream::upstream_request(
-        &parts,
+        parts.method.clone(),
+        std::mem::take(&mut parts.headers),
         uri,
         &config.attribution,
         upstream_body,
