@@ -133,7 +133,7 @@ pub async fn handle(
     };
     let retry_count = parts
         .headers
-        .get("x-stainless-retry-count")
+        .get(const { HeaderName::from_static("x-stainless-retry-count") })
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u32>().ok());
     let body_hash = attribution
@@ -350,6 +350,9 @@ pub async fn handle(
     upstream::strip_hop_by_hop(&mut head.headers);
     let content_type = header_str(&head.headers, http::header::CONTENT_TYPE);
     let content_encoding = header_str(&head.headers, http::header::CONTENT_ENCODING);
+    let is_event_stream = content_type.is_some_and(|ct| {
+        ct.starts_with("text/event-stream") || ct.contains("ndjson") || ct.contains("jsonl")
+    });
     let spent_before = admission.run_spent();
     let remaining_before = admission.remaining();
     let tool_header_cost = match &route.tool_cost {
@@ -359,8 +362,8 @@ pub async fn handle(
     let tap = kind.dialect().map(|dialect| {
         UsageTap::new(
             dialect,
-            content_type.as_deref(),
-            content_encoding.as_deref(),
+            content_type,
+            content_encoding,
             TapLimits {
                 max_event_bytes: limits.max_event_bytes,
                 max_json_value_bytes: limits.max_event_bytes,
@@ -373,9 +376,6 @@ pub async fn handle(
         head.headers.remove(http::header::CONTENT_LENGTH);
     }
     let capture_tool_body = matches!(route.tool_cost, Some(ToolCost::JsonPointer(_)));
-    let is_event_stream = content_type.as_deref().is_some_and(|ct| {
-        ct.starts_with("text/event-stream") || ct.contains("ndjson") || ct.contains("jsonl")
-    });
     let buffer_first = !info.stream && !is_event_stream;
     let meter = CallMeter {
         state: state.clone(),
@@ -601,11 +601,8 @@ fn note_clamp(response: &mut Response<ProxyBody>, clamped_to: Option<u64>) {
     }
 }
 
-fn header_str(headers: &http::HeaderMap, name: http::header::HeaderName) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
+fn header_str(headers: &http::HeaderMap, name: http::header::HeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// Identity of a call for repeat detection: route and exact body bytes.
