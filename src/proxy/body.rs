@@ -180,25 +180,29 @@ pub fn stream_terminator(kind: crate::config::RouteKind, path: &str) -> Bytes {
 
 /// Data read from upstream, metered, and not yet handed to the client.
 #[derive(Default)]
-struct Held {
+pub struct Held {
     parts: Vec<Bytes>,
     len: usize,
 }
 
 impl Held {
-    fn push(&mut self, data: Bytes) {
+    pub fn push(&mut self, data: Bytes) {
         if !data.is_empty() {
             self.len += data.len();
             self.parts.push(data);
         }
     }
 
-    fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
     /// Everything held, as one buffer (copied only when there are several).
-    fn take(&mut self) -> Bytes {
+    pub fn take(&mut self) -> Bytes {
         let data = if self.parts.len() == 1 {
             self.parts.pop().unwrap_or_default()
         } else {

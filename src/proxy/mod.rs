@@ -29,7 +29,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -429,14 +429,15 @@ pub async fn handle(
         }
     }
     if buffer_first {
-        let mut buffered = BytesMut::new();
+        // Usually one frame: held as it came, copied only to join several.
+        let mut buffered = body::Held::default();
         let mut trailers = None;
         loop {
             match metered.frame().await {
                 None => break,
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
-                        buffered.extend_from_slice(&data);
+                        buffered.push(data);
                         if buffered.len() > MAX_BUFFERED_RESPONSE {
                             break;
                         }
@@ -453,12 +454,12 @@ pub async fn handle(
         if let Some(settled) = metered.settled() {
             let _ = trailers;
             head.headers.remove(http::header::CONTENT_LENGTH);
-            let mut response = Response::from_parts(head, full_body(buffered.freeze()));
+            let mut response = Response::from_parts(head, full_body(buffered.take()));
             apply_settled(&mut response, settled);
             note_clamp(&mut response, clamped_to);
             return Ok(response);
         }
-        metered.set_prefix(buffered.freeze());
+        metered.set_prefix(buffered.take());
     }
     let mut response = Response::from_parts(head, metered.boxed());
     set_cost_headers(&mut response, spent_before, remaining_before);
