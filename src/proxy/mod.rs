@@ -64,7 +64,8 @@ pub fn full_body(bytes: Bytes) -> ProxyBody {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
-/// Connection facts the server attaches to each request.
+/// Connection facts the server attaches to each request whose target names
+/// an authority (absolute-form, HTTP/2), for [`route::check_target`].
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
     pub local: SocketAddr,
