@@ -106,7 +106,10 @@ pub async fn serve_tls<H, Fut>(
         let info = local.map(|local| ConnInfo { local, remote });
         let handler = handler.clone();
         let service = service_fn(move |mut request: Request<Incoming>| {
-            if let Some(info) = info {
+            // Only a target that names a host is checked against the local
+            // address: an origin-form request (`POST /path`) goes without
+            // the extension map it would otherwise allocate.
+            if let (Some(info), Some(_)) = (info, request.uri().authority()) {
                 request.extensions_mut().insert(info);
             }
             // Boxed: hyper keeps one slot per connection for the handler's

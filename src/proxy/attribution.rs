@@ -83,14 +83,15 @@ impl UrlAttribution {
 }
 
 /// Reads and validates the attribution of a call.
-pub fn extract(
+pub fn extract<'h>(
     headers: &HeaderMap,
-    names: &AttributionHeaders,
+    names: &'h AttributionHeaders,
     url: Option<&UrlAttribution>,
 ) -> Result<Attribution, ProxyError> {
-    let get = |name: &http::HeaderName,
+    // The header's name goes with its value, for the error that names it.
+    let get = |name: &'h http::HeaderName,
                from_url: Option<&String>|
-     -> Result<Option<(String, String)>, ProxyError> {
+     -> Result<Option<(&'h http::HeaderName, String)>, ProxyError> {
         let mut values = headers.get_all(name).iter();
         match (values.next(), values.next()) {
             (Some(_), Some(_)) => Err(ProxyError::BadHeader {
@@ -102,29 +103,30 @@ pub fn extract(
                     header: name.to_string(),
                     reason: "not visible ASCII".into(),
                 })?;
-                Ok(Some((name.to_string(), text.trim().to_string())))
+                Ok(Some((name, text.trim().to_string())))
             }
-            (None, _) => Ok(from_url.map(|v| (name.to_string(), v.clone()))),
+            (None, _) => Ok(from_url.map(|v| (name, v.clone()))),
         }
     };
-    let url = url.cloned().unwrap_or_default();
+    let no_url = UrlAttribution::default();
+    let url = url.unwrap_or(&no_url);
 
     let run_id = get(&names.run_id, url.run_id.as_ref())?
-        .map(|(h, v)| label(&h, v, 128))
+        .map(|(h, v)| label(h, v, 128))
         .transpose()?;
     let release = get(&names.release, url.release.as_ref())?
-        .map(|(h, v)| label(&h, v, 64))
+        .map(|(h, v)| label(h, v, 64))
         .transpose()?
         .unwrap_or_else(|| DEFAULT_RELEASE.to_string());
     let request_type = get(&names.request_type, url.request_type.as_ref())?
-        .map(|(h, v)| label(&h, v, 64))
+        .map(|(h, v)| label(h, v, 64))
         .transpose()?
         .unwrap_or_else(|| DEFAULT_REQUEST_TYPE.to_string());
     let budget = get(&names.budget, url.budget.as_ref())?
         .map(|(h, v)| match Money::parse_usd(&v) {
             Ok(m) if m > Money::ZERO => Ok(m),
             _ => Err(ProxyError::BadHeader {
-                header: h,
+                header: h.to_string(),
                 reason: format!("`{v}` is not a positive USD amount"),
             }),
         })
@@ -134,7 +136,7 @@ pub fn extract(
             "completed" | "ok" => Ok(RunStatus::Ok),
             "error" => Ok(RunStatus::Error),
             _ => Err(ProxyError::BadHeader {
-                header: h,
+                header: h.to_string(),
                 reason: format!("`{v}` must be `completed` or `error`"),
             }),
         })
@@ -145,7 +147,7 @@ pub fn extract(
                 Ok(v)
             } else {
                 Err(ProxyError::BadHeader {
-                    header: h,
+                    header: h.to_string(),
                     reason: format!("`{v}` is not one of {}", STOP_REASONS.join(", ")),
                 })
             }
@@ -166,7 +168,7 @@ pub fn extract(
     })
 }
 
-fn label(header: &str, value: String, max: usize) -> Result<String, ProxyError> {
+fn label(header: &http::HeaderName, value: String, max: usize) -> Result<String, ProxyError> {
     if value.is_empty() || value.len() > max || !value.bytes().all(is_label_byte) {
         return Err(ProxyError::BadHeader {
             header: header.to_string(),

@@ -30,7 +30,7 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::money::Money;
 use crate::pricing::{ModelPrice, PriceTable};
@@ -57,6 +57,10 @@ pin_project! {
         inner: Option<Incoming>,
         idle: Pin<Box<Sleep>>,
         idle_timeout: Duration,
+        // When the idle timer is due: moved on by each frame, and given to
+        // the timer only when the body waits (a reset registers the timer
+        // with the runtime's wheel, under its lock).
+        idle_deadline: Instant,
         tap: Option<UsageTap>,
         filter: Option<UsageChunkFilter>,
         tool_capture: Option<BytesMut>,
@@ -92,9 +96,11 @@ impl MeteredBody {
         capture_tool_body: bool,
         idle_timeout: Duration,
     ) -> MeteredBody {
+        let idle = Box::pin(tokio::time::sleep(idle_timeout));
         MeteredBody {
             inner: Some(inner),
-            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle_deadline: idle.deadline(),
+            idle,
             idle_timeout,
             tap,
             filter,
@@ -180,25 +186,29 @@ pub fn stream_terminator(kind: crate::config::RouteKind, path: &str) -> Bytes {
 
 /// Data read from upstream, metered, and not yet handed to the client.
 #[derive(Default)]
-struct Held {
+pub struct Held {
     parts: Vec<Bytes>,
     len: usize,
 }
 
 impl Held {
-    fn push(&mut self, data: Bytes) {
+    pub fn push(&mut self, data: Bytes) {
         if !data.is_empty() {
             self.len += data.len();
             self.parts.push(data);
         }
     }
 
-    fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
     /// Everything held, as one buffer (copied only when there are several).
-    fn take(&mut self) -> Bytes {
+    pub fn take(&mut self) -> Bytes {
         let data = if self.parts.len() == 1 {
             self.parts.pop().unwrap_or_default()
         } else {
@@ -265,6 +275,9 @@ impl Body for MeteredBody {
                         *this.yielded = 0;
                         return Poll::Ready(Some(Ok(Frame::data(this.held.take()))));
                     }
+                    if this.idle.deadline() != *this.idle_deadline {
+                        this.idle.as_mut().reset(*this.idle_deadline);
+                    }
                     if this.idle.as_mut().poll(cx).is_ready() {
                         *this.done = true;
                         settle(
@@ -314,8 +327,7 @@ impl Body for MeteredBody {
                     return Poll::Ready(Some(Err(Box::new(error))));
                 }
                 Poll::Ready(Some(Ok(frame))) => {
-                    let deadline = tokio::time::Instant::now() + *this.idle_timeout;
-                    this.idle.as_mut().reset(deadline);
+                    *this.idle_deadline = Instant::now() + *this.idle_timeout;
                     let inner_ended = this.inner.as_ref().is_none_or(Body::is_end_stream);
                     let frame = match frame.into_data() {
                         Ok(data) => {

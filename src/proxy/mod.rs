@@ -17,6 +17,7 @@
 
 pub mod attribution;
 pub mod body;
+pub mod cost_header;
 pub mod error;
 pub mod guards;
 pub mod request;
@@ -28,7 +29,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -63,7 +64,8 @@ pub fn full_body(bytes: Bytes) -> ProxyBody {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
-/// Connection facts the server attaches to each request.
+/// Connection facts the server attaches to each request whose target names
+/// an authority (absolute-form, HTTP/2), for [`route::check_target`].
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
     pub local: SocketAddr,
@@ -78,7 +80,7 @@ pub async fn handle(
     let started = Instant::now();
     let started_ms = state.clock.now_ms();
     let config = state.config.load_full();
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let local = parts.extensions.get::<ConnInfo>().map(|c| c.local);
 
     // request_filter: target and route.
@@ -132,7 +134,7 @@ pub async fn handle(
     };
     let retry_count = parts
         .headers
-        .get("x-stainless-retry-count")
+        .get(const { HeaderName::from_static("x-stainless-retry-count") })
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u32>().ok());
     let body_hash = attribution
@@ -282,8 +284,11 @@ pub async fn handle(
         Ok(uri) => uri,
         Err(e) => return Ok(refuse_after_admission(e, kind, admission)),
     };
+    // The client's headers move into the upstream request: nothing reads
+    // them after this point.
     let upstream_request = match upstream::upstream_request(
-        &parts,
+        parts.method.clone(),
+        std::mem::take(&mut parts.headers),
         uri,
         &config.attribution,
         upstream_body,
@@ -346,6 +351,9 @@ pub async fn handle(
     upstream::strip_hop_by_hop(&mut head.headers);
     let content_type = header_str(&head.headers, http::header::CONTENT_TYPE);
     let content_encoding = header_str(&head.headers, http::header::CONTENT_ENCODING);
+    let is_event_stream = content_type.is_some_and(|ct| {
+        ct.starts_with("text/event-stream") || ct.contains("ndjson") || ct.contains("jsonl")
+    });
     let spent_before = admission.run_spent();
     let remaining_before = admission.remaining();
     let tool_header_cost = match &route.tool_cost {
@@ -355,8 +363,8 @@ pub async fn handle(
     let tap = kind.dialect().map(|dialect| {
         UsageTap::new(
             dialect,
-            content_type.as_deref(),
-            content_encoding.as_deref(),
+            content_type,
+            content_encoding,
             TapLimits {
                 max_event_bytes: limits.max_event_bytes,
                 max_json_value_bytes: limits.max_event_bytes,
@@ -369,9 +377,6 @@ pub async fn handle(
         head.headers.remove(http::header::CONTENT_LENGTH);
     }
     let capture_tool_body = matches!(route.tool_cost, Some(ToolCost::JsonPointer(_)));
-    let is_event_stream = content_type.as_deref().is_some_and(|ct| {
-        ct.starts_with("text/event-stream") || ct.contains("ndjson") || ct.contains("jsonl")
-    });
     let buffer_first = !info.stream && !is_event_stream;
     let meter = CallMeter {
         state: state.clone(),
@@ -425,14 +430,15 @@ pub async fn handle(
         }
     }
     if buffer_first {
-        let mut buffered = BytesMut::new();
+        // Usually one frame: held as it came, copied only to join several.
+        let mut buffered = body::Held::default();
         let mut trailers = None;
         loop {
             match metered.frame().await {
                 None => break,
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
-                        buffered.extend_from_slice(&data);
+                        buffered.push(data);
                         if buffered.len() > MAX_BUFFERED_RESPONSE {
                             break;
                         }
@@ -449,12 +455,12 @@ pub async fn handle(
         if let Some(settled) = metered.settled() {
             let _ = trailers;
             head.headers.remove(http::header::CONTENT_LENGTH);
-            let mut response = Response::from_parts(head, full_body(buffered.freeze()));
+            let mut response = Response::from_parts(head, full_body(buffered.take()));
             apply_settled(&mut response, settled);
             note_clamp(&mut response, clamped_to);
             return Ok(response);
         }
-        metered.set_prefix(buffered.freeze());
+        metered.set_prefix(buffered.take());
     }
     let mut response = Response::from_parts(head, metered.boxed());
     set_cost_headers(&mut response, spent_before, remaining_before);
@@ -582,13 +588,9 @@ fn set_cost_headers(response: &mut Response<ProxyBody>, run_cost: Money, remaini
     // Names built once, not parsed from the strings on every call.
     const RUN_COST: HeaderName = HeaderName::from_static(RUN_COST_HEADER);
     const REMAINING: HeaderName = HeaderName::from_static(BUDGET_REMAINING_HEADER);
-    if let Ok(v) = HeaderValue::from_str(&run_cost.to_header_value()) {
-        headers.insert(RUN_COST, v);
-    }
+    headers.insert(RUN_COST, cost_header::usd(run_cost));
     if let Some(remaining) = remaining {
-        if let Ok(v) = HeaderValue::from_str(&remaining.to_header_value()) {
-            headers.insert(REMAINING, v);
-        }
+        headers.insert(REMAINING, cost_header::usd(remaining));
     }
 }
 
@@ -601,11 +603,8 @@ fn note_clamp(response: &mut Response<ProxyBody>, clamped_to: Option<u64>) {
     }
 }
 
-fn header_str(headers: &http::HeaderMap, name: http::header::HeaderName) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
+fn header_str(headers: &http::HeaderMap, name: http::header::HeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// Identity of a call for repeat detection: route and exact body bytes.

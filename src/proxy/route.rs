@@ -36,8 +36,12 @@ pub fn check_target(
     }
     let mut segments = path[1..].split('/').peekable();
     while let Some(segment) = segments.next() {
-        // Borrowed unless the segment has escapes.
-        let decoded: std::borrow::Cow<'_, [u8]> = percent_decode_str(segment).into();
+        // Decoded only when the segment has escapes (most have none).
+        let decoded: std::borrow::Cow<'_, [u8]> = if segment.contains('%') {
+            percent_decode_str(segment).into()
+        } else {
+            segment.as_bytes().into()
+        };
         let last = segments.peek().is_none();
         if segment.is_empty() && !last {
             return Err(ProxyError::BadRequest(

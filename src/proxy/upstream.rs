@@ -231,16 +231,17 @@ pub fn upstream_uri(route: &Route, rest: &str, query: Option<&str>) -> Result<Ur
         .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")))
 }
 
-/// Builds the upstream request: method, headers (less hop-by-hop,
-/// attribution, Host and Expect), and the (possibly rewritten) body.
+/// Builds the upstream request: method, the client's headers (moved, less
+/// hop-by-hop, attribution, Host and Expect), and the (possibly rewritten)
+/// body.
 pub fn upstream_request(
-    parts: &http::request::Parts,
+    method: http::Method,
+    mut headers: HeaderMap,
     uri: Uri,
     attribution: &AttributionHeaders,
     body: Bytes,
     identity_encoding: bool,
 ) -> Result<Request<Full<Bytes>>, ProxyError> {
-    let mut headers = parts.headers.clone();
     strip_hop_by_hop(&mut headers);
     for name in attribution.all() {
         headers.remove(name);
@@ -261,11 +262,9 @@ pub fn upstream_request(
             .map_err(|_| ProxyError::BadRequest("upstream authority is not a valid Host".into()))?;
         headers.insert(http::header::HOST, host);
     }
-    let mut request = Request::builder()
-        .method(parts.method.clone())
-        .uri(uri)
-        .body(Full::new(body))
-        .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream request: {e}")))?;
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     Ok(request)
 }
