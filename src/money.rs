@@ -79,8 +79,48 @@ impl Money {
     /// Decimal USD with exactly 9 fraction digits, rounded half up
     /// (the form of the `x-agent-*-usd` response headers).
     pub fn to_header_value(self) -> String {
-        let nanos = (self.0 + 500) / 1_000;
-        format!("{}.{:09}", nanos / 1_000_000_000, nanos % 1_000_000_000)
+        self.header_digits().as_str().to_owned()
+    }
+
+    /// [`Money::to_header_value`] on the stack: two such headers go out on
+    /// every call, and `format!` with a padded field costs several times
+    /// the digits themselves.
+    pub fn header_digits(self) -> HeaderDigits {
+        // (picos + 500) / 1000, without overflowing at the top of the range.
+        let nanos = self.0 / 1_000 + u64::from(self.0 % 1_000 >= 500);
+        let mut whole = itoa::Buffer::new();
+        let whole = whole.format(nanos / NANOS_PER_USD).as_bytes();
+        let mut digits = HeaderDigits {
+            bytes: [b'0'; HEADER_DIGITS_MAX],
+            len: whole.len() + 10,
+        };
+        digits.bytes[..whole.len()].copy_from_slice(whole);
+        digits.bytes[whole.len()] = b'.';
+        let mut fraction = nanos % NANOS_PER_USD;
+        for digit in digits.bytes[whole.len() + 1..digits.len].iter_mut().rev() {
+            *digit = b'0' + (fraction % 10) as u8;
+            fraction /= 10;
+        }
+        digits
+    }
+}
+
+/// Nano-dollars per dollar (the precision of the cost headers).
+const NANOS_PER_USD: u64 = 1_000_000_000;
+
+/// At most 20 whole digits, the dot and 9 fraction digits.
+const HEADER_DIGITS_MAX: usize = 30;
+
+/// An amount in the cost headers' form (see [`Money::header_digits`]).
+pub struct HeaderDigits {
+    bytes: [u8; HEADER_DIGITS_MAX],
+    len: usize,
+}
+
+impl HeaderDigits {
+    pub fn as_str(&self) -> &str {
+        // ASCII digits and a dot, written above.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("0.000000000")
     }
 }
 
@@ -195,6 +235,49 @@ pub fn parse_decimal_scaled(text: &str, scale: u32) -> Result<u64, DecimalError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_digits_round_half_up_to_nine_places() {
+        // The reference: the same rounding in 128 bits, where the top of
+        // the range cannot overflow.
+        let reference = |picos: u64| {
+            let nanos = (u128::from(picos) + 500) / 1_000;
+            format!("{}.{:09}", nanos / 1_000_000_000, nanos % 1_000_000_000)
+        };
+        for picos in [
+            0,
+            1,
+            499,
+            500,
+            999,
+            1_000,
+            1_499,
+            1_500,
+            123_456_789,
+            999_999_999_499,
+            999_999_999_500,
+            1_000_000_000_000,
+            12_345_678_901_234,
+            100_000 * 1_000_000_000_000,
+            u64::MAX / 2,
+            u64::MAX - 500,
+            u64::MAX,
+        ] {
+            let money = Money::from_picos(picos);
+            assert_eq!(
+                money.header_digits().as_str(),
+                reference(picos),
+                "{picos} pUSD"
+            );
+            assert_eq!(money.to_header_value(), reference(picos), "{picos} pUSD");
+        }
+        assert_eq!(Money::from_picos(1_500).to_header_value(), "0.000000002");
+        assert_eq!(
+            Money::parse_usd("1.5").unwrap().to_header_value(),
+            "1.500000000"
+        );
+        assert_eq!(Money::MAX.to_header_value(), "18446744.073709552");
+    }
 
     #[test]
     fn parses_exact_decimals() {

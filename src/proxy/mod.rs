@@ -17,7 +17,6 @@
 
 pub mod attribution;
 pub mod body;
-pub mod cost_header;
 pub mod error;
 pub mod guards;
 pub mod request;
@@ -588,10 +587,16 @@ fn set_cost_headers(response: &mut Response<ProxyBody>, run_cost: Money, remaini
     // Names built once, not parsed from the strings on every call.
     const RUN_COST: HeaderName = HeaderName::from_static(RUN_COST_HEADER);
     const REMAINING: HeaderName = HeaderName::from_static(BUDGET_REMAINING_HEADER);
-    headers.insert(RUN_COST, cost_header::usd(run_cost));
+    headers.insert(RUN_COST, usd_header(run_cost));
     if let Some(remaining) = remaining {
-        headers.insert(REMAINING, cost_header::usd(remaining));
+        headers.insert(REMAINING, usd_header(remaining));
     }
+}
+
+fn usd_header(amount: Money) -> HeaderValue {
+    HeaderValue::from_str(amount.header_digits().as_str())
+        // Digits and a dot are always a valid header value.
+        .unwrap_or_else(|_| HeaderValue::from_static("0.000000000"))
 }
 
 /// Tells the client its output limit was lowered by the budget guard.
