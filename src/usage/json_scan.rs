@@ -928,6 +928,62 @@ mod tests {
         }
     }
 
+    /// Strings, whitespace runs and skipped containers long enough for the
+    /// word-at-a-time searches (past their first words too), with escapes,
+    /// brackets and separators at every offset of a word; every split point
+    /// puts `\"` and long runs across a read boundary.
+    #[test]
+    fn fast_path_word_searches_agree_with_the_general_scanner() {
+        let mut cases: Vec<Vec<u8>> = Vec::new();
+        for pad in 0..9 {
+            let fill = "x".repeat(pad);
+            let long = "y".repeat(40 + pad);
+            let indent = " ".repeat(3 + 4 * pad);
+            cases.push(
+                format!(
+                    "{{\n{indent}\"model\" :\t\"{fill}\\\"{long}\\\\\",\r\n{indent}\"choices\": [{indent}{{\"message\": {{\"content\": \"{fill}}}]\\\"{{[,:\",\n{indent}\"role\": \"{long}\"}}}}],\n\t\t\"id{fill}\": {{\"a{fill}\": [\"]}}{long}\", {{\"b\": [[[\"\\\\\"]]]}}], \"c\":\"{{\"}},{indent}\"usage\"{indent}:{indent}{{ \"prompt_tokens\" : {pad} ,\"k{long}\":\"{fill}\\\"}}\"}}\n{indent}}}{indent}\n"
+                )
+                .into_bytes(),
+            );
+        }
+        // Deep nesting inside a skipped and inside a text member.
+        let deep = format!("{}1{}", "[{\"a\":".repeat(30), "}]".repeat(30));
+        cases.push(format!("{{\"x\":{deep},\"choices\":{deep},\"done\":true}}").into_bytes());
+        // Truncated: the fast path declines and the general scanner waits.
+        let whole = cases.first().cloned().unwrap_or_default();
+        for cut in [1, 9, 30, 60, 100, whole.len() - 2] {
+            cases.push(whole.get(..cut).unwrap_or_default().to_vec());
+        }
+        for (n, case) in cases.iter().enumerate() {
+            let (r, hits) = same_both_ways_json(case, 1024);
+            if n < 10 {
+                assert!(
+                    hits >= 2,
+                    "fast path taken on {:?}",
+                    String::from_utf8_lossy(case)
+                );
+                assert_eq!(r.malformed, 0, "{:?}", String::from_utf8_lossy(case));
+            }
+            if n < 9 {
+                assert!(r
+                    .values
+                    .iter()
+                    .any(|(k, v)| *k == Key::Usage && v.contains("prompt_tokens")));
+            }
+        }
+        // The same records as NDJSON lines (no raw newline inside).
+        for case in cases.iter().take(9) {
+            let line: Vec<u8> = case
+                .iter()
+                .map(|&b| if b == b'\n' { b' ' } else { b })
+                .collect();
+            let body = [line.as_slice(), b"\n", line.as_slice(), b"\n"].concat();
+            let (r, hits) = same_both_ways(&body, 1024);
+            assert_eq!(hits, 2 + 1, "{:?}", String::from_utf8_lossy(&body));
+            assert_eq!(r.malformed, 0);
+        }
+    }
+
     #[test]
     fn fast_path_json_value_over_cap_is_malformed_only_when_wanted() {
         let input = b"{\"model\":\"0123456789012345678901234567890123456789\",\"done\":true}{\"model\":\"m\"}";

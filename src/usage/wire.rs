@@ -14,6 +14,8 @@ use serde::Deserialize;
 use std::fmt;
 use std::sync::OnceLock;
 
+use super::word_scan::{quote_or_backslash, skip_ws, structure};
+
 /// A token count as reported on the wire. `Count(None)` means absent, null or
 /// not interpretable as a count; absent is never turned into zero.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -153,16 +155,6 @@ pub(crate) fn finders() -> &'static Finders {
     })
 }
 
-fn skip_ws(buf: &[u8], mut i: usize) -> usize {
-    while let Some(b) = buf.get(i) {
-        if !matches!(b, b' ' | b'\t' | b'\r' | b'\n') {
-            break;
-        }
-        i += 1;
-    }
-    i
-}
-
 /// Position right after `"key"` + optional whitespace + `:` + whitespace, if
 /// the occurrence ending at `after_key` is followed by a colon (i.e. it is a
 /// key, not a string value that happens to read the same).
@@ -194,8 +186,8 @@ pub(crate) fn value_end(buf: &[u8], start: usize) -> Option<usize> {
         b'{' | b'[' => {
             let mut depth = 0usize;
             let mut i = start;
-            while let Some(&b) = buf.get(i) {
-                match b {
+            loop {
+                match *buf.get(i)? {
                     b'"' => {
                         i = string_end(buf, i + 1)?;
                     }
@@ -208,9 +200,9 @@ pub(crate) fn value_end(buf: &[u8], start: usize) -> Option<usize> {
                     }
                     _ => {}
                 }
-                i += 1;
+                // Only quotes and brackets matter in between.
+                i = structure(buf, i + 1, false)?;
             }
-            None
         }
         _ => {
             let len = buf
@@ -224,19 +216,14 @@ pub(crate) fn value_end(buf: &[u8], start: usize) -> Option<usize> {
 }
 
 /// Index of the closing quote of a JSON string whose content starts at `i`.
-/// Most strings in provider JSON are short keys and ids, for which a plain
-/// loop beats setting up a vectorised search; long ones go to `memchr2`.
+/// Short keys and ids are searched a word at a time, long strings by
+/// `memchr2` ([`quote_or_backslash`]).
 pub(crate) fn string_end(buf: &[u8], mut i: usize) -> Option<usize> {
     loop {
-        let rest = buf.get(i..)?;
-        let head = rest.get(..rest.len().min(16)).unwrap_or_default();
-        let p = match head.iter().position(|&b| b == b'"' || b == b'\\') {
-            Some(p) => p,
-            None => head.len() + memchr::memchr2(b'"', b'\\', rest.get(head.len()..)?)?,
-        };
-        match rest.get(p) {
-            Some(b'"') => return Some(i + p),
-            _ => i += p + 2,
+        i = quote_or_backslash(buf, i)?;
+        match buf.get(i) {
+            Some(b'"') => return Some(i),
+            _ => i += 2,
         }
     }
 }

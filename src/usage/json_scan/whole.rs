@@ -40,8 +40,8 @@
 //! A raw newline is whitespace to the general scanner outside NDJSON and
 //! inside strings; a line holds none.
 
-use super::{classify, is_text_leaf, Key, KeyKind, DEEP_STOP, MEMBER_STOP};
-use memchr::memchr2;
+use super::{classify, is_text_leaf, Key, KeyKind};
+use crate::usage::word_scan::{quote_or_backslash, skip_ws, structure};
 
 /// Captured members per record: an Ollama final record has four
 /// (`model`, `done`, `prompt_eval_count`, `eval_count`).
@@ -104,19 +104,6 @@ impl Record {
     }
 }
 
-#[inline]
-fn is_ws(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
-}
-
-#[inline]
-fn skip_ws(buf: &[u8], mut i: usize) -> usize {
-    while buf.get(i).is_some_and(|&b| is_ws(b)) {
-        i += 1;
-    }
-    i
-}
-
 /// Bytes the general scanner takes as a scalar member value.
 #[inline]
 fn is_scalar(b: u8) -> bool {
@@ -127,14 +114,7 @@ fn is_scalar(b: u8) -> bool {
 #[inline]
 fn string_end(buf: &[u8], mut i: usize) -> Option<usize> {
     loop {
-        let rest = buf.get(i..)?;
-        // Most strings are short keys and ids: a plain loop first.
-        let head = rest.get(..rest.len().min(16)).unwrap_or_default();
-        let p = match head.iter().position(|&b| b == b'"' || b == b'\\') {
-            Some(p) => p,
-            None => head.len() + memchr2(b'"', b'\\', rest.get(head.len()..)?)?,
-        };
-        i += p;
+        i = quote_or_backslash(buf, i)?;
         if *buf.get(i)? == b'"' {
             return Some(i);
         }
@@ -143,11 +123,18 @@ fn string_end(buf: &[u8], mut i: usize) -> Option<usize> {
     }
 }
 
-/// Index of the next byte at or after `i` that `table` stops at.
+/// Index of the next byte at or after `i` that matters inside a container:
+/// a quote or bracket, and with `separators` a `,` or `:` too. The general
+/// scanner also stops at a newline there, which changes nothing in it (and
+/// a line holds none).
 #[inline]
-fn next_stop(buf: &[u8], i: usize, table: &[bool; 256]) -> Option<usize> {
-    let rest = buf.get(i..)?;
-    rest.iter().position(|&b| table[b as usize]).map(|p| i + p)
+fn next_stop(buf: &[u8], i: usize, separators: bool) -> Option<usize> {
+    // Most often the stop is the very next byte (`":`, `",`, `}}`).
+    match *buf.get(i)? {
+        b'"' | b'{' | b'}' | b'[' | b']' => Some(i),
+        b',' | b':' if separators => Some(i),
+        _ => structure(buf, i + 1, separators),
+    }
 }
 
 /// Bit stack of open containers (1 = object), innermost in bit 0.
@@ -201,7 +188,7 @@ fn skip_container(buf: &[u8], mut i: usize) -> Option<usize> {
             }
             _ => {}
         }
-        i = next_stop(buf, i + 1, &DEEP_STOP)?;
+        i = next_stop(buf, i + 1, false)?;
     }
 }
 
@@ -241,7 +228,7 @@ fn text_container(buf: &[u8], mut i: usize, text: &mut u64) -> Option<usize> {
             b':' => expect_key = false,
             _ => {}
         }
-        i = next_stop(buf, i + 1, &MEMBER_STOP)?;
+        i = next_stop(buf, i + 1, true)?;
     }
 }
 

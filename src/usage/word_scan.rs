@@ -1,0 +1,190 @@
+//! Byte searches of the JSON walks done eight bytes at a time: a `u64`
+//! loaded from the input is tested against every byte of interest at once
+//! with a few integer operations, instead of one compare-and-branch (or
+//! table lookup) per byte. For short distances (keys, ids, indentation)
+//! this is cheaper than both a byte loop and setting up `memchr`'s vector
+//! search, which takes over for long runs.
+//!
+//! Each test marks a byte equal to a needle by setting its high bit. The
+//! lowest marked byte is always a real match (a false mark can only appear
+//! above a real one, through the subtraction's borrow), which is all a
+//! search for the first match needs.
+
+use memchr::memchr2;
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+/// `b | 0x20` turns `[` into `{` and `]` into `}`, and no other byte into
+/// either.
+const CASE: u64 = 0x2020_2020_2020_2020;
+
+/// Words searched before a long string is left to `memchr2`.
+const SHORT_WORDS: usize = 4;
+
+/// The eight bytes at `buf[i..]`, first byte lowest.
+#[inline]
+fn word(buf: &[u8], i: usize) -> Option<u64> {
+    let bytes: [u8; 8] = buf.get(i..i.checked_add(8)?)?.try_into().ok()?;
+    Some(u64::from_le_bytes(bytes))
+}
+
+/// Before masking with `HIGHS`: high bit of each byte of `w` equal to `b`.
+#[inline]
+fn eq(w: u64, b: u8) -> u64 {
+    let t = w ^ (ONES * u64::from(b));
+    t.wrapping_sub(ONES) & !t
+}
+
+/// Index of the first marked byte of a word read at `i`.
+#[inline]
+fn first(i: usize, marks: u64) -> usize {
+    i + (marks.trailing_zeros() / 8) as usize
+}
+
+/// Index of the first `"` or `\` at or after `i`.
+#[inline]
+pub(crate) fn quote_or_backslash(buf: &[u8], mut i: usize) -> Option<usize> {
+    for _ in 0..SHORT_WORDS {
+        let Some(w) = word(buf, i) else {
+            let p = buf
+                .get(i..)?
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\')?;
+            return Some(i + p);
+        };
+        let marks = (eq(w, b'"') | eq(w, b'\\')) & HIGHS;
+        if marks != 0 {
+            return Some(first(i, marks));
+        }
+        i += 8;
+    }
+    memchr2(b'"', b'\\', buf.get(i..)?).map(|p| i + p)
+}
+
+/// Index of the first string quote or bracket (`"`, `{`, `}`, `[`, `]`)
+/// at or after `i`, and with `separators` of the first `,` or `:` too.
+#[inline]
+pub(crate) fn structure(buf: &[u8], mut i: usize, separators: bool) -> Option<usize> {
+    while let Some(w) = word(buf, i) {
+        let folded = w | CASE;
+        let mut marks = eq(w, b'"') | eq(folded, b'{') | eq(folded, b'}');
+        if separators {
+            marks |= eq(w, b',') | eq(w, b':');
+        }
+        let marks = marks & HIGHS;
+        if marks != 0 {
+            return Some(first(i, marks));
+        }
+        i += 8;
+    }
+    let p = buf.get(i..)?.iter().position(|&b| {
+        matches!(b, b'"' | b'{' | b'}' | b'[' | b']') || (separators && matches!(b, b',' | b':'))
+    })?;
+    Some(i + p)
+}
+
+/// Index of the first byte at or after `i` that is not JSON whitespace
+/// (space, tab, carriage return, newline), or `buf.len()`. Indentation is
+/// skipped eight spaces at a time.
+#[inline]
+pub(crate) fn skip_ws(buf: &[u8], mut i: usize) -> usize {
+    loop {
+        match buf.get(i) {
+            Some(b' ' | b'\t' | b'\r' | b'\n') => i += 1,
+            _ => return i,
+        }
+        while let Some(w) = word(buf, i) {
+            let other = w ^ (ONES * u64::from(b' '));
+            if other != 0 {
+                i = first(i, other);
+                break;
+            }
+            i += 8;
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Every search against its byte-loop definition, at every start and
+    /// for the needles at every offset of a word.
+    #[test]
+    fn searches_agree_with_byte_loops() {
+        let mut inputs: Vec<Vec<u8>> = vec![
+            b"".to_vec(),
+            br#"{"a": [1, {"b": "c\"d"}], "e":"f\\"}"#.to_vec(),
+            b"  \t\r\n   \n        x".to_vec(),
+            b"{[]} YyZz_\x7f\xfb\xdb[ab".to_vec(),
+            b"no stop at all here, only a comma".to_vec(),
+        ];
+        // Each byte of interest, and its neighbours in the code table, at
+        // each position of a long run of filler (past the short words too).
+        for needle in [
+            b'"',
+            b'\\',
+            b'{',
+            b'}',
+            b'[',
+            b']',
+            b',',
+            b':',
+            b' ',
+            b'\t',
+            b'\n',
+            b'\r',
+            b'Z',
+            b'\\' ^ 0x20,
+            b'"' ^ 0x01,
+            b'{' ^ 0x80,
+            0x00,
+            0xff,
+        ] {
+            for at in 0..70 {
+                let mut v = vec![b'a'; 72];
+                v[at] = needle;
+                inputs.push(v.clone());
+                let mut spaces = vec![b' '; 72];
+                spaces[at] = needle;
+                inputs.push(spaces);
+                // A borrow from a real match must not hide an earlier one.
+                v[at + 1] = needle.wrapping_add(1);
+                inputs.push(v);
+            }
+        }
+        for input in &inputs {
+            for i in 0..=input.len() + 1 {
+                let rest = input.get(i..).unwrap_or_default();
+                let find = |f: &dyn Fn(u8) -> bool| {
+                    input
+                        .get(i..)
+                        .and_then(|r| r.iter().position(|&b| f(b)).map(|p| i + p))
+                };
+                assert_eq!(
+                    quote_or_backslash(input, i),
+                    find(&|b| b == b'"' || b == b'\\'),
+                    "quote at {i} in {input:?}"
+                );
+                assert_eq!(
+                    structure(input, i, false),
+                    find(&|b| matches!(b, b'"' | b'{' | b'}' | b'[' | b']')),
+                    "structure at {i} in {input:?}"
+                );
+                assert_eq!(
+                    structure(input, i, true),
+                    find(&|b| matches!(b, b'"' | b'{' | b'}' | b'[' | b']' | b',' | b':')),
+                    "separators at {i} in {input:?}"
+                );
+                if i <= input.len() {
+                    let ws = rest
+                        .iter()
+                        .position(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+                        .map_or(input.len(), |p| i + p);
+                    assert_eq!(skip_ws(input, i), ws, "whitespace at {i} in {input:?}");
+                }
+            }
+        }
+    }
+}
