@@ -14,7 +14,7 @@ use serde::Deserialize;
 use std::fmt;
 use std::sync::OnceLock;
 
-use super::word_scan::{quote_or_backslash, skip_ws, structure};
+use super::word_scan::{skip_ws, string_end, structure};
 
 /// A token count as reported on the wire. `Count(None)` means absent, null or
 /// not interpretable as a count; absent is never turned into zero.
@@ -211,19 +211,6 @@ pub(crate) fn value_end(buf: &[u8], start: usize) -> Option<usize> {
                 .position(|b| matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n'))
                 .unwrap_or(buf.len() - start);
             Some(start + len)
-        }
-    }
-}
-
-/// Index of the closing quote of a JSON string whose content starts at `i`.
-/// Short keys and ids are searched a word at a time, long strings by
-/// `memchr2` ([`quote_or_backslash`]).
-pub(crate) fn string_end(buf: &[u8], mut i: usize) -> Option<usize> {
-    loop {
-        i = quote_or_backslash(buf, i)?;
-        match buf.get(i) {
-            Some(b'"') => return Some(i),
-            _ => i += 2,
         }
     }
 }

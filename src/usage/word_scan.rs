@@ -61,6 +61,20 @@ pub(crate) fn quote_or_backslash(buf: &[u8], mut i: usize) -> Option<usize> {
     memchr2(b'"', b'\\', buf.get(i..)?).map(|p| i + p)
 }
 
+/// Index of the quote that closes the JSON string whose content starts at
+/// `i` (escapes skipped).
+#[inline]
+pub(crate) fn string_end(buf: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        i = quote_or_backslash(buf, i)?;
+        if *buf.get(i)? == b'"' {
+            return Some(i);
+        }
+        // A backslash escapes the next byte, whatever it is.
+        i += 2;
+    }
+}
+
 /// Index of the first string quote or bracket (`"`, `{`, `}`, `[`, `]`)
 /// at or after `i`, and with `separators` of the first `,` or `:` too.
 #[inline]

@@ -41,7 +41,7 @@
 //! inside strings; a line holds none.
 
 use super::{classify, is_text_leaf, Key, KeyKind};
-use crate::usage::word_scan::{quote_or_backslash, skip_ws, structure};
+use crate::usage::word_scan::{skip_ws, string_end, structure};
 
 /// Captured members per record: an Ollama final record has four
 /// (`model`, `done`, `prompt_eval_count`, `eval_count`).
@@ -108,19 +108,6 @@ impl Record {
 #[inline]
 fn is_scalar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'+' | b'.')
-}
-
-/// Index of the quote that closes the string whose content starts at `i`.
-#[inline]
-fn string_end(buf: &[u8], mut i: usize) -> Option<usize> {
-    loop {
-        i = quote_or_backslash(buf, i)?;
-        if *buf.get(i)? == b'"' {
-            return Some(i);
-        }
-        // A backslash escapes the next byte, whatever it is.
-        i += 2;
-    }
 }
 
 /// Index of the next byte at or after `i` that matters inside a container:
