@@ -35,11 +35,11 @@ mod sqlite;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-
-use flume::TrySendError;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+use flume::TrySendError;
 
 use crate::budget::{RestoredRun, RunEnd, RunStatus};
 use crate::money::Money;
