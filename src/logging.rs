@@ -25,6 +25,8 @@ use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
+use crate::usage::word_scan::json_escape;
+
 /// Formats events as JSON lines (see the module docs).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct JsonLines;
@@ -47,7 +49,7 @@ where
         // `dyn fmt::Write`.
         let mut line = String::with_capacity(512);
         line.push_str("{\"timestamp\":\"");
-        SystemTime.format_time(&mut Writer::new(&mut line))?;
+        push_timestamp(&mut line, std::time::SystemTime::now())?;
         line.push_str("\",\"level\":\"");
         line.push_str(meta.level().as_str());
         line.push('"');
@@ -61,6 +63,67 @@ where
         push_str_value(&mut line, meta.target());
         line.push_str("}\n");
         writer.write_str(&line)
+    }
+}
+
+/// Seconds from 1970 to the start of year 10000, past which RFC 3339 has no
+/// four-digit year.
+const YEAR_10000_SECS: u64 = 253_402_300_800;
+
+/// Appends `now` in RFC 3339, UTC, with microseconds
+/// (`2026-11-28T17:51:53.061840Z`): what `tracing-subscriber`'s
+/// `SystemTime` writes, without going through `fmt` for every field.
+fn push_timestamp(line: &mut String, now: std::time::SystemTime) -> fmt::Result {
+    let since_epoch = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .filter(|d| d.as_secs() < YEAR_10000_SECS);
+    let Some(since_epoch) = since_epoch else {
+        // A clock before 1970 or past 9999: the general formatter.
+        return SystemTime.format_time(&mut Writer::new(line));
+    };
+    let secs = since_epoch.as_secs();
+    let (year, month, day) = civil_from_days(secs / 86_400);
+    let second_of_day = secs % 86_400;
+    let mut out = *b"0000-00-00T00:00:00.000000Z";
+    put_digits(&mut out[0..4], year);
+    put_digits(&mut out[5..7], month);
+    put_digits(&mut out[8..10], day);
+    put_digits(&mut out[11..13], second_of_day / 3_600);
+    put_digits(&mut out[14..16], second_of_day / 60 % 60);
+    put_digits(&mut out[17..19], second_of_day % 60);
+    put_digits(&mut out[20..26], u64::from(since_epoch.subsec_micros()));
+    line.push_str(std::str::from_utf8(&out).map_err(|_| fmt::Error)?);
+    Ok(())
+}
+
+/// The proleptic Gregorian (year, month, day) of a count of days since
+/// 1970-01-01 (Howard Hinnant's `civil_from_days`, for days not before
+/// the epoch).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    // Counted from 0000-03-01, so that the leap day ends each year.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = era * 400 + year_of_era + u64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Writes `n`'s last `out.len()` decimal digits into `out`, zero-padded.
+fn put_digits(out: &mut [u8], mut n: u64) {
+    for digit in out.iter_mut().rev() {
+        *digit = b'0' + (n % 10) as u8;
+        n /= 10;
     }
 }
 
@@ -154,24 +217,19 @@ impl<W: fmt::Write> fmt::Write for Escaped<W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         let bytes = s.as_bytes();
         let mut start = 0;
-        for (i, &b) in bytes.iter().enumerate() {
-            let escape: &str = match b {
-                b'"' => "\\\"",
-                b'\\' => "\\\\",
-                b'\n' => "\\n",
-                b'\r' => "\\r",
-                b'\t' => "\\t",
-                0x08 => "\\b",
-                0x0c => "\\f",
-                0x00..=0x1f => "",
-                _ => continue,
-            };
+        while let Some(i) = json_escape(bytes, start) {
+            let b = bytes[i];
             // Every escaped byte is ASCII, so these are char boundaries.
             self.0.write_str(&s[start..i])?;
-            if escape.is_empty() {
-                write!(self.0, "\\u{b:04x}")?;
-            } else {
-                self.0.write_str(escape)?;
+            match b {
+                b'"' => self.0.write_str("\\\"")?,
+                b'\\' => self.0.write_str("\\\\")?,
+                b'\n' => self.0.write_str("\\n")?,
+                b'\r' => self.0.write_str("\\r")?,
+                b'\t' => self.0.write_str("\\t")?,
+                0x08 => self.0.write_str("\\b")?,
+                0x0c => self.0.write_str("\\f")?,
+                _ => write!(self.0, "\\u{b:04x}")?,
             }
             start = i + 1;
         }
@@ -300,6 +358,61 @@ mod tests {
         assert_eq!(value["shown"], nasty);
         assert_eq!(value["debugged"], format!("{nasty:?}"));
         assert_eq!(value["message"], "msg \"1\"");
+    }
+
+    fn timestamp(secs: u64, micros: u32) -> String {
+        let at = std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(secs)
+            + std::time::Duration::from_micros(u64::from(micros));
+        let mut line = String::new();
+        push_timestamp(&mut line, at).unwrap();
+        line
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_microseconds() {
+        for (secs, micros, text) in [
+            (0, 0, "1970-01-01T00:00:00.000000Z"),
+            (951_868_799, 500_000, "2000-02-29T23:59:59.500000Z"),
+            (1_709_164_800, 1, "2024-02-29T00:00:00.000001Z"),
+            (1_795_888_313, 61_840, "2026-11-28T17:51:53.061840Z"),
+            (4_107_542_399, 0, "2100-02-28T23:59:59.000000Z"),
+            (4_107_542_400, 0, "2100-03-01T00:00:00.000000Z"),
+            (253_402_300_799, 999_999, "9999-12-31T23:59:59.999999Z"),
+        ] {
+            assert_eq!(timestamp(secs, micros), text);
+        }
+        // Past 9999 the general formatter takes over (with its own clock
+        // reading), still a well-formed timestamp.
+        let far = timestamp(YEAR_10000_SECS, 0);
+        assert!(far.ends_with('Z') && far.len() >= 27, "{far}");
+    }
+
+    /// Day by day from 1970 to 2800, the date moves as a calendar does:
+    /// next day of the month, or the 1st of the next month after the
+    /// month's last day (leap years by the Gregorian rule).
+    #[test]
+    fn civil_dates_follow_the_calendar() {
+        let leap =
+            |y: u64| y.is_multiple_of(4) && (!y.is_multiple_of(100) || y.is_multiple_of(400));
+        let month_len = |y: u64, m: u64| match m {
+            2 if leap(y) => 29,
+            2 => 28,
+            4 | 6 | 9 | 11 => 30,
+            _ => 31,
+        };
+        let mut expected = (1970, 1, 1);
+        for days in 0..302_000 {
+            assert_eq!(civil_from_days(days), expected, "day {days}");
+            let (y, m, d) = expected;
+            expected = if d < month_len(y, m) {
+                (y, m, d + 1)
+            } else if m < 12 {
+                (y, m + 1, 1)
+            } else {
+                (y + 1, 1, 1)
+            };
+        }
     }
 
     #[test]

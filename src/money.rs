@@ -85,63 +85,72 @@ impl Money {
     /// [`Money::to_header_value`] on the stack: two such headers go out on
     /// every call, and `format!` with a padded field costs several times
     /// the digits themselves.
-    pub fn header_digits(self) -> HeaderDigits {
+    pub fn header_digits(self) -> Digits {
         // (picos + 500) / 1000, without overflowing at the top of the range.
         let nanos = self.0 / 1_000 + u64::from(self.0 % 1_000 >= 500);
-        let mut whole = itoa::Buffer::new();
-        let whole = whole.format(nanos / NANOS_PER_USD).as_bytes();
-        let mut digits = HeaderDigits {
-            bytes: [b'0'; HEADER_DIGITS_MAX],
-            len: whole.len() + 10,
-        };
-        digits.bytes[..whole.len()].copy_from_slice(whole);
-        digits.bytes[whole.len()] = b'.';
-        let mut fraction = nanos % NANOS_PER_USD;
-        for digit in digits.bytes[whole.len() + 1..digits.len].iter_mut().rev() {
-            *digit = b'0' + (fraction % 10) as u8;
+        Digits::decimal(nanos / NANOS_PER_USD, nanos % NANOS_PER_USD, 9)
+    }
+
+    /// Full precision with trailing zeros trimmed (`0.000123`, `5`), on
+    /// the stack: the form of [`fmt::Display`], which the per-call log line
+    /// writes without going through `fmt`.
+    pub fn decimal_digits(self) -> Digits {
+        let mut fraction = self.0 % PICOS_PER_USD;
+        let mut places = 12;
+        while places > 0 && fraction.is_multiple_of(10) {
             fraction /= 10;
+            places -= 1;
         }
-        digits
+        Digits::decimal(self.0 / PICOS_PER_USD, fraction, places)
     }
 }
 
 /// Nano-dollars per dollar (the precision of the cost headers).
 const NANOS_PER_USD: u64 = 1_000_000_000;
 
-/// At most 20 whole digits, the dot and 9 fraction digits.
-const HEADER_DIGITS_MAX: usize = 30;
+/// At most 20 whole digits, the dot and 12 fraction digits.
+const DIGITS_MAX: usize = 33;
 
-/// An amount in the cost headers' form (see [`Money::header_digits`]).
-pub struct HeaderDigits {
-    bytes: [u8; HEADER_DIGITS_MAX],
+/// An amount written out in decimal on the stack (see
+/// [`Money::header_digits`] and [`Money::decimal_digits`]).
+pub struct Digits {
+    bytes: [u8; DIGITS_MAX],
     len: usize,
 }
 
-impl HeaderDigits {
+impl Digits {
+    /// `whole`, then (unless `places` is 0) a dot and `fraction` zero-padded
+    /// on the left to `places` digits; `places` is at most 12 and
+    /// `fraction` below 10^`places`.
+    fn decimal(whole: u64, mut fraction: u64, places: usize) -> Digits {
+        let mut whole_digits = itoa::Buffer::new();
+        let whole = whole_digits.format(whole).as_bytes();
+        let mut digits = Digits {
+            bytes: [b'0'; DIGITS_MAX],
+            len: whole.len(),
+        };
+        digits.bytes[..whole.len()].copy_from_slice(whole);
+        if places > 0 {
+            digits.bytes[whole.len()] = b'.';
+            digits.len = whole.len() + 1 + places;
+            for digit in digits.bytes[whole.len() + 1..digits.len].iter_mut().rev() {
+                *digit = b'0' + (fraction % 10) as u8;
+                fraction /= 10;
+            }
+        }
+        digits
+    }
+
     pub fn as_str(&self) -> &str {
         // ASCII digits and a dot, written above.
-        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("0.000000000")
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("0")
     }
 }
 
 impl fmt::Display for Money {
     /// Full precision, trailing zeros trimmed: `0.000123`, `5`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let whole = self.0 / PICOS_PER_USD;
-        let frac = self.0 % PICOS_PER_USD;
-        if frac == 0 {
-            return write!(f, "{whole}");
-        }
-        // Twelve digits, zero-padded on the left, trailing zeros dropped.
-        let mut digits = [b'0'; 12];
-        let mut rest = frac;
-        for digit in digits.iter_mut().rev() {
-            *digit = b'0' + (rest % 10) as u8;
-            rest /= 10;
-        }
-        let len = 12 - digits.iter().rev().take_while(|d| **d == b'0').count();
-        let digits = std::str::from_utf8(&digits[..len]).map_err(|_| fmt::Error)?;
-        write!(f, "{whole}.{digits}")
+        f.write_str(self.decimal_digits().as_str())
     }
 }
 
@@ -320,7 +329,16 @@ mod tests {
         assert_eq!(m.to_header_value(), "0.000123457");
         assert_eq!(m.to_string(), "0.0001234565");
         assert_eq!(Money::parse_usd("3").unwrap().to_string(), "3");
-        for text in ["12345.5", "0.000000000001", "1.000000000001", "0.1", "7.25"] {
+        for text in [
+            "0",
+            "10",
+            "12345.5",
+            "0.000000000001",
+            "1.000000000001",
+            "100.000001",
+            "0.1",
+            "7.25",
+        ] {
             assert_eq!(Money::parse_usd(text).unwrap().to_string(), text);
         }
         assert_eq!(Money::MAX.to_string(), "18446744.073709551615");

@@ -37,7 +37,7 @@ mod sse;
 pub(crate) mod strict_json;
 mod strip;
 mod wire;
-mod word_scan;
+pub(crate) mod word_scan;
 
 pub use decode::{DECODED_FLOOR_PER_FEED, MAX_DECODED_PER_INPUT_BYTE};
 pub use estimate::{estimate, BYTES_PER_TOKEN};

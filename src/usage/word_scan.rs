@@ -1,4 +1,5 @@
-//! Byte searches of the JSON walks done eight bytes at a time: a `u64`
+//! Byte searches of the JSON walks (and of the JSON log line's escaping)
+//! done eight bytes at a time: a `u64`
 //! loaded from the input is tested against every byte of interest at once
 //! with a few integer operations, instead of one compare-and-branch (or
 //! table lookup) per byte. For short distances (keys, ids, indentation)
@@ -59,6 +60,27 @@ pub(crate) fn quote_or_backslash(buf: &[u8], mut i: usize) -> Option<usize> {
         i += 8;
     }
     memchr2(b'"', b'\\', buf.get(i..)?).map(|p| i + p)
+}
+
+/// Index of the first byte at or after `i` that a JSON string must escape:
+/// `"`, `\` or a control character (below 0x20).
+#[inline]
+pub(crate) fn json_escape(buf: &[u8], mut i: usize) -> Option<usize> {
+    while let Some(w) = word(buf, i) {
+        // High bit of each byte below 0x20 (as in `eq`, exact for the
+        // lowest).
+        let control = w.wrapping_sub(ONES * 0x20) & !w;
+        let marks = (eq(w, b'"') | eq(w, b'\\') | control) & HIGHS;
+        if marks != 0 {
+            return Some(first(i, marks));
+        }
+        i += 8;
+    }
+    let p = buf
+        .get(i..)?
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+    Some(i + p)
 }
 
 /// Index of the quote that closes the JSON string whose content starts at
@@ -154,6 +176,9 @@ mod tests {
             b'"' ^ 0x01,
             b'{' ^ 0x80,
             0x00,
+            0x1f,
+            0x20,
+            0x7f,
             0xff,
         ] {
             for at in 0..70 {
@@ -180,6 +205,11 @@ mod tests {
                     quote_or_backslash(input, i),
                     find(&|b| b == b'"' || b == b'\\'),
                     "quote at {i} in {input:?}"
+                );
+                assert_eq!(
+                    json_escape(input, i),
+                    find(&|b| b == b'"' || b == b'\\' || b < 0x20),
+                    "escape at {i} in {input:?}"
                 );
                 assert_eq!(
                     structure(input, i, false),
