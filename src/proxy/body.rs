@@ -19,6 +19,7 @@
 //! it has already received, and the data goes out together once
 //! `MAX_IDLE_YIELDS` turns in a row bring nothing new (one turn is not
 //! always enough: the woken task may sit behind this one in the run queue).
+//! The first data chunk is not held: it is the client's time to first byte.
 //! A chunk is never held waiting for the network.
 
 use std::future::Future;
@@ -74,6 +75,9 @@ pin_project! {
         deferred: Option<Option<Result<Frame<Bytes>, hyper::Error>>>,
         // Turns yielded to the runtime since data last arrived.
         yielded: u8,
+        // Data has gone to the client: only later chunks are held back to
+        // be coalesced (the first is the client's time to first byte).
+        data_sent: bool,
         done: bool,
     }
 
@@ -112,6 +116,7 @@ impl MeteredBody {
             held: Held::default(),
             deferred: None,
             yielded: 0,
+            data_sent: false,
             done: false,
         }
     }
@@ -358,9 +363,14 @@ impl Body for MeteredBody {
                                 // Everything so far was held back or removed.
                                 continue;
                             }
-                            if coalesce && !inner_ended && this.held.len < MAX_COALESCED {
+                            if coalesce
+                                && *this.data_sent
+                                && !inner_ended
+                                && this.held.len < MAX_COALESCED
+                            {
                                 continue;
                             }
+                            *this.data_sent = true;
                             Frame::data(this.held.take())
                         }
                         Err(frame) if !this.held.is_empty() => {
