@@ -10,13 +10,6 @@ use tokio::net::TcpListener;
 use tollgate::config::Config;
 use tollgate::{Listeners, Tollgate};
 
-/// mimalloc (its v2 line, without transparent huge pages): fewer
-/// instructions per call than glibc's malloc at the same resident memory.
-/// With huge pages allowed, or the v3 line, RSS with 1 000 open streams was
-/// ~40 % higher (BENCHMARKS.md, "The allocator").
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "tollgate",
