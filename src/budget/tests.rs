@@ -131,6 +131,32 @@ fn civil_dates_round_trip() {
     assert_eq!(unix_ms(2026, 3, 21, 0, 0, 0), 1_774_051_200_000);
 }
 
+/// Day by day from 1970 to 2800, the date moves as a calendar does:
+/// next day of the month, or the 1st of the next month after the
+/// month's last day (leap years by the Gregorian rule).
+#[test]
+fn civil_dates_follow_the_calendar() {
+    let leap = |y: i64| y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_len = |y: i64, m: u32| match m {
+        2 if leap(y) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    let mut expected: (i64, u32, u32) = (1970, 1, 1);
+    for days in 0..302_000i64 {
+        assert_eq!(civil_from_days(days), expected, "day {days}");
+        let (y, m, d) = expected;
+        expected = if d < month_len(y, m) {
+            (y, m, d + 1)
+        } else if m < 12 {
+            (y, m + 1, 1)
+        } else {
+            (y + 1, 1, 1)
+        };
+    }
+}
+
 #[test]
 fn periods_change_at_utc_boundaries() {
     let month = |ms| period_id(WindowPeriod::Month, ms);
