@@ -311,9 +311,24 @@ async fn an_idle_run_is_claimed_by_one_sweeper() {
     b.clock.advance(61_000);
     let (ca, cb) = tokio::join!(sa.sweep(60_000), sb.sweep(60_000));
     let claimed = ca.unwrap() + cb.unwrap();
-    // The proxies' own sweepers may have claimed some meanwhile; across
-    // both replicas each run ended exactly once.
     assert!(claimed <= 3);
+    // The proxies' own sweepers may have claimed some meanwhile, and a
+    // claimer counts the end only once Redis has answered it: wait for
+    // all three ends, then check nothing is left to claim a second time.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let texts = [a.metrics().await, b.metrics().await];
+        if metric_sum(&texts, "agent_run_total", &[]) >= 3.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for 3 run ends"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (ca, cb) = tokio::join!(sa.sweep(60_000), sb.sweep(60_000));
+    assert_eq!((ca.unwrap(), cb.unwrap()), (0, 0));
     let texts = [a.metrics().await, b.metrics().await];
     assert_eq!(metric_sum(&texts, "agent_run_total", &[]), 3.0);
     assert_eq!(
