@@ -8,7 +8,7 @@
 //! JSON and for anything the caller chose not to settle itself; callers
 //! then ask serde_json, so `None` never means "absent".
 
-use memchr::memchr2;
+use super::word_scan::string_stop;
 
 /// Containers nested deeper than this are left to serde_json.
 const MAX_DEPTH: u32 = 64;
@@ -26,20 +26,6 @@ impl Seen {
         Some(())
     }
 }
-
-/// Bytes that end a plain run inside a string: the quote, the backslash and
-/// the control bytes JSON forbids raw.
-static STRING_STOP: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut b = 0;
-    while b < 0x20 {
-        t[b] = true;
-        b += 1;
-    }
-    t[b'"' as usize] = true;
-    t[b'\\' as usize] = true;
-    t
-};
 
 /// A cursor over one JSON document.
 pub(crate) struct Walk<'a> {
@@ -134,21 +120,7 @@ impl<'a> Walk<'a> {
         let start = self.i;
         let mut escaped = false;
         loop {
-            let rest = self.buf.get(self.i..)?;
-            // Most strings are short keys and roles: a plain loop first.
-            let head = rest.get(..rest.len().min(16))?;
-            let p = match head.iter().position(|&b| STRING_STOP[usize::from(b)]) {
-                Some(p) => p,
-                None => {
-                    let tail = rest.get(head.len()..)?;
-                    let q = memchr2(b'"', b'\\', tail)?;
-                    if has_control(tail.get(..q)?) {
-                        return None;
-                    }
-                    head.len() + q
-                }
-            };
-            self.i += p;
+            self.i = string_stop(self.buf, self.i)?;
             match self.peek()? {
                 b'"' => {
                     let s = self.buf.get(start..self.i)?;
@@ -324,12 +296,6 @@ impl<'a> Walk<'a> {
             self.i += 1;
         }
     }
-}
-
-/// Whether `s` holds a byte below 0x20. Written without an early exit so
-/// that it compiles to wide compares.
-fn has_control(s: &[u8]) -> bool {
-    s.iter().fold(0u8, |acc, &b| acc | u8::from(b < 0x20)) != 0
 }
 
 /// For property tests of JSON readers: `body` with one byte changed,

@@ -62,15 +62,21 @@ pub(crate) fn quote_or_backslash(buf: &[u8], mut i: usize) -> Option<usize> {
     memchr2(b'"', b'\\', buf.get(i..)?).map(|p| i + p)
 }
 
+/// High bit of each byte of `w` that a JSON string cannot hold as is: `"`,
+/// `\` or a control character (below 0x20).
+#[inline]
+fn string_stops(w: u64) -> u64 {
+    // Bytes below 0x20 marked as in `eq` (exact for the lowest).
+    let control = w.wrapping_sub(ONES * 0x20) & !w;
+    (eq(w, b'"') | eq(w, b'\\') | control) & HIGHS
+}
+
 /// Index of the first byte at or after `i` that a JSON string must escape:
 /// `"`, `\` or a control character (below 0x20).
 #[inline]
 pub(crate) fn json_escape(buf: &[u8], mut i: usize) -> Option<usize> {
     while let Some(w) = word(buf, i) {
-        // High bit of each byte below 0x20 (as in `eq`, exact for the
-        // lowest).
-        let control = w.wrapping_sub(ONES * 0x20) & !w;
-        let marks = (eq(w, b'"') | eq(w, b'\\') | control) & HIGHS;
+        let marks = string_stops(w);
         if marks != 0 {
             return Some(first(i, marks));
         }
@@ -81,6 +87,38 @@ pub(crate) fn json_escape(buf: &[u8], mut i: usize) -> Option<usize> {
         .iter()
         .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
     Some(i + p)
+}
+
+/// The same search as [`json_escape`], for a strict walk through string
+/// contents, which may be long (prompts): the first words eight bytes at a
+/// time, then `memchr2` for the quote or backslash and one vector check of
+/// the run before it for control bytes.
+#[inline]
+pub(crate) fn string_stop(buf: &[u8], mut i: usize) -> Option<usize> {
+    for _ in 0..SHORT_WORDS {
+        let Some(w) = word(buf, i) else {
+            // Under a word left: `json_escape`'s byte loop.
+            return json_escape(buf, i);
+        };
+        let marks = string_stops(w);
+        if marks != 0 {
+            return Some(first(i, marks));
+        }
+        i += 8;
+    }
+    let tail = buf.get(i..)?;
+    let run = memchr2(b'"', b'\\', tail).unwrap_or(tail.len());
+    let plain = tail.get(..run)?;
+    if has_control(plain) {
+        return plain.iter().position(|&b| b < 0x20).map(|p| i + p);
+    }
+    (run < tail.len()).then_some(i + run)
+}
+
+/// Whether `s` holds a byte below 0x20. Written without an early exit so
+/// that it compiles to wide compares.
+fn has_control(s: &[u8]) -> bool {
+    s.iter().fold(0u8, |acc, &b| acc | u8::from(b < 0x20)) != 0
 }
 
 /// Index of the quote that closes the JSON string whose content starts at
@@ -156,6 +194,13 @@ mod tests {
             b"{[]} YyZz_\x7f\xfb\xdb[ab".to_vec(),
             b"no stop at all here, only a comma".to_vec(),
         ];
+        // Past the short words: a control byte before or after the quote.
+        let mut long = vec![b'a'; 90];
+        long[60] = b'"';
+        long[70] = 0x01;
+        inputs.push(long.clone());
+        long[50] = b'\n';
+        inputs.push(long);
         // Each byte of interest, and its neighbours in the code table, at
         // each position of a long run of filler (past the short words too).
         for needle in [
@@ -206,11 +251,9 @@ mod tests {
                     find(&|b| b == b'"' || b == b'\\'),
                     "quote at {i} in {input:?}"
                 );
-                assert_eq!(
-                    json_escape(input, i),
-                    find(&|b| b == b'"' || b == b'\\' || b < 0x20),
-                    "escape at {i} in {input:?}"
-                );
+                let escape = find(&|b| b == b'"' || b == b'\\' || b < 0x20);
+                assert_eq!(json_escape(input, i), escape, "escape at {i} in {input:?}");
+                assert_eq!(string_stop(input, i), escape, "stop at {i} in {input:?}");
                 assert_eq!(
                     structure(input, i, false),
                     find(&|b| matches!(b, b'"' | b'{' | b'}' | b'[' | b']')),
