@@ -36,7 +36,9 @@
 # QUIET=1, tollgate-quiet (a further instance with the per-call log line off:
 # RUST_LOG=info,tollgate::call=off); with BEFORE=<path of another tollgate
 # binary>, tollgate-before (that binary, same config as tollgate: a before /
-# after comparison of a change within one run).
+# after comparison of a change within one run). The ledger on/off table
+# also gives the CPU of tollgate's ledger writer thread per call, which
+# the throughput ratio, noisy on a shared machine, does not isolate.
 #
 # Environment (defaults): CONNECTIONS=32 DURATION=10 WARMUP=1 ROUNDS=3
 #   SCENARIOS="json stream stream-inject json-rate stream-paced" RATE=500
@@ -203,6 +205,17 @@ cpu_ticks() {
     done
     echo "$total"
 }
+# CPU ticks (user + system) of process $1's ledger writer thread, 0 if it
+# has none: the ledger's own cost, apart from the throughput's noise.
+ledger_ticks() {
+    local task total=0 t
+    for task in /proc/"$1"/task/*; do
+        [[ $(cat "$task/comm" 2>/dev/null) == tollgate-ledger ]] || continue
+        t=$(awk '{ print $14 + $15 }' "$task/stat" 2>/dev/null || echo 0)
+        total=$((total + t))
+    done
+    echo "$total"
+}
 limit=$(python3 -c 'import math,sys; print(math.ceil(sum(map(float,sys.argv[1:])) + 35))' "$WARMUP" "$DURATION")
 for round in $(seq "$ROUNDS"); do
     # Alternate the order of the targets from round to round.
@@ -226,21 +239,26 @@ for round in $(seq "$ROUNDS"); do
         for target in "${order[@]}"; do
             mock_before=$(cpu_ticks "$mock_pid")
             proxy_before=$(cpu_ticks "${pid_of[$target]}")
+            ledger_before=$(ledger_ticks "${pid_of[$target]}")
             line=$(timeout "$limit" "$bin/examples/loadgen" --url "${url[$target]}" \
                 --connections "$CONNECTIONS" --duration-secs "$DURATION" \
                 --warmup-secs "$WARMUP" --threads "$LOADGEN_THREADS" \
                 --header 'x-agent-run-id: load-{conn}' --header 'x-agent-release: load' \
                 --label "$round $scenario $target" "${flags[@]}")
             line=$(python3 - "$line" "$(cpu_ticks "$mock_pid")" "$mock_before" \
-                "$(cpu_ticks "${pid_of[$target]}")" "$proxy_before" "$target" "$TICK" <<'EOF'
+                "$(cpu_ticks "${pid_of[$target]}")" "$proxy_before" "$target" "$TICK" \
+                "$(ledger_ticks "${pid_of[$target]}")" "$ledger_before" <<'EOF'
 import json, sys
 r = json.loads(sys.argv[1])
 m1, m0, p1, p0 = map(int, sys.argv[2:6])
 target, tick = sys.argv[6], int(sys.argv[7])
+l1, l0 = map(int, sys.argv[8:10])
 calls = r["requests"] + r["warmup_requests"]
 r["mock_cpu_us_per_call"] = round((m1 - m0) * 1e6 / tick / calls, 1) if calls else None
 r["proxy_cpu_us_per_call"] = (
     None if target == "direct" or not calls else round((p1 - p0) * 1e6 / tick / calls, 1))
+r["ledger_cpu_us_per_call"] = (
+    round((l1 - l0) * 1e6 / tick / calls, 1) if target.startswith("tollgate") and calls else None)
 print(json.dumps(r))
 EOF
 )
@@ -374,8 +392,8 @@ if "tollgate-no-ledger" in targets:
     print()
     print("Ledger on vs off (tollgate / tollgate-no-ledger, per round):")
     print()
-    print("| scenario | throughput ratio | p50 ratio | p99 ratio |")
-    print("|---|---:|---:|---:|")
+    print("| scenario | throughput ratio | CPU per call ratio | p50 ratio | p99 ratio | ledger thread CPU µs/call |")
+    print("|---|---:|---:|---:|---:|---:|")
     for s in scenarios:
         rr = per_round(s, "tollgate", "tollgate-no-ledger",
                        lambda r, o: r["rps"] / o["rps"] if o["rps"] else None)
@@ -383,7 +401,11 @@ if "tollgate-no-ledger" in targets:
                         lambda r, o: q(r, "latency_ms", "p50") / q(o, "latency_ms", "p50"))
         r99 = per_round(s, "tollgate", "tollgate-no-ledger",
                         lambda r, o: q(r, "latency_ms", "p99") / q(o, "latency_ms", "p99"))
-        print(f"| {s} | {rng(rr, 3)} | {rng(r50, 3)} | {rng(r99, 3)} |")
+        rc = per_round(s, "tollgate", "tollgate-no-ledger",
+                       lambda r, o: r["proxy_cpu_us_per_call"] / o["proxy_cpu_us_per_call"]
+                       if r.get("proxy_cpu_us_per_call") and o.get("proxy_cpu_us_per_call") else None)
+        lt = [r.get("ledger_cpu_us_per_call") for r in by.get((s, "tollgate"), {}).values()]
+        print(f"| {s} | {rng(rr, 3)} | {rng(rc, 3)} | {rng(r50, 3)} | {rng(r99, 3)} | {rng(lt, 1)} |")
 EOF
 print_load_average "at the end"
 echo "raw results: $OUT (removed on exit unless OUT is set)" >&2
