@@ -298,7 +298,9 @@ async fn an_idle_run_is_claimed_by_one_sweeper() {
     assert_eq!(call(&b, &[("x-agent-run-id", "idle-2")]).await.0, 200);
     eventually("settlements reach Redis", || {
         hget(&redis, &run_key("idle-2"), "calls").as_deref() == Some("2")
-            && hget(&redis, &run_key("idle-3"), "in_flight").as_deref() == Some("0")
+            && ["idle-1", "idle-2", "idle-3"]
+                .iter()
+                .all(|run| hget(&redis, &run_key(run), "in_flight").as_deref() == Some("0"))
     })
     .await;
     // Not idle yet: nobody claims.
