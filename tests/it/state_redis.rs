@@ -53,6 +53,28 @@ async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// Polls the proxies' `/metrics` until their `agent_run_total` adds up to
+/// `want`: a replica counts a run's end once Redis has answered its claim,
+/// a moment after the call or sweep that caused it.
+async fn wait_for_run_ends(proxies: &[&Proxy], want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut texts = Vec::with_capacity(proxies.len());
+        for proxy in proxies {
+            texts.push(proxy.metrics().await);
+        }
+        let got = metric_sum(&texts, "agent_run_total", &[]);
+        if got >= want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent_run_total = {got}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn finish(proxy: &Proxy, run: &str) -> u16 {
     let url = format!("http://{}/api/runs/{run}/finish", proxy.admin);
     post_json(url, &[], r#"{"status":"completed"}"#)
@@ -314,21 +336,9 @@ async fn an_idle_run_is_claimed_by_one_sweeper() {
     let (ca, cb) = tokio::join!(sa.sweep(60_000), sb.sweep(60_000));
     let claimed = ca.unwrap() + cb.unwrap();
     assert!(claimed <= 3);
-    // The proxies' own sweepers may have claimed some meanwhile, and a
-    // claimer counts the end only once Redis has answered it: wait for
+    // The proxies' own sweepers may have claimed some meanwhile: wait for
     // all three ends, then check nothing is left to claim a second time.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let texts = [a.metrics().await, b.metrics().await];
-        if metric_sum(&texts, "agent_run_total", &[]) >= 3.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for 3 run ends"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_run_ends(&[&a, &b], 3.0).await;
     let (ca, cb) = tokio::join!(sa.sweep(60_000), sb.sweep(60_000));
     assert_eq!((ca.unwrap(), cb.unwrap()), (0, 0));
     let texts = [a.metrics().await, b.metrics().await];
@@ -520,12 +530,7 @@ async fn a_run_status_header_ends_the_fleet_run_once_with_its_last_call() {
         ("x-agent-run-status", "completed"),
     ];
     assert_eq!(call(&b, &last).await.0, 200);
-    let one_run = |text: &str| metric_value(text, "agent_run_total", &[]) == Some(1.0);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !one_run(&b.metrics().await) {
-        assert!(Instant::now() < deadline, "B never ended the run");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_run_ends(&[&b], 1.0).await;
     assert_eq!(hget(&redis, &run_key("hdr"), "gen"), None);
     // A's copy goes idle; its sweep finds nothing left to end.
     a.clock.advance(3_600_000);
