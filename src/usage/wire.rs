@@ -14,7 +14,7 @@ use serde::Deserialize;
 use std::fmt;
 use std::sync::OnceLock;
 
-use super::word_scan::{skip_ws, string_end, structure};
+use super::word_scan::{quote, skip_ws, string_end, structure};
 
 /// A token count as reported on the wire. `Count(None)` means absent, null or
 /// not interpretable as a count; absent is never turned into zero.
@@ -230,43 +230,29 @@ pub(crate) fn for_each_member<F>(buf: &[u8], mut f: F)
 where
     F: FnMut(&[u8], usize) -> Option<usize>,
 {
-    // Outside strings every `"` delimits one, so quotes pair up; a vectorised
-    // iterator over quote positions visits each string for a few
-    // instructions, which is what makes this cheaper than per-byte scanning
-    // or a substring search per key.
-    let mut quotes = memchr::memchr_iter(b'"', buf);
-    let mut resume_at = 0usize;
+    // Outside strings every `"` opens one, so the walk jumps from string to
+    // string: the next quote is usually a few bytes away (`": [{"`), found a
+    // word at a time, and a string's end is found past its escapes.
+    let mut i = 0usize;
     loop {
-        let Some(open) = quotes.next() else {
+        let Some(open) = quote(buf, i) else {
             return;
         };
-        if open < resume_at {
-            continue;
-        }
-        let close = loop {
-            let Some(q) = quotes.next() else {
-                return;
-            };
-            if !escaped(buf, q) {
-                break q;
-            }
+        let Some(close) = string_end(buf, open + 1) else {
+            return;
         };
-        let colon = skip_ws(buf, close + 1);
+        i = close + 1;
+        let colon = skip_ws(buf, i);
         if buf.get(colon) != Some(&b':') {
             continue;
         }
         let key = buf.get(open + 1..close).unwrap_or_default();
         let value = skip_ws(buf, colon + 1);
+        i = colon + 1;
         if let Some(resume) = f(key, value) {
-            resume_at = resume;
+            i = i.max(resume);
         }
     }
-}
-
-/// The quote at `q` is preceded by an odd number of backslashes.
-fn escaped(buf: &[u8], q: usize) -> bool {
-    let before = buf.get(..q).unwrap_or_default();
-    before.iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 1
 }
 
 /// For [`for_each_member`] callbacks: the value at `v` is present and not
@@ -361,6 +347,64 @@ mod tests {
             None
         });
         assert_eq!(seen, ["s", "k2", "k3"]);
+    }
+
+    /// The walk as first written: a `memchr` iterator over every quote,
+    /// a close quote being one not preceded by an odd run of backslashes.
+    fn walk_by_quote_iterator(buf: &[u8], skip: fn(&[u8]) -> bool) -> Vec<(Vec<u8>, usize)> {
+        let escaped = |q: usize| {
+            let before = buf.get(..q).unwrap_or_default();
+            before.iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 1
+        };
+        let mut seen = Vec::new();
+        let mut quotes = memchr::memchr_iter(b'"', buf);
+        let mut resume_at = 0usize;
+        while let Some(open) = quotes.next() {
+            if open < resume_at {
+                continue;
+            }
+            let Some(close) = quotes.by_ref().find(|&q| !escaped(q)) else {
+                break;
+            };
+            let colon = skip_ws(buf, close + 1);
+            if buf.get(colon) != Some(&b':') {
+                continue;
+            }
+            let key = buf.get(open + 1..close).unwrap_or_default();
+            let value = skip_ws(buf, colon + 1);
+            seen.push((key.to_vec(), value));
+            if skip(key) {
+                if let Some(end) = value_end(buf, value) {
+                    resume_at = end;
+                }
+            }
+        }
+        seen
+    }
+
+    fn skips(key: &[u8]) -> bool {
+        key.first() == Some(&b'a')
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+
+        /// Keys, value positions and skipped values (those of keys starting
+        /// with `a`) as the quote-iterator walk saw them, on any bytes.
+        #[test]
+        fn member_walk_agrees_with_the_quote_iterator_walk(
+            raw in proptest::collection::vec(
+                proptest::sample::select(b"\"\\{}[],: ak".to_vec()),
+                0..120,
+            ),
+        ) {
+            let mut seen = Vec::new();
+            for_each_member(&raw, |k, v| {
+                seen.push((k.to_vec(), v));
+                if skips(k) { value_end(&raw, v) } else { None }
+            });
+            proptest::prop_assert_eq!(seen, walk_by_quote_iterator(&raw, skips));
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! above a real one, through the subtraction's borrow), which is all a
 //! search for the first match needs.
 
-use memchr::memchr2;
+use memchr::{memchr, memchr2};
 
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGHS: u64 = 0x8080_8080_8080_8080;
@@ -60,6 +60,25 @@ pub(crate) fn quote_or_backslash(buf: &[u8], mut i: usize) -> Option<usize> {
         i += 8;
     }
     memchr2(b'"', b'\\', buf.get(i..)?).map(|p| i + p)
+}
+
+/// Index of the first `"` at or after `i`: the next string of a member walk,
+/// usually a few bytes away (`": [{"`), where setting up `memchr` costs
+/// more than the search.
+#[inline]
+pub(crate) fn quote(buf: &[u8], mut i: usize) -> Option<usize> {
+    for _ in 0..SHORT_WORDS {
+        let Some(w) = word(buf, i) else {
+            let p = buf.get(i..)?.iter().position(|&b| b == b'"')?;
+            return Some(i + p);
+        };
+        let marks = eq(w, b'"') & HIGHS;
+        if marks != 0 {
+            return Some(first(i, marks));
+        }
+        i += 8;
+    }
+    memchr(b'"', buf.get(i..)?).map(|p| i + p)
 }
 
 /// High bit of each byte of `w` that a JSON string cannot hold as is: `"`,
@@ -247,9 +266,14 @@ mod tests {
                         .and_then(|r| r.iter().position(|&b| f(b)).map(|p| i + p))
                 };
                 assert_eq!(
+                    quote(input, i),
+                    find(&|b| b == b'"'),
+                    "quote at {i} in {input:?}"
+                );
+                assert_eq!(
                     quote_or_backslash(input, i),
                     find(&|b| b == b'"' || b == b'\\'),
-                    "quote at {i} in {input:?}"
+                    "quote or backslash at {i} in {input:?}"
                 );
                 let escape = find(&|b| b == b'"' || b == b'\\' || b < 0x20);
                 assert_eq!(json_escape(input, i), escape, "escape at {i} in {input:?}");
