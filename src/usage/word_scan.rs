@@ -142,8 +142,29 @@ fn has_control(s: &[u8]) -> bool {
 
 /// Index of the quote that closes the JSON string whose content starts at
 /// `i` (escapes skipped).
+///
+/// Most strings of a walk (keys, ids, short values) close within their
+/// first eight bytes: that word is tested here, inlined where the walk
+/// calls it, and only a longer string or one with an escape pays for the
+/// call to the full search.
 #[inline]
-pub(crate) fn string_end(buf: &[u8], mut i: usize) -> Option<usize> {
+pub(crate) fn string_end(buf: &[u8], i: usize) -> Option<usize> {
+    if let Some(w) = word(buf, i) {
+        let marks = (eq(w, b'"') | eq(w, b'\\')) & HIGHS;
+        if marks == 0 {
+            return long_string_end(buf, i + 8);
+        }
+        let at = first(i, marks);
+        if *buf.get(at)? == b'"' {
+            return Some(at);
+        }
+    }
+    long_string_end(buf, i)
+}
+
+/// [`string_end`] past its first word.
+#[inline(never)]
+fn long_string_end(buf: &[u8], mut i: usize) -> Option<usize> {
     loop {
         i = quote_or_backslash(buf, i)?;
         if *buf.get(i)? == b'"' {
@@ -257,6 +278,16 @@ mod tests {
                 inputs.push(v);
             }
         }
+        // Escaped quotes either side of the first word's end.
+        for at in 0..20 {
+            let mut v = vec![b'a'; 40];
+            v[at] = b'\\';
+            v[at + 1] = b'"';
+            v[at + 5] = b'"';
+            inputs.push(v.clone());
+            v[at + 1] = b'\\';
+            inputs.push(v);
+        }
         for input in &inputs {
             for i in 0..=input.len() + 1 {
                 let rest = input.get(i..).unwrap_or_default();
@@ -274,6 +305,20 @@ mod tests {
                     quote_or_backslash(input, i),
                     find(&|b| b == b'"' || b == b'\\'),
                     "quote or backslash at {i} in {input:?}"
+                );
+                let mut j = i;
+                let close = loop {
+                    match input.get(j) {
+                        Some(b'"') => break Some(j),
+                        Some(b'\\') => j += 2,
+                        Some(_) => j += 1,
+                        None => break None,
+                    }
+                };
+                assert_eq!(
+                    string_end(input, i),
+                    close,
+                    "string end at {i} in {input:?}"
                 );
                 let escape = find(&|b| b == b'"' || b == b'\\' || b < 0x20);
                 assert_eq!(json_escape(input, i), escape, "escape at {i} in {input:?}");
