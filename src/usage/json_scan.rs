@@ -262,9 +262,10 @@ impl JsonScanner {
             return Err(buf.len());
         };
         let line = rest.get(..p).unwrap_or_default();
-        let Some(rec) = whole::read_line(line) else {
+        let mut rec = whole::Record::default();
+        if whole::read_line(line, &mut rec).is_none() {
             return Err(i + p + 1);
-        };
+        }
         self.report(&rec, line, sink);
         Ok(i + p + 1)
     }
@@ -294,7 +295,8 @@ impl JsonScanner {
             return Err(at + 1);
         }
         let object = rest.get(p..).unwrap_or_default();
-        let Some((rec, len)) = whole::read_object(object) else {
+        let mut rec = whole::Record::default();
+        let Some(len) = whole::read_object(object, &mut rec) else {
             return Err(buf.len());
         };
         self.report(&rec, object, sink);

@@ -219,30 +219,28 @@ fn text_container(buf: &[u8], mut i: usize, text: &mut u64) -> Option<usize> {
     }
 }
 
-/// Reads one record line (without its `\n`). `None`: the line is not one
-/// the fast path reads exactly (see the module notes); nothing has been
-/// reported and the general scanner must read it.
-pub(super) fn read_line(line: &[u8]) -> Option<Record> {
-    let mut rec = Record::default();
+/// Reads one record line (without its `\n`) into `rec` (a fresh one,
+/// filled in place: a returned record would be copied twice). `None`: the
+/// line is not one the fast path reads exactly (see the module notes);
+/// nothing has been reported and the general scanner must read it.
+pub(super) fn read_line(line: &[u8], rec: &mut Record) -> Option<()> {
     let start = skip_ws(line, 0);
     if start == line.len() {
-        return Some(rec);
+        return Some(());
     }
-    let end = read_members(line, start, &mut rec)?;
+    let end = read_members(line, start, rec)?;
     if skip_ws(line, end) != line.len() {
         return None;
     }
-    Some(rec)
+    Some(())
 }
 
-/// Reads the object that opens at `buf[0]`, if it ends inside `buf`; the
-/// record and the object's length. `None`: the object does not end in
-/// `buf`, or is not one the fast path reads exactly; nothing has been
+/// Reads the object that opens at `buf[0]` into `rec` (a fresh one), if it
+/// ends inside `buf`; the object's length. `None`: the object does not end
+/// in `buf`, or is not one the fast path reads exactly; nothing has been
 /// reported.
-pub(super) fn read_object(buf: &[u8]) -> Option<(Record, usize)> {
-    let mut rec = Record::default();
-    let end = read_members(buf, 0, &mut rec)?;
-    Some((rec, end))
+pub(super) fn read_object(buf: &[u8], rec: &mut Record) -> Option<usize> {
+    read_members(buf, 0, rec)
 }
 
 /// The object opening at `buf[i]`: its members into `rec`, the index after
