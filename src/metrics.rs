@@ -126,7 +126,9 @@ impl EncodeLabelValue for LabelValue {
 #[derive(Debug)]
 pub struct LabelCap {
     max: usize,
-    seen: Mutex<HashSet<Arc<str>>>,
+    /// foldhash: looked up several times per call; at most `max` values
+    /// are ever inserted, so chosen collisions cannot grow it.
+    seen: Mutex<HashSet<Arc<str>, foldhash::fast::RandomState>>,
 }
 
 pub const OVERFLOW_LABEL: &str = "other";
@@ -135,7 +137,7 @@ impl LabelCap {
     pub fn new(max: usize) -> Self {
         LabelCap {
             max,
-            seen: Mutex::new(HashSet::new()),
+            seen: Mutex::new(HashSet::default()),
         }
     }
 

@@ -20,16 +20,14 @@
 //! predictable rule beats a guess that prices a different model. Only rule
 //! 3 allocates, and only when rules 1 and 2 missed.
 
-use std::collections::HashMap;
-
-use super::{ModelPrice, PricingError};
+use super::{ModelPrice, NameMap, PricingError};
 
 type Hit<'t> = (&'t str, &'t ModelPrice);
 
 /// Resolves `name` against the entries with all rules.
 pub(crate) fn find<'t>(
-    entries: &'t HashMap<String, ModelPrice>,
-    aliases: &HashMap<String, String>,
+    entries: &'t NameMap<ModelPrice>,
+    aliases: &NameMap<String>,
     name: &str,
 ) -> Option<Hit<'t>> {
     let mut current = name;
@@ -54,10 +52,7 @@ pub(crate) fn find<'t>(
 }
 
 /// Rules 1, 3 and 4 (for alias targets).
-fn find_without_aliases<'t>(
-    entries: &'t HashMap<String, ModelPrice>,
-    name: &str,
-) -> Option<Hit<'t>> {
+fn find_without_aliases<'t>(entries: &'t NameMap<ModelPrice>, name: &str) -> Option<Hit<'t>> {
     let mut current = name;
     loop {
         if let Some(hit) = find_versioned(entries, current) {
@@ -71,7 +66,7 @@ fn find_without_aliases<'t>(
 }
 
 /// Rule 1: the name, then each shorter form.
-fn find_versioned<'t>(entries: &'t HashMap<String, ModelPrice>, name: &str) -> Option<Hit<'t>> {
+fn find_versioned<'t>(entries: &'t NameMap<ModelPrice>, name: &str) -> Option<Hit<'t>> {
     let mut form = Some(name);
     while let Some(f) = form {
         if let Some((key, price)) = entries.get_key_value(f) {
@@ -83,7 +78,7 @@ fn find_versioned<'t>(entries: &'t HashMap<String, ModelPrice>, name: &str) -> O
 }
 
 /// Rule 3: `claude-sonnet-4.5` -> `claude-sonnet-4-5`.
-fn find_dotted_claude<'t>(entries: &'t HashMap<String, ModelPrice>, name: &str) -> Option<Hit<'t>> {
+fn find_dotted_claude<'t>(entries: &'t NameMap<ModelPrice>, name: &str) -> Option<Hit<'t>> {
     if !name.starts_with("claude-") || !name.contains('.') {
         return None;
     }
@@ -93,8 +88,8 @@ fn find_dotted_claude<'t>(entries: &'t HashMap<String, ModelPrice>, name: &str) 
 /// Checks at load that every alias target matches an entry, and notes
 /// aliases that can never apply because their name is itself an entry.
 pub(crate) fn check_aliases(
-    entries: &HashMap<String, ModelPrice>,
-    aliases: &HashMap<String, String>,
+    entries: &NameMap<ModelPrice>,
+    aliases: &NameMap<String>,
     warnings: &mut Vec<String>,
 ) -> Result<(), PricingError> {
     let mut sorted: Vec<(&String, &String)> = aliases.iter().collect();

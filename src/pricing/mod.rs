@@ -33,6 +33,12 @@ use serde::Deserialize;
 use crate::money::Money;
 use crate::usage::Usage;
 
+/// Model name → value maps of a price table. Filled once at load and read
+/// on every call with the provider's model name: foldhash (hashbrown's own
+/// default) instead of SipHash, whose resistance to chosen collisions buys
+/// nothing for a table that client input never grows.
+pub(crate) type NameMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
+
 /// Input-token count above which a long-context tier applies when the entry
 /// does not name its own threshold (Anthropic and Gemini bill >200k prompts
 /// at higher rates).
@@ -217,8 +223,8 @@ impl fmt::Display for Line {
 /// An immutable snapshot of all loaded prices.
 #[derive(Debug, Clone)]
 pub struct PriceTable {
-    entries: HashMap<String, ModelPrice>,
-    aliases: HashMap<String, String>,
+    entries: NameMap<ModelPrice>,
+    aliases: NameMap<String>,
     unknown_model: UnknownModel,
     version: String,
     warnings: Vec<String>,
@@ -235,8 +241,8 @@ impl PriceTable {
     /// A table with no entries: every model is unpriced.
     pub fn empty() -> PriceTable {
         PriceTable::build(
-            HashMap::new(),
-            HashMap::new(),
+            NameMap::default(),
+            NameMap::default(),
             UnknownModel::Zero,
             Vec::new(),
         )
@@ -245,7 +251,7 @@ impl PriceTable {
     /// Loads `config.files` in order, resolving relative paths against
     /// `base_dir`; later files replace earlier entries of the same name.
     pub fn load(config: &PricingConfig, base_dir: &Path) -> Result<PriceTable, PricingError> {
-        let mut entries = HashMap::new();
+        let mut entries = NameMap::default();
         let mut warnings = Vec::new();
         for file in &config.files {
             let path = if file.is_absolute() {
@@ -262,7 +268,7 @@ impl PriceTable {
             warnings.extend(parsed.warnings);
             entries.extend(parsed.entries);
         }
-        let aliases: HashMap<String, String> = config
+        let aliases: NameMap<String> = config
             .aliases
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -282,7 +288,7 @@ impl PriceTable {
         let parsed = toml_format::parse(text, origin)?;
         Ok(PriceTable::build(
             parsed.entries.into_iter().collect(),
-            HashMap::new(),
+            NameMap::default(),
             UnknownModel::Zero,
             parsed.warnings,
         ))
@@ -293,15 +299,15 @@ impl PriceTable {
         let parsed = litellm::parse(text, origin)?;
         Ok(PriceTable::build(
             parsed.entries.into_iter().collect(),
-            HashMap::new(),
+            NameMap::default(),
             UnknownModel::Zero,
             parsed.warnings,
         ))
     }
 
     fn build(
-        entries: HashMap<String, ModelPrice>,
-        aliases: HashMap<String, String>,
+        entries: NameMap<ModelPrice>,
+        aliases: NameMap<String>,
         unknown_model: UnknownModel,
         warnings: Vec<String>,
     ) -> PriceTable {
@@ -438,10 +444,7 @@ fn femtos_to_money(femtos: u128) -> Money {
 }
 
 /// FNV-1a 64 over a canonical rendering of the entries (sorted) and aliases.
-fn content_hash(
-    entries: &HashMap<String, ModelPrice>,
-    aliases: &HashMap<String, String>,
-) -> String {
+fn content_hash(entries: &NameMap<ModelPrice>, aliases: &NameMap<String>) -> String {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut hash = OFFSET;
