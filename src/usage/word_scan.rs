@@ -140,29 +140,38 @@ fn has_control(s: &[u8]) -> bool {
     s.iter().fold(0u8, |acc, &b| acc | u8::from(b < 0x20)) != 0
 }
 
+/// Words of a string that [`string_end`] tests inline.
+const INLINE_WORDS: usize = 2;
+
 /// Index of the quote that closes the JSON string whose content starts at
 /// `i` (escapes skipped).
 ///
-/// Most strings of a walk (keys, ids, short values) close within their
-/// first eight bytes: that word is tested here, inlined where the walk
-/// calls it, and only a longer string or one with an escape pays for the
-/// call to the full search.
+/// Most strings of a walk (keys, ids, model names, short values) close
+/// within their first sixteen bytes: those words are tested here, inlined
+/// where the walk calls it, and only a longer string or one with an escape
+/// pays for the call to the full search.
 #[inline]
 pub(crate) fn string_end(buf: &[u8], i: usize) -> Option<usize> {
-    if let Some(w) = word(buf, i) {
+    let mut at = i;
+    for _ in 0..INLINE_WORDS {
+        let Some(w) = word(buf, at) else {
+            break;
+        };
         let marks = (eq(w, b'"') | eq(w, b'\\')) & HIGHS;
-        if marks == 0 {
-            return long_string_end(buf, i + 8);
+        if marks != 0 {
+            let stop = first(at, marks);
+            if *buf.get(stop)? == b'"' {
+                return Some(stop);
+            }
+            // A backslash: the full search steps over the escape.
+            return long_string_end(buf, stop);
         }
-        let at = first(i, marks);
-        if *buf.get(at)? == b'"' {
-            return Some(at);
-        }
+        at += 8;
     }
-    long_string_end(buf, i)
+    long_string_end(buf, at)
 }
 
-/// [`string_end`] past its first word.
+/// [`string_end`] past its inline words, or from an escape.
 #[inline(never)]
 fn long_string_end(buf: &[u8], mut i: usize) -> Option<usize> {
     loop {
@@ -278,8 +287,8 @@ mod tests {
                 inputs.push(v);
             }
         }
-        // Escaped quotes either side of the first word's end.
-        for at in 0..20 {
+        // Escaped quotes either side of the inline words' ends.
+        for at in 0..28 {
             let mut v = vec![b'a'; 40];
             v[at] = b'\\';
             v[at + 1] = b'"';
