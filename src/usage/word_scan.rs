@@ -42,47 +42,60 @@ fn first(i: usize, marks: u64) -> usize {
     i + (marks.trailing_zeros() / 8) as usize
 }
 
-/// Index of the first `"` or `\` at or after `i`.
+/// The first `SHORT_WORDS` words of a search from `i`, eight bytes at a
+/// time: `Ok` with the first byte `marks` marks (with less than a word
+/// left, the first byte `is_stop` accepts), `Err` with where the long search
+/// takes over, `None` when nothing matches before the end of `buf`.
 #[inline]
-pub(crate) fn quote_or_backslash(buf: &[u8], mut i: usize) -> Option<usize> {
+fn short_search(
+    buf: &[u8],
+    mut i: usize,
+    marks: impl Fn(u64) -> u64,
+    is_stop: impl Fn(u8) -> bool,
+) -> Option<Result<usize, usize>> {
     for _ in 0..SHORT_WORDS {
         let Some(w) = word(buf, i) else {
-            let p = buf
-                .get(i..)?
-                .iter()
-                .position(|&b| b == b'"' || b == b'\\')?;
-            return Some(i + p);
+            let p = buf.get(i..)?.iter().position(|&b| is_stop(b))?;
+            return Some(Ok(i + p));
         };
-        let marks = (eq(w, b'"') | eq(w, b'\\')) & HIGHS;
-        if marks != 0 {
-            return Some(first(i, marks));
+        let m = marks(w);
+        if m != 0 {
+            return Some(Ok(first(i, m)));
         }
         i += 8;
     }
-    memchr2(b'"', b'\\', buf.get(i..)?).map(|p| i + p)
+    Some(Err(i))
+}
+
+/// Index of the first `"` or `\` at or after `i`.
+#[inline]
+pub(crate) fn quote_or_backslash(buf: &[u8], i: usize) -> Option<usize> {
+    let marks = |w| (eq(w, b'"') | eq(w, b'\\')) & HIGHS;
+    match short_search(buf, i, marks, |b| b == b'"' || b == b'\\')? {
+        Ok(at) => Some(at),
+        Err(i) => memchr2(b'"', b'\\', buf.get(i..)?).map(|p| i + p),
+    }
 }
 
 /// Index of the first `"` at or after `i`: the next string of a member walk,
 /// usually a few bytes away (`": [{"`), where setting up `memchr` costs
 /// more than the search.
 #[inline]
-pub(crate) fn quote(buf: &[u8], mut i: usize) -> Option<usize> {
-    for _ in 0..SHORT_WORDS {
-        let Some(w) = word(buf, i) else {
-            let p = buf.get(i..)?.iter().position(|&b| b == b'"')?;
-            return Some(i + p);
-        };
-        let marks = eq(w, b'"') & HIGHS;
-        if marks != 0 {
-            return Some(first(i, marks));
-        }
-        i += 8;
+pub(crate) fn quote(buf: &[u8], i: usize) -> Option<usize> {
+    match short_search(buf, i, |w| eq(w, b'"') & HIGHS, |b| b == b'"')? {
+        Ok(at) => Some(at),
+        Err(i) => memchr(b'"', buf.get(i..)?).map(|p| i + p),
     }
-    memchr(b'"', buf.get(i..)?).map(|p| i + p)
 }
 
-/// High bit of each byte of `w` that a JSON string cannot hold as is: `"`,
-/// `\` or a control character (below 0x20).
+/// A byte that a JSON string cannot hold as is: `"`, `\` or a control
+/// character (below 0x20).
+#[inline]
+fn is_string_stop(b: u8) -> bool {
+    b == b'"' || b == b'\\' || b < 0x20
+}
+
+/// High bit of each byte of `w` for which [`is_string_stop`] holds.
 #[inline]
 fn string_stops(w: u64) -> u64 {
     // Bytes below 0x20 marked as in `eq` (exact for the lowest).
@@ -90,8 +103,8 @@ fn string_stops(w: u64) -> u64 {
     (eq(w, b'"') | eq(w, b'\\') | control) & HIGHS
 }
 
-/// Index of the first byte at or after `i` that a JSON string must escape:
-/// `"`, `\` or a control character (below 0x20).
+/// Index of the first byte at or after `i` that a JSON string must escape
+/// ([`is_string_stop`]).
 #[inline]
 pub(crate) fn json_escape(buf: &[u8], mut i: usize) -> Option<usize> {
     while let Some(w) = word(buf, i) {
@@ -101,10 +114,7 @@ pub(crate) fn json_escape(buf: &[u8], mut i: usize) -> Option<usize> {
         }
         i += 8;
     }
-    let p = buf
-        .get(i..)?
-        .iter()
-        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+    let p = buf.get(i..)?.iter().position(|&b| is_string_stop(b))?;
     Some(i + p)
 }
 
@@ -113,18 +123,11 @@ pub(crate) fn json_escape(buf: &[u8], mut i: usize) -> Option<usize> {
 /// time, then `memchr2` for the quote or backslash and one vector check of
 /// the run before it for control bytes.
 #[inline]
-pub(crate) fn string_stop(buf: &[u8], mut i: usize) -> Option<usize> {
-    for _ in 0..SHORT_WORDS {
-        let Some(w) = word(buf, i) else {
-            // Under a word left: `json_escape`'s byte loop.
-            return json_escape(buf, i);
-        };
-        let marks = string_stops(w);
-        if marks != 0 {
-            return Some(first(i, marks));
-        }
-        i += 8;
-    }
+pub(crate) fn string_stop(buf: &[u8], i: usize) -> Option<usize> {
+    let i = match short_search(buf, i, string_stops, is_string_stop)? {
+        Ok(at) => return Some(at),
+        Err(i) => i,
+    };
     let tail = buf.get(i..)?;
     let run = memchr2(b'"', b'\\', tail).unwrap_or(tail.len());
     let plain = tail.get(..run)?;
