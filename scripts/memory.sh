@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Memory of the tollgate process (VmRSS from /proc), on loopback, in two
-# phases, each with its own mock upstream (examples/mock_upstream) and
-# tollgate (dist profile, generated config, ports 0, ledger on):
+# Memory of the tollgate process (VmRSS, and its anonymous and file-backed
+# parts, from /proc), on loopback, in two phases, each with its own mock
+# upstream (examples/mock_upstream) and tollgate (dist profile, generated
+# config, ports 0, ledger on):
 #
 #   runs  RUNS calls, each with a new x-agent-run-id, so RUNS runs are
 #         tracked at once (runs.idle_timeout_secs is set past the test);
@@ -39,7 +40,11 @@ tollgate_bin=${TOLLGATE:-$bin/tollgate}
 ulimit -n "$(ulimit -Hn)"
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
-mib() { python3 -c 'import sys; print(f"{int(sys.argv[1]) / 1024:.1f}")' "$1"; }
+# "RSS | anonymous | file-backed" in MiB: file pages are the binary's code
+# and read-only data, anonymous ones the heap and stacks.
+rss_row() {
+    awk '/^(VmRSS|RssAnon|RssFile):/ { printf "%s%.1f", sep, $2 / 1024; sep = " | " }' "/proc/$1/status"
+}
 
 # Starts a mock and a tollgate for phase $1 with run idle timeout $2; sets
 # $tollgate_pid, $agent and $admin.
@@ -79,12 +84,12 @@ phase_runs() {
     start runs 86400
     local url="http://$agent/openai/v1/chat/completions"
     local at_start
-    at_start=$(rss_kib "$tollgate_pid")
+    at_start=$(rss_row "$tollgate_pid")
     timeout 600 "$bin/examples/loadgen" --url "$url" --connections 32 \
         --requests "$RUNS" --duration-secs 300 --warmup-secs 0 \
         --header 'x-agent-run-id: mem-{conn}-{seq}' >"$work/runs.json"
     local after_runs active
-    after_runs=$(rss_kib "$tollgate_pid")
+    after_runs=$(rss_row "$tollgate_pid")
     active=$(metric agent_active_runs)
     # Each stream gets its first event, then the mock waits 10 minutes.
     timeout 120 "$bin/examples/loadgen" --url "$url" --connections "$STREAMS" \
@@ -100,7 +105,7 @@ phase_runs() {
     sleep 2 # the streams' first events are through
     open=$(client_connections)
     local with_streams
-    with_streams=$(rss_kib "$tollgate_pid")
+    with_streams=$(rss_row "$tollgate_pid")
     kill "$held" 2>/dev/null || true
     wait "$held" 2>/dev/null || true
     python3 - "$work/runs.json" <<EOF
@@ -108,11 +113,11 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"calls sent: {r['requests']} ({r['rps']:.0f}/s), errors {r['errors']}, non-2xx {r['non_2xx']}")
 EOF
-    echo "| point | tollgate RSS MiB |"
-    echo "|---|---:|"
-    echo "| after start | $(mib "$at_start") |"
-    echo "| $RUNS runs tracked (agent_active_runs $active) | $(mib "$after_runs") |"
-    echo "| and $open streams open | $(mib "$with_streams") |"
+    echo "| point | tollgate RSS MiB | anonymous | file |"
+    echo "|---|---:|---:|---:|"
+    echo "| after start | $at_start |"
+    echo "| $RUNS runs tracked (agent_active_runs $active) | $after_runs |"
+    echo "| and $open streams open | $with_streams |"
 }
 
 phase_soak() {
