@@ -426,7 +426,7 @@ impl Ledger {
                 // any call rate, not a whole interval's worth. (The count
                 // is of every record sent, not of the open batch; a writer
                 // woken with less than a batch goes back to sleep.)
-                if queued % MAX_BATCH as u64 == 0 {
+                if queued.is_multiple_of(MAX_BATCH as u64) {
                     self.wake_writer();
                 }
             }
