@@ -7,9 +7,12 @@
 # BARE=1) and tollgate (and BEFORE=<another tollgate binary>, same config);
 # for each, sends WARMUP calls, attaches strace to every thread, sends CALLS
 # calls (examples/loadgen, CONNECTIONS keep-alive connections, run id per
-# connection), detaches and prints each syscall's count per call.
+# connection), detaches and prints each syscall's count per call. With
+# RATE=<calls/s> the calls are sent at that rate (open loop) instead of as
+# fast as they are answered: the workers then park between calls, and
+# wake-ups between threads show.
 #
-# Environment (defaults): CALLS=5000 WARMUP=500 CONNECTIONS=32 BARE=1
+# Environment (defaults): CALLS=5000 WARMUP=500 CONNECTIONS=32 RATE= BARE=1
 #   TOLLGATE=target/dist/tollgate BEFORE= LEDGER=true RUST_LOG=info
 
 set -euo pipefail
@@ -30,9 +33,9 @@ build_dist --example loadgen --example bare_proxy
 tollgate_bin=${TOLLGATE:-$root/$bin/tollgate}
 start_mock "$work" --threads 1
 
-# Sends $2 calls to URL $1.
+# Sends $2 calls to URL $1 (at RATE calls/s when it is set).
 drive() {
-    "$bin/examples/loadgen" --url "$1" --connections "$CONNECTIONS" \
+    "$bin/examples/loadgen" --url "$1" --connections "$CONNECTIONS" ${RATE:+--rate "$RATE"} \
         --duration-secs 600 --requests "$2" --warmup-secs 0 --threads 1 \
         --header 'x-agent-run-id: sc-{conn}' --header 'x-agent-release: sc' \
         --label syscalls >/dev/null
@@ -75,7 +78,7 @@ EOF
 done
 
 echo
-echo "System calls per call (strace -c -f, $CALLS calls after $WARMUP, $CONNECTIONS connections):"
+echo "System calls per call (strace -c -f, $CALLS calls after $WARMUP, $CONNECTIONS connections${RATE:+, $RATE calls/s}):"
 echo
 printf '| syscall |'
 printf ' %s |' "${names[@]}"

@@ -33,6 +33,10 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::LimitsConfig;
 use crate::proxy::{ConnInfo, ProxyBody};
 
+mod self_wake;
+
+use self_wake::SelfWakes;
+
 /// Serves `listener` with `handler` until `shutdown` resolves, then drains.
 pub async fn serve<H, Fut>(
     listener: TcpListener,
@@ -141,7 +145,7 @@ pub async fn serve_tls<H, Fut>(
                     .serve_connection(TokioIo::new(stream), service)
                     .into_owned();
                 drop(sniffed);
-                if let Err(error) = watcher.watch(connection).await {
+                if let Err(error) = SelfWakes::new(watcher.watch(connection)).await {
                     tracing::debug!(message = "connection ended with an error", %error);
                 }
             });
@@ -168,7 +172,7 @@ pub async fn serve_tls<H, Fut>(
             let connection = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .into_owned();
-            if let Err(error) = watcher.watch(connection).await {
+            if let Err(error) = SelfWakes::new(watcher.watch(connection)).await {
                 tracing::debug!(message = "connection ended with an error", %error);
             }
         });

@@ -15,10 +15,9 @@
 //! time through a channel of one slot, and forwarding each chunk alone costs
 //! a `writev` and a wake-up of the client per SSE event (38 of them for a
 //! short chat stream). Before handing data over, the body yields to the
-//! runtime: the upstream connection's task, woken by the read, delivers what
-//! it has already received, and the data goes out together once
-//! `MAX_IDLE_YIELDS` turns in a row bring nothing new (one turn is not
-//! always enough: the woken task may sit behind this one in the run queue).
+//! runtime (`tokio::task::yield_now`): the upstream connection's task, woken
+//! by the read, delivers what it has already received, and the data goes
+//! out together once `MAX_IDLE_YIELDS` turns in a row bring nothing new.
 //! The first data chunk is not held: it is the client's time to first byte.
 //! A chunk is never held waiting for the network.
 
@@ -272,9 +271,14 @@ impl Body for MeteredBody {
                     if !this.held.is_empty() {
                         if *this.yielded < MAX_IDLE_YIELDS {
                             // A turn of the runtime for chunks already
-                            // received to arrive (module comment).
+                            // received to arrive (module comment). tokio's
+                            // `yield_now` wakes this task once the tasks that
+                            // are ready have run and the I/O driver has been
+                            // polled; a wake from inside this poll would be
+                            // taken for the connection's own hand-over and
+                            // polled again at once (`server::self_wake`).
                             *this.yielded += 1;
-                            cx.waker().wake_by_ref();
+                            let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
                             return Poll::Pending;
                         }
                         *this.yielded = 0;
