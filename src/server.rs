@@ -13,6 +13,11 @@
 //! handler's future is boxed, so its ~5 KiB are freed once the response
 //! head is out instead of staying in hyper's per-connection slot for the
 //! life of the connection.
+//!
+//! Each connection is polled through [`SelfWakes`]: hyper wakes the
+//! connection's own task when the handler reads the request body, and
+//! tokio would otherwise take that for a yield and wake another worker on
+//! every call (`self_wake`).
 
 use std::convert::Infallible;
 use std::future::Future;
