@@ -14,7 +14,7 @@
 //! head is out instead of staying in hyper's per-connection slot for the
 //! life of the connection.
 //!
-//! Each connection is polled through [`SelfWakes`]: hyper wakes the
+//! Each connection is polled through `SelfWakes`: hyper wakes the
 //! connection's own task when the handler reads the request body, and
 //! tokio would otherwise take that for a yield and wake another worker on
 //! every call (`self_wake`).
