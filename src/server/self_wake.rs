@@ -134,6 +134,14 @@ mod tests {
         }
     }
 
+    fn counting_task() -> Arc<CountingWaker> {
+        Arc::new(CountingWaker(AtomicUsize::new(0)))
+    }
+
+    fn task_wakes(task: &CountingWaker) -> usize {
+        task.0.load(Ordering::SeqCst)
+    }
+
     fn poll_once<F: Future>(
         future: Pin<&mut SelfWakes<F>>,
         task: &Arc<CountingWaker>,
@@ -147,6 +155,15 @@ mod tests {
     struct WakesItself {
         self_wakes: u32,
         polls: u32,
+    }
+
+    impl WakesItself {
+        fn new(self_wakes: u32) -> WakesItself {
+            WakesItself {
+                self_wakes,
+                polls: 0,
+            }
+        }
     }
 
     impl Future for WakesItself {
@@ -164,39 +181,33 @@ mod tests {
 
     #[test]
     fn a_wake_during_the_poll_is_a_repoll_not_a_task_wake() {
-        let task = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        let mut future = std::pin::pin!(SelfWakes::new(WakesItself {
-            self_wakes: 2,
-            polls: 0
-        }));
+        let task = counting_task();
+        let mut future = std::pin::pin!(SelfWakes::new(WakesItself::new(2)));
         assert_eq!(poll_once(future.as_mut(), &task), Poll::Ready(3));
-        assert_eq!(task.0.load(Ordering::SeqCst), 0);
+        assert_eq!(task_wakes(&task), 0);
     }
 
     #[test]
     fn a_future_that_keeps_waking_itself_still_yields_to_the_task() {
-        let task = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        let mut future = std::pin::pin!(SelfWakes::new(WakesItself {
-            self_wakes: 100,
-            polls: 0
-        }));
+        let task = counting_task();
+        let mut future = std::pin::pin!(SelfWakes::new(WakesItself::new(100)));
         assert_eq!(poll_once(future.as_mut(), &task), Poll::Pending);
         // Polled once and re-polled `MAX_REPOLLS` times, then yielded with
         // one wake of the task.
         assert_eq!(future.as_mut().project().inner.polls, 1 + MAX_REPOLLS);
-        assert_eq!(task.0.load(Ordering::SeqCst), 1);
+        assert_eq!(task_wakes(&task), 1);
     }
 
     #[test]
     fn a_wake_after_the_poll_reaches_the_task() {
-        let task = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let task = counting_task();
         let (tx, rx) = tokio::sync::oneshot::channel::<u8>();
         let mut future = std::pin::pin!(SelfWakes::new(rx));
         assert!(poll_once(future.as_mut(), &task).is_pending());
-        assert_eq!(task.0.load(Ordering::SeqCst), 0);
+        assert_eq!(task_wakes(&task), 0);
         let sender = std::thread::spawn(move || tx.send(7));
         sender.join().unwrap().unwrap();
-        assert_eq!(task.0.load(Ordering::SeqCst), 1);
+        assert_eq!(task_wakes(&task), 1);
         assert!(matches!(
             poll_once(future.as_mut(), &task),
             Poll::Ready(Ok(7))
@@ -231,7 +242,7 @@ mod tests {
 
     #[test]
     fn a_wake_from_another_thread_during_the_poll_is_a_repoll() {
-        let task = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let task = counting_task();
         let (tx, rx) = tokio::sync::oneshot::channel::<u8>();
         let barrier = Arc::new(std::sync::Barrier::new(2));
         let sender_barrier = Arc::clone(&barrier);
@@ -246,7 +257,7 @@ mod tests {
             in_poll: Some(barrier),
         }));
         assert_eq!(poll_once(future.as_mut(), &task), Poll::Ready(5));
-        assert_eq!(task.0.load(Ordering::SeqCst), 0);
+        assert_eq!(task_wakes(&task), 0);
         sender.join().unwrap();
     }
 
@@ -256,7 +267,7 @@ mod tests {
         // its poll. Either the poll returns the value, or the task is woken
         // afterwards; a round where neither happens is a lost wake.
         for round in 0..4_000 {
-            let task = Arc::new(CountingWaker(AtomicUsize::new(0)));
+            let task = counting_task();
             let (tx, rx) = tokio::sync::oneshot::channel::<u8>();
             let go = Arc::new(std::sync::Barrier::new(2));
             let sender_go = Arc::clone(&go);
@@ -276,7 +287,7 @@ mod tests {
             let first = poll_once(future.as_mut(), &task);
             sender.join().unwrap().unwrap();
             if first.is_pending() {
-                assert_eq!(task.0.load(Ordering::SeqCst), 1, "the wake was lost");
+                assert_eq!(task_wakes(&task), 1, "the wake was lost");
                 assert_eq!(poll_once(future.as_mut(), &task), Poll::Ready(1));
             }
         }
