@@ -384,9 +384,13 @@ async fn idle_runs_end_once_after_the_timeout() {
     );
     proxy.clock.advance(59_000);
     assert_eq!(proxy.state.budgets.sweep_idle(), 0);
+    assert_eq!(proxy.state.budgets.totals().runs_ended, 0);
     proxy.clock.advance(2_000);
-    assert_eq!(proxy.state.budgets.sweep_idle(), 1);
+    // The proxy's own sweeper (every 15 s of real time) may get there
+    // first on a slow machine; either way the run ends exactly once.
+    assert!(proxy.state.budgets.sweep_idle() <= 1);
     assert_eq!(proxy.state.budgets.sweep_idle(), 0);
+    assert_eq!(proxy.state.budgets.totals().runs_ended, 1);
     let metrics = proxy.metrics().await;
     assert_eq!(
         metric_value(
