@@ -17,6 +17,10 @@
 //! connection mid-body; `headers-after-ms=N` waits N ms before the response
 //! headers (then replies as usual), to run past a proxy's timeout.
 //!
+//! `--fixtures`, `--json-file` and `--sse-file` serve another provider's
+//! captured replies instead (`scripts/pgo.sh` trains on Anthropic's and
+//! Gemini's this way).
+//!
 //! The first stdout line is the bound address (`127.0.0.1:PORT`), so a
 //! script can start it on port 0 and read where it listens. It runs until
 //! killed, or for `--max-secs` when given.
@@ -61,6 +65,13 @@ struct Args {
     /// Directory holding the provider fixtures.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/providers/openai"))]
     fixtures: PathBuf,
+    /// The JSON reply, a file in `--fixtures` (another provider's shape:
+    /// e.g. `messages.nonstream.json` from the Anthropic fixtures).
+    #[arg(long, default_value = "chat-completions.nonstream.json")]
+    json_file: String,
+    /// The streamed reply, a file in `--fixtures`.
+    #[arg(long, default_value = "chat-completions.stream-include-usage.sse")]
+    sse_file: String,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -100,11 +111,8 @@ struct Replies {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let json = std::fs::read(args.fixtures.join("chat-completions.nonstream.json"))?;
-    let sse = std::fs::read(
-        args.fixtures
-            .join("chat-completions.stream-include-usage.sse"),
-    )?;
+    let json = std::fs::read(args.fixtures.join(&args.json_file))?;
+    let sse = std::fs::read(args.fixtures.join(&args.sse_file))?;
     let replies = Arc::new(Replies {
         json: Bytes::from(json),
         events: split_events(&sse),

@@ -16,9 +16,13 @@
 # Prints instructions per call for each, and with TOP=n (default 25) the n
 # functions with the most inclusive instructions in tollgate's own code.
 #
+# PROVIDER=anthropic or gemini: the mock serves that provider's captured
+# replies (tests/fixtures/providers) and the calls go to a route of that
+# kind (tollgate only; BARE is then ignored).
+#
 # Environment (defaults): SCENARIO=json (or stream) CALLS=2000 WARMUP=200
 #   CONNECTIONS=4 BARE=1 TOP=25 TOLLGATE=target/dist/tollgate BEFORE=
-#   LEDGER=true
+#   LEDGER=true PROVIDER=openai
 # Output files (callgrind.<name>.out) stay in the work directory with KEEP=1.
 
 set -euo pipefail
@@ -36,8 +40,6 @@ harness_init callgrind-call
 [[ ${KEEP:-0} == 1 ]] && keep_work=1
 build_dist --example loadgen --example bare_proxy
 tollgate_bin=${TOLLGATE:-$root/$bin/tollgate}
-start_mock "$work" --threads 1
-
 case $SCENARIO in
 json) flags=() ;;
 stream) flags=(--stream --include-usage) ;;
@@ -46,6 +48,28 @@ stream) flags=(--stream --include-usage) ;;
     exit 2
     ;;
 esac
+fixtures="$root/tests/fixtures/providers/${PROVIDER:-openai}"
+case ${PROVIDER:-openai} in
+openai)
+    mock_files=()
+    path=/openai/v1/chat/completions
+    ;;
+anthropic)
+    mock_files=(--json-file messages.nonstream.cache.json --sse-file messages.stream.cache.sse)
+    path=/upstream/v1/messages
+    ;;
+gemini)
+    mock_files=(--json-file generateContent.json --sse-file streamGenerateContent.sse)
+    path=/upstream/v1beta/models/gemini-2.0-flash:generateContent
+    [[ $SCENARIO == stream ]] && path=/upstream/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse
+    ;;
+*)
+    echo "unknown PROVIDER $PROVIDER (openai, anthropic or gemini)" >&2
+    exit 2
+    ;;
+esac
+[[ ${PROVIDER:-openai} == openai ]] || BARE=0
+start_mock "$work" --threads 1 --fixtures "$fixtures" "${mock_files[@]}"
 
 # Sends $2 calls to URL $1.
 drive() {
@@ -99,18 +123,24 @@ for target in "${targets[@]}"; do
     name=${target%%=*}
     binary=${target#*=}
     write_tollgate_config "$work/$name.toml" "$mock_addr" <<EOF
+[[routes]]
+name = "upstream"
+prefix = "/upstream"
+upstream = "http://$mock_addr"
+kind = "${PROVIDER:-openai}"
+
 [ledger]
 enabled = $LEDGER
 path = "$work/$name.db"
 EOF
     start_tollgate_process "$(vg_wrapper "$name" "$binary")" "$work/$name" info
-    total=$(measure "$tollgate_pid" "http://$tollgate_agent/openai/v1/chat/completions" "$name")
+    total=$(measure "$tollgate_pid" "http://$tollgate_agent$path" "$name")
     per_call[$name]=$((total / CALLS))
     names+=("$name")
 done
 
 echo
-echo "Instructions per $SCENARIO call (callgrind, $CALLS calls after $WARMUP, $CONNECTIONS connections):"
+echo "Instructions per ${PROVIDER:-openai} $SCENARIO call (callgrind, $CALLS calls after $WARMUP, $CONNECTIONS connections):"
 echo
 echo "| proxy | instructions per call |"
 echo "|---|---:|"
