@@ -48,28 +48,17 @@ stream) flags=(--stream --include-usage) ;;
     exit 2
     ;;
 esac
-fixtures="$root/tests/fixtures/providers/${PROVIDER:-openai}"
+set_mock_provider_args "${PROVIDER:-openai}"
 case ${PROVIDER:-openai} in
-openai)
-    mock_files=()
-    path=/openai/v1/chat/completions
-    ;;
-anthropic)
-    mock_files=(--json-file messages.nonstream.cache.json --sse-file messages.stream.cache.sse)
-    path=/upstream/v1/messages
-    ;;
+openai) path=/openai/v1/chat/completions ;;
+anthropic) path=/upstream/v1/messages ;;
 gemini)
-    mock_files=(--json-file generateContent.json --sse-file streamGenerateContent.sse)
     path=/upstream/v1beta/models/gemini-2.0-flash:generateContent
     [[ $SCENARIO == stream ]] && path=/upstream/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse
     ;;
-*)
-    echo "unknown PROVIDER $PROVIDER (openai, anthropic or gemini)" >&2
-    exit 2
-    ;;
 esac
 [[ ${PROVIDER:-openai} == openai ]] || BARE=0
-start_mock "$work" --threads 1 --fixtures "$fixtures" "${mock_files[@]}"
+start_mock "$work" --threads 1 "${mock_provider_args[@]}"
 
 # Sends $2 calls to URL $1.
 drive() {

@@ -93,6 +93,29 @@ start_mock() {
     mock_addr=$(wait_line "$dir/mock.out" '^127\.')
 }
 
+# Sets the array $mock_provider_args to the examples/mock_upstream arguments
+# that serve provider $1's captured replies (openai, anthropic or gemini;
+# tests/fixtures/providers), for start_mock.
+# shellcheck disable=SC2034 # $mock_provider_args is for the caller
+set_mock_provider_args() {
+    local fixtures=$root/tests/fixtures/providers/$1
+    case $1 in
+    openai) mock_provider_args=(--fixtures "$fixtures") ;;
+    anthropic)
+        mock_provider_args=(--fixtures "$fixtures"
+            --json-file messages.nonstream.cache.json --sse-file messages.stream.cache.sse)
+        ;;
+    gemini)
+        mock_provider_args=(--fixtures "$fixtures"
+            --json-file generateContent.json --sse-file streamGenerateContent.sse)
+        ;;
+    *)
+        echo "unknown provider $1 (openai, anthropic or gemini)" >&2
+        return 2
+        ;;
+    esac
+}
+
 # Writes tollgate config $1: both listeners on 127.0.0.1:0, the route
 # "openai" (prefix /openai) to the mock at $2 (host:port), the repository's
 # pricing and a budget no test reaches; then the rest of the config, TOML

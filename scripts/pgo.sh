@@ -41,13 +41,12 @@ RUSTFLAGS="-Cprofile-generate=$profiles" cargo build --profile dist --locked --q
     --bin tollgate --target-dir "$root/target/pgo/generate"
 
 # One mock per provider shape, each serving that provider's captured replies.
-fixtures="$root/tests/fixtures/providers"
 mkdir -p "$work/anthropic" "$work/gemini"
-start_mock "$work/anthropic" --threads 1 --fixtures "$fixtures/anthropic" \
-    --json-file messages.nonstream.cache.json --sse-file messages.stream.cache.sse
+set_mock_provider_args anthropic
+start_mock "$work/anthropic" --threads 1 "${mock_provider_args[@]}"
 anthropic_addr=$mock_addr
-start_mock "$work/gemini" --threads 1 --fixtures "$fixtures/gemini" \
-    --json-file generateContent.json --sse-file streamGenerateContent.sse
+set_mock_provider_args gemini
+start_mock "$work/gemini" --threads 1 "${mock_provider_args[@]}"
 gemini_addr=$mock_addr
 start_mock "$work" --threads 1
 write_tollgate_config "$work/train.toml" "$mock_addr" <<TOML
