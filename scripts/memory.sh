@@ -18,6 +18,11 @@
 #
 # Environment (defaults): PHASES="runs soak" RUNS=100000 STREAMS=1000
 #   SOAK_SECS=600 JSON_RATE=300 STREAM_RATE=30 TOLLGATE=target/dist/tollgate
+#   RUN_ID='mem-{conn}-{seq}' (the runs phase's x-agent-run-id, a loadgen
+#   template: 'mem-{conn}' makes 32 runs of the same calls, to tell the run
+#   table's share from the rest)
+#   SMAPS=0 (1: the runs phase also copies /proc/PID/smaps at each point into
+#   the work directory, which is then kept, for a per-mapping account)
 # Every load run is bounded in time; everything started here is stopped on
 # exit.
 
@@ -27,6 +32,8 @@ PHASES=${PHASES:-"runs soak"}
 RUNS=${RUNS:-100000}
 STREAMS=${STREAMS:-1000}
 SOAK_SECS=${SOAK_SECS:-600}
+SMAPS=${SMAPS:-0}
+RUN_ID=${RUN_ID:-'mem-{conn}-{seq}'}
 JSON_RATE=${JSON_RATE:-300}
 STREAM_RATE=${STREAM_RATE:-30}
 
@@ -38,6 +45,13 @@ build_dist --example loadgen
 tollgate_bin=${TOLLGATE:-$bin/tollgate}
 # Two sockets per open stream (client and upstream side) plus the ledger.
 ulimit -n "$(ulimit -Hn)"
+
+# With SMAPS=1, keeps the process's smaps as $work/smaps-$2.
+keep_smaps() {
+    [[ $SMAPS == 1 ]] || return 0
+    cp "/proc/$1/smaps" "$work/smaps-$2"
+    keep_work=1
+}
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 # "RSS | anonymous | file-backed" in MiB: file pages are the binary's code
@@ -85,11 +99,13 @@ phase_runs() {
     local url="http://$agent/openai/v1/chat/completions"
     local at_start
     at_start=$(rss_row "$tollgate_pid")
+    keep_smaps "$tollgate_pid" start
     timeout 600 "$bin/examples/loadgen" --url "$url" --connections 32 \
         --requests "$RUNS" --duration-secs 300 --warmup-secs 0 \
-        --header 'x-agent-run-id: mem-{conn}-{seq}' >"$work/runs.json"
+        --header "x-agent-run-id: $RUN_ID" >"$work/runs.json"
     local after_runs active
     after_runs=$(rss_row "$tollgate_pid")
+    keep_smaps "$tollgate_pid" runs
     active=$(metric agent_active_runs)
     # Each stream gets its first event, then the mock waits 10 minutes.
     timeout 120 "$bin/examples/loadgen" --url "$url" --connections "$STREAMS" \
@@ -106,6 +122,7 @@ phase_runs() {
     open=$(client_connections)
     local with_streams
     with_streams=$(rss_row "$tollgate_pid")
+    keep_smaps "$tollgate_pid" streams
     kill "$held" 2>/dev/null || true
     wait "$held" 2>/dev/null || true
     python3 - "$work/runs.json" <<EOF

@@ -9,7 +9,7 @@
 //! prometheus-client appends `_total` to counter names, so counters are
 //! registered without it (`agent_run` is exposed as `agent_run_total`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -255,6 +255,44 @@ pub struct ResultLabel {
 
 type LatencyFamily = Family<RouteLabel, Histogram, fn() -> Histogram>;
 
+/// The series of one route that every call on it updates, held so that a
+/// call does not look each up in its family (a SipHash of the labels and a
+/// read lock apiece). The handles share their values with the families'
+/// series: the scrape reads the same numbers.
+pub struct RouteSeries {
+    /// The route's label value (`other` past the label cap).
+    pub label: LabelValue,
+    pub upstream_latency: Histogram,
+    pub time_to_first_byte: Histogram,
+    pub call_duration: Histogram,
+    /// `agent_calls_total` by status, added as statuses are first seen.
+    calls: Mutex<Vec<(u16, Counter)>>,
+    calls_family: Family<CallLabels, Counter>,
+}
+
+impl RouteSeries {
+    /// Counts one call that ended with `status` in `agent_calls_total`.
+    pub fn count_call(&self, status: u16) {
+        let mut calls = self
+            .calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, counter)) = calls.iter().find(|(s, _)| *s == status) {
+            counter.inc();
+            return;
+        }
+        let counter = self
+            .calls_family
+            .get_or_create(&CallLabels {
+                route: self.label.clone(),
+                status,
+            })
+            .clone();
+        counter.inc();
+        calls.push((status, counter));
+    }
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
@@ -267,6 +305,9 @@ fn run_cost_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     caps: Caps,
+    /// Each route's per-call series (see [`RouteSeries`]), for the routes
+    /// the route label cap admitted.
+    route_series: Mutex<HashMap<Arc<str>, Arc<RouteSeries>, foldhash::fast::RandomState>>,
     pub token_usage: Family<TokenLabels, Counter>,
     pub llm_cost: Family<ModelRelease, MoneyCounter>,
     pub tool_cost: Family<ToolRelease, MoneyCounter>,
@@ -327,6 +368,7 @@ impl Metrics {
                 request_type: LabelCap::new(max_label_values),
                 stop_reason: LabelCap::new(max_label_values),
             },
+            route_series: Mutex::new(HashMap::default()),
             token_usage: Family::default(),
             llm_cost: Family::default(),
             tool_cost: Family::default(),
@@ -559,6 +601,40 @@ impl Metrics {
     pub fn route(&self, v: &str) -> LabelValue {
         self.caps.route.get(v)
     }
+
+    /// The series every call on route `name` updates.
+    pub fn route_series(&self, name: &str) -> Arc<RouteSeries> {
+        let mut known = self
+            .route_series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(series) = known.get(name) {
+            return series.clone();
+        }
+        let label = self.route(name);
+        let histogram = |family: &LatencyFamily| {
+            family
+                .get_or_create(&RouteLabel {
+                    route: label.clone(),
+                })
+                .clone()
+        };
+        let series = Arc::new(RouteSeries {
+            upstream_latency: histogram(&self.upstream_latency),
+            time_to_first_byte: histogram(&self.time_to_first_byte),
+            call_duration: histogram(&self.call_duration),
+            calls: Mutex::new(Vec::new()),
+            calls_family: self.calls.clone(),
+            label,
+        });
+        // A route past the label cap shares `other`'s series and is looked
+        // up again each time, so the map holds at most the admitted routes.
+        if series.label.as_str() != OVERFLOW_LABEL || name == OVERFLOW_LABEL {
+            known.insert(Arc::from(name), series.clone());
+        }
+        series
+    }
+
     pub fn request_type(&self, v: &str) -> LabelValue {
         self.caps.request_type.get(v)
     }
@@ -630,6 +706,49 @@ mod tests {
         assert_eq!(cap.get("b"), "b");
         assert_eq!(cap.get("c"), "other");
         assert_eq!(cap.get("a"), "a");
+    }
+
+    #[test]
+    fn route_series_update_the_exported_series_and_respect_the_label_cap() {
+        let m = Metrics::new(2);
+        let openai = m.route_series("openai");
+        assert!(Arc::ptr_eq(&openai, &m.route_series("openai")));
+        openai.count_call(200);
+        openai.count_call(200);
+        openai.count_call(429);
+        openai.call_duration.observe(0.5);
+        openai.time_to_first_byte.observe(0.1);
+        openai.upstream_latency.observe(0.2);
+        // The family's own handle for the same labels is the same series.
+        m.calls
+            .get_or_create(&CallLabels {
+                route: m.route("openai"),
+                status: 200,
+            })
+            .inc();
+        m.route_series("tools").count_call(200);
+        // Past the cap of 2: counted under `other`, not cached by name.
+        let third = m.route_series("third");
+        assert_eq!(third.label, OVERFLOW_LABEL);
+        third.count_call(502);
+        m.route_series("fourth").count_call(502);
+        assert_eq!(
+            m.route_series.lock().unwrap().len(),
+            2,
+            "only admitted routes are kept"
+        );
+        let text = m.render();
+        for line in [
+            "agent_calls_total{route=\"openai\",status=\"200\"} 3",
+            "agent_calls_total{route=\"openai\",status=\"429\"} 1",
+            "agent_calls_total{route=\"tools\",status=\"200\"} 1",
+            "agent_calls_total{route=\"other\",status=\"502\"} 2",
+            "agent_call_duration_seconds_count{route=\"openai\"} 1",
+            "agent_time_to_first_byte_seconds_count{route=\"openai\"} 1",
+            "agent_upstream_latency_seconds_count{route=\"openai\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
     }
 
     #[test]

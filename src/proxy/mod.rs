@@ -236,12 +236,8 @@ pub async fn handle(
                     let error = ProxyError::StateUnavailable;
                     state
                         .metrics
-                        .calls
-                        .get_or_create(&crate::metrics::CallLabels {
-                            route: state.metrics.route(&route.name),
-                            status: error.status().as_u16(),
-                        })
-                        .inc();
+                        .route_series(&route.name)
+                        .count_call(error.status().as_u16());
                     record_unmetered(&state, unmetered(503, error.kind(), ceiling));
                     return Ok(error.into_response(Some(kind)));
                 }
@@ -310,12 +306,8 @@ pub async fn handle(
             tracing::warn!(message = "upstream request failed", route = %route.name, error = %e);
             state
                 .metrics
-                .calls
-                .get_or_create(&crate::metrics::CallLabels {
-                    route: state.metrics.route(&route.name),
-                    status: e.status().as_u16(),
-                })
-                .inc();
+                .route_series(&route.name)
+                .count_call(e.status().as_u16());
             record_unmetered(
                 &state,
                 Unmetered {
@@ -336,13 +328,9 @@ pub async fn handle(
         }
     };
     let upstream_latency = sent.elapsed();
-    let route_label = state.metrics.route(&route.name);
-    state
-        .metrics
+    let route_series = state.metrics.route_series(&route.name);
+    route_series
         .upstream_latency
-        .get_or_create(&crate::metrics::RouteLabel {
-            route: route_label.clone(),
-        })
         .observe(upstream_latency.as_secs_f64());
 
     // response_filter
@@ -381,7 +369,7 @@ pub async fn handle(
         state: state.clone(),
         pricing,
         route: route.name.clone(),
-        route_label,
+        route_series,
         release_label,
         kind,
         tool: route.tool.clone(),

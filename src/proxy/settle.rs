@@ -15,8 +15,8 @@ use crate::budget::{Admission, CallFlags, CostKind};
 use crate::config::{RouteKind, ToolCost};
 use crate::ledger::CallRecord;
 use crate::metrics::{
-    CallLabels, LabelValue, ModelLabel, ModelRelease, ProviderLabel, ReleaseLabel, RouteLabel,
-    SegmentLabels, ToolRelease, ToolStatus,
+    LabelValue, ModelLabel, ModelRelease, ProviderLabel, ReleaseLabel, RouteSeries, SegmentLabels,
+    ToolRelease, ToolStatus,
 };
 use crate::money::Money;
 use crate::pricing::PriceTable;
@@ -68,7 +68,7 @@ pub struct CallMeter {
     pub route: String,
     /// The route's and the release's metric label values, looked up once
     /// per call when it came in.
-    pub route_label: LabelValue,
+    pub route_series: Arc<RouteSeries>,
     pub release_label: LabelValue,
     pub kind: RouteKind,
     pub tool: Option<String>,
@@ -101,25 +101,13 @@ impl CallMeter {
         let duration = self.started.elapsed();
         let metrics = self.state.metrics.clone();
         let status = self.status.as_u16();
-        metrics
-            .calls
-            .get_or_create(&CallLabels {
-                route: self.route_label.clone(),
-                status,
-            })
-            .inc();
-        metrics
+        self.route_series.count_call(status);
+        self.route_series
             .call_duration
-            .get_or_create(&RouteLabel {
-                route: self.route_label.clone(),
-            })
             .observe(duration.as_secs_f64());
         if let Some(ttfb) = self.first_byte {
-            metrics
+            self.route_series
                 .time_to_first_byte
-                .get_or_create(&RouteLabel {
-                    route: self.route_label.clone(),
-                })
                 .observe(ttfb.as_secs_f64());
         }
         if end == End::BudgetStop {
