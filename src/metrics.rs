@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::encoding::{
     EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder, MetricEncoder,
@@ -301,6 +301,56 @@ fn run_cost_histogram() -> Histogram {
     Histogram::new(RUN_COST_BUCKETS)
 }
 
+/// `agent_token_usage_total`'s token types, in [`ModelSeries`]'s order:
+/// `prompt` (all input), `cached_prompt`, `cache_write`, `completion`
+/// (all output), `reasoning` (SPEC §4).
+const TOKEN_TYPES: [&str; 5] = [
+    "prompt",
+    "cached_prompt",
+    "cache_write",
+    "completion",
+    "reasoning",
+];
+
+/// The series a priced LLM call updates for one model and release: its
+/// cost and its tokens by type, held as handles as [`RouteSeries`] are.
+pub struct ModelSeries {
+    /// The model and release label values.
+    pub labels: ModelRelease,
+    llm_cost: SharedMoneyCounter,
+    /// By `TOKEN_TYPES` index, created on a type's first non-zero count.
+    tokens: [OnceLock<Counter>; TOKEN_TYPES.len()],
+    token_family: Family<TokenLabels, Counter>,
+}
+
+impl ModelSeries {
+    /// Adds one call's tokens (the types it used) and its cost.
+    pub fn record(&self, usage: &Usage, cost: Money) {
+        let counts = [
+            usage.input_tokens,
+            usage.cached_input_tokens,
+            usage.cache_write_input_tokens,
+            usage.output_tokens,
+            usage.reasoning_tokens,
+        ];
+        for ((slot, token_type), count) in self.tokens.iter().zip(TOKEN_TYPES).zip(counts) {
+            if let Some(count) = count.filter(|c| *c > 0) {
+                slot.get_or_init(|| {
+                    self.token_family
+                        .get_or_create(&TokenLabels {
+                            model: self.labels.model.clone(),
+                            token_type: LabelValue::Fixed(token_type),
+                            release: self.labels.release.clone(),
+                        })
+                        .clone()
+                })
+                .inc_by(count);
+            }
+        }
+        self.llm_cost.add(cost);
+    }
+}
+
 /// Every metric tollgate exports.
 pub struct Metrics {
     registry: Registry,
@@ -308,10 +358,15 @@ pub struct Metrics {
     /// Each route's per-call series (see [`RouteSeries`]), for the routes
     /// the route label cap admitted.
     route_series: Mutex<HashMap<Arc<str>, Arc<RouteSeries>, foldhash::fast::RandomState>>,
+    /// Each (model, release) label pair's series (see [`ModelSeries`]).
+    /// Both labels are capped, so the map is bounded as the families are.
+    model_series: Mutex<HashMap<ModelRelease, Arc<ModelSeries>, foldhash::fast::RandomState>>,
+    /// `agent_segment_cost_usd` handles by (release, request type) labels.
+    segment_series: Mutex<HashMap<SegmentLabels, SharedMoneyCounter, foldhash::fast::RandomState>>,
     pub token_usage: Family<TokenLabels, Counter>,
-    pub llm_cost: Family<ModelRelease, MoneyCounter>,
+    pub llm_cost: Family<ModelRelease, SharedMoneyCounter>,
     pub tool_cost: Family<ToolRelease, MoneyCounter>,
-    pub segment_cost: Family<SegmentLabels, MoneyCounter>,
+    pub segment_cost: Family<SegmentLabels, SharedMoneyCounter>,
     pub run_total: Family<RunLabels, Counter>,
     pub run_cost: Family<ReleaseLabel, Histogram, fn() -> Histogram>,
     pub budget_breach: Family<ReleaseLabel, Counter>,
@@ -369,6 +424,8 @@ impl Metrics {
                 stop_reason: LabelCap::new(max_label_values),
             },
             route_series: Mutex::new(HashMap::default()),
+            model_series: Mutex::new(HashMap::default()),
+            segment_series: Mutex::new(HashMap::default()),
             token_usage: Family::default(),
             llm_cost: Family::default(),
             tool_cost: Family::default(),
@@ -642,36 +699,62 @@ impl Metrics {
         self.caps.stop_reason.get(v)
     }
 
-    /// Adds one call's tokens to `agent_token_usage_total`. Token types:
-    /// `prompt` (all input), `cached_prompt`, `cache_write`, `completion`
-    /// (all output), `reasoning` (SPEC §4).
-    pub fn record_tokens(&self, model: &LabelValue, release: &LabelValue, usage: &Usage) {
-        for (token_type, value) in [
-            ("prompt", usage.input_tokens),
-            ("cached_prompt", usage.cached_input_tokens),
-            ("cache_write", usage.cache_write_input_tokens),
-            ("completion", usage.output_tokens),
-            ("reasoning", usage.reasoning_tokens),
-        ] {
-            if let Some(value) = value.filter(|v| *v > 0) {
-                self.token_usage
-                    .get_or_create(&TokenLabels {
-                        model: model.clone(),
-                        token_type: LabelValue::Fixed(token_type),
-                        release: release.clone(),
-                    })
-                    .inc_by(value);
-            }
+    /// The series a priced LLM call of `model` (its name; the label cap
+    /// applies) under release label `release` updates.
+    pub fn model_series(&self, model: &str, release: &LabelValue) -> Arc<ModelSeries> {
+        let labels = ModelRelease {
+            model: self.model(model),
+            release: release.clone(),
+        };
+        let mut known = self
+            .model_series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(series) = known.get(&labels) {
+            return series.clone();
         }
+        let series = Arc::new(ModelSeries {
+            llm_cost: self.llm_cost.get_or_create(&labels).clone(),
+            tokens: Default::default(),
+            token_family: self.token_usage.clone(),
+            labels: labels.clone(),
+        });
+        known.insert(labels, series.clone());
+        series
+    }
+
+    /// Adds `cost` to `agent_segment_cost_usd` for the release and request
+    /// type labels.
+    pub fn add_segment_cost(&self, release: &LabelValue, request_type: &str, cost: Money) {
+        let labels = SegmentLabels {
+            release: release.clone(),
+            request_type: self.request_type(request_type),
+        };
+        let mut known = self
+            .segment_series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(counter) = known.get(&labels) {
+            counter.add(cost);
+            return;
+        }
+        let counter = self.segment_cost.get_or_create(&labels).clone();
+        counter.add(cost);
+        known.insert(labels, counter);
     }
 }
 
-/// A money counter shared between the registry and its owner, for totals
-/// that another component keeps and the scrape copies in.
+/// A money counter shared between the registry and its owner: a total that
+/// another component keeps and the scrape copies in, or a series a call
+/// adds to through a held handle.
 #[derive(Debug, Default, Clone)]
 pub struct SharedMoneyCounter(Arc<MoneyCounter>);
 
 impl SharedMoneyCounter {
+    pub fn add(&self, amount: Money) {
+        self.0.add(amount);
+    }
+
     /// Sets the exported total; used for totals kept elsewhere (budgets).
     pub fn set(&self, amount: Money) {
         self.0 .0.store(amount.picos(), Ordering::Relaxed);
@@ -754,21 +837,14 @@ mod tests {
     #[test]
     fn contract_metrics_have_their_names_types_and_buckets() {
         let m = Metrics::new(200);
-        m.record_tokens(
-            &"gpt-4.1".into(),
-            &"r1".into(),
+        m.model_series("gpt-4.1", &"r1".into()).record(
             &Usage {
                 input_tokens: Some(10),
                 output_tokens: Some(3),
                 ..Usage::default()
             },
+            Money::parse_usd("0.000123").unwrap(),
         );
-        m.llm_cost
-            .get_or_create(&ModelRelease {
-                model: "gpt-4.1".into(),
-                release: "r1".into(),
-            })
-            .add(Money::parse_usd("0.000123").unwrap());
         m.tool_cost
             .get_or_create(&ToolRelease {
                 tool: "search".into(),
@@ -834,9 +910,8 @@ mod tests {
     fn exported_text_is_unchanged() {
         let m = Metrics::new(2);
         let release = m.release("r1");
-        let model = m.model("gpt-4.1");
+        let _ = m.model("gpt-4.1");
         let _ = m.model("gpt-4o");
-        let overflow = m.model("claude-3");
         let route = m.route("openai");
         let usage = Usage {
             input_tokens: Some(1200),
@@ -846,20 +921,14 @@ mod tests {
             reasoning_tokens: Some(7),
             ..Usage::default()
         };
-        m.record_tokens(&model, &release, &usage);
-        m.record_tokens(&overflow, &release, &usage);
-        m.llm_cost
-            .get_or_create(&ModelRelease {
-                model: overflow.clone(),
-                release: release.clone(),
-            })
-            .add(Money::parse_usd("0.000000001").unwrap());
-        m.segment_cost
-            .get_or_create(&SegmentLabels {
-                release: release.clone(),
-                request_type: m.request_type("default"),
-            })
-            .add(Money::parse_usd("1.5").unwrap());
+        m.model_series("gpt-4.1", &release)
+            .record(&usage, Money::ZERO);
+        // Past the cap of 2 models: the `other` series, twice.
+        for model in ["claude-3", "claude-4"] {
+            m.model_series(model, &release)
+                .record(&usage, Money::from_picos(500));
+        }
+        m.add_segment_cost(&release, "default", Money::parse_usd("1.5").unwrap());
         m.calls
             .get_or_create(&CallLabels {
                 route: route.clone(),
@@ -914,6 +983,7 @@ agent_call_duration_seconds_count{route=\"openai\"} 1
 agent_call_duration_seconds_sum{route=\"openai\"} 0.02
 agent_calls_total{route=\"openai\",status=\"200\"} 1
 agent_calls_total{route=\"openai\",status=\"503\"} 1
+agent_llm_cost_usd_total{model=\"gpt-4.1\",release=\"r1\"} 0.0
 agent_llm_cost_usd_total{model=\"other\",release=\"r1\"} 1e-9
 agent_retries_total{release=\"r1\",kind=\"sdk_retry\"} 1
 agent_run_total{status=\"error\",stop_reason=\"budget_exceeded\",release=\"r1\"} 1
@@ -923,11 +993,11 @@ agent_token_usage_total{model=\"gpt-4.1\",token_type=\"cached_prompt\",release=\
 agent_token_usage_total{model=\"gpt-4.1\",token_type=\"completion\",release=\"r1\"} 30
 agent_token_usage_total{model=\"gpt-4.1\",token_type=\"prompt\",release=\"r1\"} 1200
 agent_token_usage_total{model=\"gpt-4.1\",token_type=\"reasoning\",release=\"r1\"} 7
-agent_token_usage_total{model=\"other\",token_type=\"cache_write\",release=\"r1\"} 5
-agent_token_usage_total{model=\"other\",token_type=\"cached_prompt\",release=\"r1\"} 800
-agent_token_usage_total{model=\"other\",token_type=\"completion\",release=\"r1\"} 30
-agent_token_usage_total{model=\"other\",token_type=\"prompt\",release=\"r1\"} 1200
-agent_token_usage_total{model=\"other\",token_type=\"reasoning\",release=\"r1\"} 7
+agent_token_usage_total{model=\"other\",token_type=\"cache_write\",release=\"r1\"} 10
+agent_token_usage_total{model=\"other\",token_type=\"cached_prompt\",release=\"r1\"} 1600
+agent_token_usage_total{model=\"other\",token_type=\"completion\",release=\"r1\"} 60
+agent_token_usage_total{model=\"other\",token_type=\"prompt\",release=\"r1\"} 2400
+agent_token_usage_total{model=\"other\",token_type=\"reasoning\",release=\"r1\"} 14
 agent_tool_calls_total{tool=\"search\",status=\"402\"} 1
 agent_usage_estimated_total{provider=\"tool\"} 1
 ";

@@ -15,8 +15,7 @@ use crate::budget::{Admission, CallFlags, CostKind};
 use crate::config::{RouteKind, ToolCost};
 use crate::ledger::CallRecord;
 use crate::metrics::{
-    LabelValue, ModelLabel, ModelRelease, ProviderLabel, ReleaseLabel, RouteSeries, SegmentLabels,
-    ToolRelease, ToolStatus,
+    LabelValue, ModelLabel, ProviderLabel, ReleaseLabel, RouteSeries, ToolRelease, ToolStatus,
 };
 use crate::money::Money;
 use crate::pricing::PriceTable;
@@ -128,13 +127,7 @@ impl CallMeter {
             RouteKind::Tool => self.tool_cost(tool_body, end),
             _ => self.llm_cost(observation, end),
         };
-        metrics
-            .segment_cost
-            .get_or_create(&SegmentLabels {
-                release: self.release_label.clone(),
-                request_type: metrics.request_type(&self.attribution.request_type),
-            })
-            .add(cost);
+        metrics.add_segment_cost(&self.release_label, &self.attribution.request_type, cost);
 
         let (run_cost_after, remaining_after) = match &self.admission {
             Some(admission) => {
@@ -254,24 +247,17 @@ impl CallMeter {
                 priced = self.pricing.cost(requested, &usage);
             }
         }
-        let model_label = metrics.model(model_name);
+        let series = metrics.model_series(model_name, &self.release_label);
         if priced.entry.is_none() {
             metrics
                 .unpriced_calls
                 .get_or_create(&ModelLabel {
-                    model: model_label.clone(),
+                    model: series.labels.model.clone(),
                 })
                 .inc();
             self.state.note_unpriced(model_name);
         }
-        metrics.record_tokens(&model_label, &self.release_label, &usage);
-        metrics
-            .llm_cost
-            .get_or_create(&ModelRelease {
-                model: model_label,
-                release: self.release_label.clone(),
-            })
-            .add(priced.cost);
+        series.record(&usage, priced.cost);
         (
             priced.cost,
             CostKind::Llm,
