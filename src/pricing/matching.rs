@@ -122,9 +122,10 @@ pub(crate) fn strip_version_suffix(name: &str) -> Option<&str> {
         }
     }
     let bytes = name.as_bytes();
-    // Bedrock: `…-v1:0`.
-    if let Some((base, version)) = name.rsplit_once("-v") {
-        if let Some((major, minor)) = version.split_once(':') {
+    // Bedrock: `…-v1:0`. The colon first: a one-byte search, where a
+    // search for `-v` would set up a substring searcher for every name.
+    if let Some((head, minor)) = name.rsplit_once(':') {
+        if let Some((base, major)) = head.rsplit_once("-v") {
             if all_digits(major) && all_digits(minor) && !base.is_empty() {
                 return Some(base);
             }

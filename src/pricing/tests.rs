@@ -232,6 +232,11 @@ fn suffix_patterns_reject_non_dates() {
     assert_eq!(strip("gemini-2.0-flash-001"), Some("gemini-2.0-flash"));
     assert_eq!(strip("gemini-1.5-pro@002"), Some("gemini-1.5-pro"));
     assert_eq!(strip("x-v2:1"), Some("x"));
+    assert_eq!(strip("x-v2:1:0"), None);
+    assert_eq!(strip("x-v2-v3:0"), Some("x-v2"));
+    assert_eq!(strip("x-v:0"), None);
+    assert_eq!(strip("x-v2:"), None);
+    assert_eq!(strip("-v2:0"), None);
     assert_eq!(strip("é-001"), Some("é"));
 }
 
