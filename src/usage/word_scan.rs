@@ -137,10 +137,22 @@ pub(crate) fn string_stop(buf: &[u8], i: usize) -> Option<usize> {
     (run < tail.len()).then_some(i + run)
 }
 
-/// Whether `s` holds a byte below 0x20. Written without an early exit so
-/// that it compiles to wide compares.
+/// Whether `s` holds a byte below 0x20: two words at a time, their marks
+/// (as in [`string_stops`]) gathered without an early exit. Word arithmetic
+/// rather than a byte fold left to the auto-vectoriser: a profile-guided
+/// build once compiled that fold to a byte loop, ~11k instructions more on
+/// a 4 KB request.
 fn has_control(s: &[u8]) -> bool {
-    s.iter().fold(0u8, |acc, &b| acc | u8::from(b < 0x20)) != 0
+    let control = |w: u64| w.wrapping_sub(ONES * 0x20) & !w;
+    let mut pairs = s.chunks_exact(16);
+    let mut marks = 0;
+    for pair in pairs.by_ref() {
+        let (a, b) = pair.split_at(8);
+        let a = u64::from_le_bytes(a.try_into().unwrap_or_default());
+        let b = u64::from_le_bytes(b.try_into().unwrap_or_default());
+        marks |= control(a) | control(b);
+    }
+    marks & HIGHS != 0 || pairs.remainder().iter().any(|&b| b < 0x20)
 }
 
 /// Words of a string that [`string_end`] tests inline.
@@ -234,6 +246,23 @@ pub(crate) fn skip_ws(buf: &[u8], mut i: usize) -> usize {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn has_control_agrees_with_a_byte_loop() {
+        for len in 0..48 {
+            for filler in [b'a', b' ', 0x20, 0x7f, 0x80, 0xa0, 0xff] {
+                let plain = vec![filler; len];
+                assert!(!has_control(&plain), "{len} × {filler:#x}");
+                for at in 0..len {
+                    for control in [0x00, 0x01, 0x1f] {
+                        let mut v = plain.clone();
+                        v[at] = control;
+                        assert!(has_control(&v), "{len} × {filler:#x}, {control:#x} at {at}");
+                    }
+                }
+            }
+        }
+    }
 
     /// Every search against its byte-loop definition, at every start and
     /// for the needles at every offset of a word.
