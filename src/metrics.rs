@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use prometheus_client::encoding::{
     EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder, MetricEncoder,
@@ -143,10 +143,7 @@ impl LabelCap {
 
     /// `value` if it is one of the first `max` distinct values, else `other`.
     pub fn get(&self, value: &str) -> LabelValue {
-        let mut seen = match self.seen.lock() {
-            Ok(seen) => seen,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut seen = locked(&self.seen);
         if let Some(known) = seen.get(value) {
             return LabelValue::Interned(known.clone());
         }
@@ -157,6 +154,13 @@ impl LabelCap {
         }
         LabelValue::Fixed(OVERFLOW_LABEL)
     }
+}
+
+/// The lock of a label or series cache. Each update is a single insert or
+/// push, which a panic cannot leave half done, so a poisoned lock is used
+/// as it is.
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -273,10 +277,7 @@ pub struct RouteSeries {
 impl RouteSeries {
     /// Counts one call that ended with `status` in `agent_calls_total`.
     pub fn count_call(&self, status: u16) {
-        let mut calls = self
-            .calls
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut calls = locked(&self.calls);
         if let Some((_, counter)) = calls.iter().find(|(s, _)| *s == status) {
             counter.inc();
             return;
@@ -661,10 +662,7 @@ impl Metrics {
 
     /// The series every call on route `name` updates.
     pub fn route_series(&self, name: &str) -> Arc<RouteSeries> {
-        let mut known = self
-            .route_series
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut known = locked(&self.route_series);
         if let Some(series) = known.get(name) {
             return series.clone();
         }
@@ -684,9 +682,10 @@ impl Metrics {
             calls_family: self.calls.clone(),
             label,
         });
-        // A route past the label cap shares `other`'s series and is looked
-        // up again each time, so the map holds at most the admitted routes.
-        if series.label.as_str() != OVERFLOW_LABEL || name == OVERFLOW_LABEL {
+        // Kept when the route has a label of its own: one past the cap is
+        // counted under `other` and looked up again each time, so the map
+        // holds at most the admitted routes.
+        if series.label.as_str() == name {
             known.insert(Arc::from(name), series.clone());
         }
         series
@@ -706,10 +705,7 @@ impl Metrics {
             model: self.model(model),
             release: release.clone(),
         };
-        let mut known = self
-            .model_series
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut known = locked(&self.model_series);
         if let Some(series) = known.get(&labels) {
             return series.clone();
         }
@@ -730,10 +726,7 @@ impl Metrics {
             release: release.clone(),
             request_type: self.request_type(request_type),
         };
-        let mut known = self
-            .segment_series
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut known = locked(&self.segment_series);
         if let Some(counter) = known.get(&labels) {
             counter.add(cost);
             return;

@@ -65,8 +65,8 @@ pub struct CallMeter {
     pub state: Arc<AppState>,
     pub pricing: Arc<PriceTable>,
     pub route: String,
-    /// The route's and the release's metric label values, looked up once
-    /// per call when it came in.
+    /// The route's metric series and the release's label value, looked up
+    /// once per call when it came in.
     pub route_series: Arc<RouteSeries>,
     pub release_label: LabelValue,
     pub kind: RouteKind,
