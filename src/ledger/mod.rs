@@ -692,6 +692,119 @@ mod tests {
     }
 
     #[test]
+    fn every_column_is_stored_as_recorded_when_calls_repeat_some_values() {
+        // The writer binds only the columns that changed since the previous
+        // call: each column here changes with its own period (text and
+        // integers to and from NULL), runs are written in between, and a
+        // flush splits the calls into two batches.
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&settings(dir.path())).unwrap();
+        let pick =
+            |i: u64, period: u64, text: &str| (!i.is_multiple_of(period)).then(|| text.to_string());
+        let records: Vec<CallRecord> = (0..60u64)
+            .map(|i| CallRecord {
+                ts_ms: T0 + i / 4,
+                run_id: pick(i, 5, &format!("run-{}", i / 7)),
+                release: format!("r{}", i / 11),
+                request_type: if i % 6 < 3 { "a" } else { "b" }.into(),
+                route: format!("route{}", i % 2),
+                provider: if i.is_multiple_of(9) {
+                    "tool"
+                } else {
+                    "openai"
+                },
+                model: pick(i, 2, "gpt-4.1"),
+                price_entry: pick(i, 3, "gpt-4.1"),
+                tool: pick(i, 4, "search"),
+                status: if i.is_multiple_of(13) { 500 } else { 200 },
+                outcome: if i.is_multiple_of(13) {
+                    "upstream_error"
+                } else {
+                    "complete"
+                },
+                prompt_tokens: (!i.is_multiple_of(3)).then_some(100 + i % 2),
+                cached_tokens: (i.is_multiple_of(4)).then_some(7),
+                cache_write_tokens: (i % 5 == 1).then_some(i),
+                completion_tokens: Some(i / 3),
+                reasoning_tokens: (i.is_multiple_of(2)).then_some(3),
+                cost: Money::from_picos(i / 2),
+                latency_ms: i % 7,
+                ttfb_ms: (!i.is_multiple_of(8)).then_some(i % 3),
+                streamed: i.is_multiple_of(2),
+                estimated: i.is_multiple_of(3),
+                sdk_retry: i.is_multiple_of(4),
+                repeat_after_failure: i.is_multiple_of(5),
+                duplicate_body: i.is_multiple_of(6),
+                run_ceiling: (i % 10 < 5).then(|| Money::from_picos(1_000)),
+                price_version: format!("v{}", i / 20),
+            })
+            .collect();
+        for (i, record) in records.iter().enumerate() {
+            ledger.record_call(record.clone());
+            if i % 9 == 4 {
+                ledger.record_run(RunRecord {
+                    run_id: format!("ended-{i}"),
+                    release: "x".into(),
+                    request_type: "y".into(),
+                    status: "ok".into(),
+                    stop_reason: "completed".into(),
+                    started_ms: T0,
+                    ended_ms: T0 + 1,
+                    ceiling: Money::ZERO,
+                    cost: Money::ZERO,
+                    llm_cost: Money::ZERO,
+                    tool_cost: Money::ZERO,
+                    calls: 0,
+                    refusals: 0,
+                    retries: 0,
+                    repeated_calls: 0,
+                    breached: false,
+                    evicted: false,
+                });
+            }
+            if i == 30 {
+                ledger.flush();
+            }
+        }
+        ledger.flush();
+        let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+        let sql = format!("SELECT {} FROM calls ORDER BY id", CALL_COLUMNS.join(", "));
+        let mut stmt = conn.prepare(&sql).unwrap();
+        let stored: Vec<Vec<rusqlite::types::Value>> = stmt
+            .query_map([], |row| {
+                (0..CALL_COLUMNS.len())
+                    .map(|i| row.get::<_, rusqlite::types::Value>(i))
+                    .collect()
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(stored.len(), records.len());
+        for (n, (record, row)) in records.iter().zip(&stored).enumerate() {
+            for (column, (field, value)) in call_values(record).iter().zip(row).enumerate() {
+                let expected = match *field {
+                    Field::Int(v) => v.map_or(
+                        rusqlite::types::Value::Null,
+                        rusqlite::types::Value::Integer,
+                    ),
+                    Field::Text(v) => v.map_or(rusqlite::types::Value::Null, |t| {
+                        rusqlite::types::Value::Text(t.to_string())
+                    }),
+                };
+                assert_eq!(
+                    *value, expected,
+                    "call {n}, column {}",
+                    CALL_COLUMNS[column]
+                );
+            }
+        }
+        let runs: i64 = conn
+            .query_row("SELECT COUNT(*) FROM runs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(runs, 7);
+    }
+
+    #[test]
     fn close_drains_the_queue() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open(&settings(dir.path())).unwrap();
