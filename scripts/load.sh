@@ -38,7 +38,9 @@
 # binary>, tollgate-before (that binary, same config as tollgate: a before /
 # after comparison of a change within one run). The ledger on/off table
 # also gives the CPU of tollgate's ledger writer thread per call, which
-# the throughput ratio, noisy on a shared machine, does not isolate.
+# the throughput ratio, noisy on a shared machine, does not isolate, and
+# the machine's idle time per call with the ledger on and off (idle cores
+# while calls wait: threads waiting on each other, not on the CPU).
 #
 # Environment (defaults): CONNECTIONS=32 DURATION=10 WARMUP=1 ROUNDS=3
 #   SCENARIOS="json stream stream-inject json-rate stream-paced" RATE=500
@@ -216,6 +218,12 @@ ledger_ticks() {
     done
     echo "$total"
 }
+# Idle ticks of the whole machine (all cores): with the cores shared by
+# the load generator, the mock and the proxy, a target that leaves them
+# idle while calls wait has its threads waiting on each other.
+idle_ticks() {
+    awk '/^cpu /{ print $5 }' /proc/stat
+}
 limit=$(python3 -c 'import math,sys; print(math.ceil(sum(map(float,sys.argv[1:])) + 35))' "$WARMUP" "$DURATION")
 for round in $(seq "$ROUNDS"); do
     # Alternate the order of the targets from round to round.
@@ -240,6 +248,7 @@ for round in $(seq "$ROUNDS"); do
             mock_before=$(cpu_ticks "$mock_pid")
             proxy_before=$(cpu_ticks "${pid_of[$target]}")
             ledger_before=$(ledger_ticks "${pid_of[$target]}")
+            idle_before=$(idle_ticks)
             line=$(timeout "$limit" "$bin/examples/loadgen" --url "${url[$target]}" \
                 --connections "$CONNECTIONS" --duration-secs "$DURATION" \
                 --warmup-secs "$WARMUP" --threads "$LOADGEN_THREADS" \
@@ -247,18 +256,21 @@ for round in $(seq "$ROUNDS"); do
                 --label "$round $scenario $target" "${flags[@]}")
             line=$(python3 - "$line" "$(cpu_ticks "$mock_pid")" "$mock_before" \
                 "$(cpu_ticks "${pid_of[$target]}")" "$proxy_before" "$target" "$TICK" \
-                "$(ledger_ticks "${pid_of[$target]}")" "$ledger_before" <<'EOF'
+                "$(ledger_ticks "${pid_of[$target]}")" "$ledger_before" \
+                "$(idle_ticks)" "$idle_before" <<'EOF'
 import json, sys
 r = json.loads(sys.argv[1])
 m1, m0, p1, p0 = map(int, sys.argv[2:6])
 target, tick = sys.argv[6], int(sys.argv[7])
 l1, l0 = map(int, sys.argv[8:10])
+i1, i0 = map(int, sys.argv[10:12])
 calls = r["requests"] + r["warmup_requests"]
 r["mock_cpu_us_per_call"] = round((m1 - m0) * 1e6 / tick / calls, 1) if calls else None
 r["proxy_cpu_us_per_call"] = (
     None if target == "direct" or not calls else round((p1 - p0) * 1e6 / tick / calls, 1))
 r["ledger_cpu_us_per_call"] = (
     round((l1 - l0) * 1e6 / tick / calls, 1) if target.startswith("tollgate") and calls else None)
+r["machine_idle_us_per_call"] = round((i1 - i0) * 1e6 / tick / calls, 1) if calls else None
 print(json.dumps(r))
 EOF
 )
@@ -392,8 +404,8 @@ if "tollgate-no-ledger" in targets:
     print()
     print("Ledger on vs off (tollgate / tollgate-no-ledger, per round):")
     print()
-    print("| scenario | throughput ratio | CPU per call ratio | p50 ratio | p99 ratio | ledger thread CPU µs/call |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| scenario | throughput ratio | CPU per call ratio | p50 ratio | p99 ratio | ledger thread CPU µs/call | machine idle µs/call, on / off |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for s in scenarios:
         rr = per_round(s, "tollgate", "tollgate-no-ledger",
                        lambda r, o: r["rps"] / o["rps"] if o["rps"] else None)
@@ -405,7 +417,10 @@ if "tollgate-no-ledger" in targets:
                        lambda r, o: r["proxy_cpu_us_per_call"] / o["proxy_cpu_us_per_call"]
                        if r.get("proxy_cpu_us_per_call") and o.get("proxy_cpu_us_per_call") else None)
         lt = [r.get("ledger_cpu_us_per_call") for r in by.get((s, "tollgate"), {}).values()]
-        print(f"| {s} | {rng(rr, 3)} | {rng(rc, 3)} | {rng(r50, 3)} | {rng(r99, 3)} | {rng(lt, 1)} |")
+        idle = [med([r.get("machine_idle_us_per_call") for r in by.get((s, t), {}).values()])
+                for t in ("tollgate", "tollgate-no-ledger")]
+        print(f"| {s} | {rng(rr, 3)} | {rng(rc, 3)} | {rng(r50, 3)} | {rng(r99, 3)} | {rng(lt, 1)} "
+              f"| {f(idle[0], 1)} / {f(idle[1], 1)} |")
 EOF
 print_load_average "at the end"
 echo "raw results: $OUT (removed on exit unless OUT is set)" >&2
