@@ -13,7 +13,9 @@
 //!    `flush_interval_ms` after its first record, whichever comes first.
 //!    The SQLite writer sleeps while its batch fills; senders wake it once
 //!    per `MAX_BATCH` records, so a fast stream of calls does not hold a
-//!    whole interval's records in memory.
+//!    whole interval's records in memory. While it commits it yields its
+//!    core every few rows, so a runtime worker waiting for that core is not
+//!    held back for a whole scheduler slice of inserts.
 //!    Between batches it applies the retention, deleting expired calls a few
 //!    thousand rows at a time so a large cleanup never stalls writes.
 //! 3. Durability bound: a record is committed at most `flush_interval_ms`
