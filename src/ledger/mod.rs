@@ -725,10 +725,10 @@ mod tests {
                     "complete"
                 },
                 prompt_tokens: (!i.is_multiple_of(3)).then_some(100 + i % 2),
-                cached_tokens: (i.is_multiple_of(4)).then_some(7),
+                cached_tokens: i.is_multiple_of(4).then_some(7),
                 cache_write_tokens: (i % 5 == 1).then_some(i),
                 completion_tokens: Some(i / 3),
-                reasoning_tokens: (i.is_multiple_of(2)).then_some(3),
+                reasoning_tokens: i.is_multiple_of(2).then_some(3),
                 cost: Money::from_picos(i / 2),
                 latency_ms: i % 7,
                 ttfb_ms: (!i.is_multiple_of(8)).then_some(i % 3),
