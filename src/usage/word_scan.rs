@@ -36,6 +36,13 @@ fn eq(w: u64, b: u8) -> u64 {
     t.wrapping_sub(ONES) & !t
 }
 
+/// Before masking with `HIGHS`: high bit of each byte of `w` below 0x20
+/// (exact for the lowest such byte, as in [`eq`]).
+#[inline]
+fn below_space(w: u64) -> u64 {
+    w.wrapping_sub(ONES * 0x20) & !w
+}
+
 /// Index of the first marked byte of a word read at `i`.
 #[inline]
 fn first(i: usize, marks: u64) -> usize {
@@ -98,9 +105,7 @@ fn is_string_stop(b: u8) -> bool {
 /// High bit of each byte of `w` for which [`is_string_stop`] holds.
 #[inline]
 fn string_stops(w: u64) -> u64 {
-    // Bytes below 0x20 marked as in `eq` (exact for the lowest).
-    let control = w.wrapping_sub(ONES * 0x20) & !w;
-    (eq(w, b'"') | eq(w, b'\\') | control) & HIGHS
+    (eq(w, b'"') | eq(w, b'\\') | below_space(w)) & HIGHS
 }
 
 /// Index of the first byte at or after `i` that a JSON string must escape
@@ -137,20 +142,19 @@ pub(crate) fn string_stop(buf: &[u8], i: usize) -> Option<usize> {
     (run < tail.len()).then_some(i + run)
 }
 
-/// Whether `s` holds a byte below 0x20: two words at a time, their marks
-/// (as in [`string_stops`]) gathered without an early exit. Word arithmetic
+/// Whether `s` holds a byte below 0x20: two words at a time, their
+/// [`below_space`] marks gathered without an early exit. Word arithmetic
 /// rather than a byte fold left to the auto-vectoriser: a profile-guided
 /// build once compiled that fold to a byte loop, ~11k instructions more on
 /// a 4 KB request.
 fn has_control(s: &[u8]) -> bool {
-    let control = |w: u64| w.wrapping_sub(ONES * 0x20) & !w;
     let mut pairs = s.chunks_exact(16);
     let mut marks = 0;
     for pair in pairs.by_ref() {
         let (a, b) = pair.split_at(8);
         let a = u64::from_le_bytes(a.try_into().unwrap_or_default());
         let b = u64::from_le_bytes(b.try_into().unwrap_or_default());
-        marks |= control(a) | control(b);
+        marks |= below_space(a) | below_space(b);
     }
     marks & HIGHS != 0 || pairs.remainder().iter().any(|&b| b < 0x20)
 }
@@ -250,7 +254,7 @@ mod tests {
     #[test]
     fn has_control_agrees_with_a_byte_loop() {
         for len in 0..48 {
-            for filler in [b'a', b' ', 0x20, 0x7f, 0x80, 0xa0, 0xff] {
+            for filler in [b'a', 0x20, 0x21, 0x7f, 0x80, 0xa0, 0xff] {
                 let plain = vec![filler; len];
                 assert!(!has_control(&plain), "{len} × {filler:#x}");
                 for at in 0..len {
