@@ -7,7 +7,8 @@
 //!    holds one spend counter for its current UTC period). With a run id, the
 //!    run is looked up in the registry (a `DashMap` whose keys are the
 //!    `Arc<RunState>`s themselves, hashed and looked up by run id; the map
-//!    guard is held only to clone the `Arc`) or created with its
+//!    guard is held only to clone the `Arc`) or created (in a spare state
+//!    from a block allocated at once, [`run::SpareRuns`]) with its
 //!    ceiling (header clamped to `max_run`, else first matching rule, else
 //!    the default). Then, under the run's own short mutex, the ceiling check
 //!    and the reservation happen together: reserve mode refuses when
@@ -81,7 +82,7 @@ pub use config::{
     WindowPeriod, WindowPolicy, MAX_BODY_HASHES_PER_RUN,
 };
 
-use run::{outcome_key, NewRun, RunInner, RunKey, RunLabels, RunState};
+use run::{outcome_key, NewRun, RunInner, RunKey, RunLabels, RunState, SpareRuns};
 use window::WindowSlot;
 
 /// How a run ended (the `status` label of `agent_run_total`).
@@ -300,6 +301,8 @@ struct Shared {
     active: ArcSwap<Active>,
     reload: Mutex<()>,
     runs: DashMap<RunKey, ()>,
+    /// Where new runs' states come from.
+    spare_runs: SpareRuns,
     /// Entries in `runs`: +1 under the shard lock of a vacant insert, −1
     /// after a successful `remove_if`: never below the true count, above it
     /// only for the instant around an insert or a removal.
@@ -369,6 +372,7 @@ impl Budgets {
                 active: ArcSwap::from_pointee(Active { policy, windows }),
                 reload: Mutex::new(()),
                 runs: DashMap::new(),
+                spare_runs: SpareRuns::default(),
                 run_count: AtomicUsize::new(0),
                 evicting: Mutex::new(()),
                 labels: DashSet::new(),
@@ -730,14 +734,14 @@ impl Budgets {
                 return;
             }
             shared.make_room();
-            let fresh = Arc::new(RunState::new(
+            let fresh = shared.spare_runs.take(
                 &restored.run_id,
                 NewRun {
                     ceiling,
                     labels: shared.intern_labels(&restored.release, &restored.request_type),
                     now_ms: restored.last_seen_ms,
                 },
-            ));
+            );
             {
                 let mut g = fresh.lock();
                 g.started_ms = restored.started_ms;
@@ -827,7 +831,7 @@ impl Shared {
             return run;
         }
         self.make_room();
-        let fresh = Arc::new(RunState::new(
+        let fresh = self.spare_runs.take(
             run_id,
             NewRun {
                 ceiling: policy.resolve_ceiling(
@@ -839,7 +843,7 @@ impl Shared {
                 labels: self.intern_labels(call.release, call.request_type),
                 now_ms: now,
             },
-        ));
+        );
         match self.runs.entry(RunKey(Arc::clone(&fresh))) {
             Entry::Occupied(existing) => Arc::clone(&existing.key().0),
             Entry::Vacant(slot) => {

@@ -6,7 +6,8 @@
 //! exact-size allocation. The registry stores only that `Arc` (8 bytes a
 //! slot; the map hashes and compares by the id inside the state), so a
 //! tracked run with a short id costs one block plus ~10 bytes of map, and
-//! with a 36-character id one more block of 48 bytes. Release and
+//! with a 36-character id one more block of 48 bytes. States are allocated
+//! [`SPARE_BLOCK`] at a time, next to each other (see [`SpareRuns`]). Release and
 //! request-type labels are interned as a pair (one pointer per run). Body
 //! hashes: the first `INLINE_HASHES` are kept inline, more go to a boxed
 //! vector that grows as calls arrive (4 bytes a hash, at most
@@ -128,6 +129,61 @@ impl RunState {
         let _ = self
             .in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+}
+
+/// Run states allocated in blocks of this many at once (see [`SpareRuns`]).
+pub(crate) const SPARE_BLOCK: usize = 256;
+
+/// Spare, never-shared run states, allocated [`SPARE_BLOCK`] at a time.
+///
+/// Why: a run outlives the call that creates it, and that call allocates
+/// and frees many short-lived blocks around it. One state allocated per
+/// call sits between those blocks, and once they are freed the heap is
+/// left with small holes between long-lived runs that larger allocations
+/// (a connection's buffers) cannot use and that cannot be given back.
+/// States allocated in a row lie next to each other instead.
+#[derive(Default)]
+pub(crate) struct SpareRuns {
+    spare: Mutex<Vec<Arc<RunState>>>,
+}
+
+impl SpareRuns {
+    /// A new run's state, in a spare allocation when there is one.
+    pub(crate) fn take(&self, id: &str, new: NewRun) -> Arc<RunState> {
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.is_empty() {
+            spare.reserve_exact(SPARE_BLOCK);
+            for _ in 0..SPARE_BLOCK {
+                spare.push(Arc::new(RunState::new(
+                    "",
+                    NewRun {
+                        ceiling: Money::ZERO,
+                        labels: Arc::clone(&new.labels),
+                        now_ms: 0,
+                    },
+                )));
+            }
+        }
+        let taken = spare.pop();
+        drop(spare);
+        let fresh = RunState::new(id, new);
+        if let Some(mut state) = taken {
+            // Spares are never handed out twice, so each is unique here.
+            if let Some(slot) = Arc::get_mut(&mut state) {
+                *slot = fresh;
+                return state;
+            }
+        }
+        Arc::new(fresh)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn spare_count(&self) -> usize {
+        self.spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
 

@@ -1,7 +1,10 @@
 use std::mem::size_of;
 use std::sync::{Arc, Mutex};
 
-use super::run::{outcome_key, NewRun, RunKey, RunLabels, RunState, INLINE_HASHES, INLINE_ID};
+use super::run::{
+    outcome_key, NewRun, RunKey, RunLabels, RunState, SpareRuns, INLINE_HASHES, INLINE_ID,
+    SPARE_BLOCK,
+};
 use super::*;
 
 fn m(usd: &str) -> Money {
@@ -72,6 +75,45 @@ fn run_state_is_small() {
     );
     assert_eq!(size_of::<(RunKey, ())>(), word);
     assert!(fixed < 184, "{fixed}");
+}
+
+#[test]
+fn new_runs_take_spare_states_allocated_a_block_at_a_time() {
+    let spares = SpareRuns::default();
+    let count = SPARE_BLOCK + 2;
+    let mut runs = Vec::new();
+    for i in 0..count {
+        let run = spares.take(
+            &format!("run-{i}"),
+            NewRun {
+                ceiling: Money::from_picos(i as u64 + 1),
+                labels: Arc::new(RunLabels {
+                    release: Arc::from(format!("v{i}")),
+                    request_type: Arc::from("t"),
+                }),
+                now_ms: 1_000 + i as u64,
+            },
+        );
+        // A block is allocated when none is spare, then handed out one by one.
+        assert_eq!(spares.spare_count(), SPARE_BLOCK - 1 - i % SPARE_BLOCK);
+        runs.push(run);
+    }
+    for (i, run) in runs.iter().enumerate() {
+        assert_eq!(Arc::strong_count(run), 1, "run {i} is shared");
+        assert_eq!(&*run.id, format!("run-{i}"));
+        assert_eq!(run.last_seen_ms(), 1_000 + i as u64);
+        assert_eq!(run.in_flight(), 0);
+        let g = run.lock();
+        assert_eq!(g.ceiling, Money::from_picos(i as u64 + 1));
+        assert_eq!(&*g.labels.release, format!("v{i}"));
+        assert_eq!(g.started_ms, 1_000 + i as u64);
+        assert_eq!(
+            (g.llm, g.tool, g.reserved),
+            (Money::ZERO, Money::ZERO, Money::ZERO)
+        );
+        assert_eq!(g.calls, 0);
+        assert!(!g.ended);
+    }
 }
 
 #[test]
