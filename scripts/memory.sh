@@ -23,6 +23,9 @@
 #   table's share from the rest)
 #   SMAPS=0 (1: the runs phase also copies /proc/PID/smaps at each point into
 #   the work directory, which is then kept, for a per-mapping account)
+#   HEAP=0 (1: the runs phase also prints glibc's heap at each point, the
+#   bytes its arenas hold, in use and free, from malloc_stats() called in
+#   the process through gdb)
 # Every load run is bounded in time; everything started here is stopped on
 # exit.
 
@@ -33,6 +36,11 @@ RUNS=${RUNS:-100000}
 STREAMS=${STREAMS:-1000}
 SOAK_SECS=${SOAK_SECS:-600}
 SMAPS=${SMAPS:-0}
+HEAP=${HEAP:-0}
+if [[ $HEAP == 1 ]] && ! command -v gdb >/dev/null; then
+    echo "HEAP=1 needs gdb (apt-get install gdb)" >&2
+    exit 1
+fi
 RUN_ID=${RUN_ID:-'mem-{conn}-{seq}'}
 JSON_RATE=${JSON_RATE:-300}
 STREAM_RATE=${STREAM_RATE:-30}
@@ -51,6 +59,20 @@ keep_smaps() {
     [[ $SMAPS == 1 ]] || return 0
     cp "/proc/$1/smaps" "$work/smaps-$2"
     keep_work=1
+}
+
+# With HEAP=1, "arenas MB | in use | free" of glibc's heap in process $1
+# (whose stderr is $2): malloc_stats() writes its totals there.
+heap_row() {
+    [[ $HEAP == 1 ]] || return 0
+    local before
+    before=$(wc -l <"$2")
+    gdb -p "$1" -batch -ex 'call (void)malloc_stats()' >/dev/null 2>&1
+    tail -n +"$((before + 1))" "$2" | awk '
+        /^Total/ { total = 1 }
+        total && /system bytes/ { sys = $NF }
+        total && /in use bytes/ { used = $NF }
+        END { printf "%.1f | %.1f | %.1f", sys / 1e6, used / 1e6, (sys - used) / 1e6 }'
 }
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
@@ -99,12 +121,15 @@ phase_runs() {
     local url="http://$agent/openai/v1/chat/completions"
     local at_start
     at_start=$(rss_row "$tollgate_pid")
+    local err=$work/runs/tollgate.err heap_start heap_runs heap_streams
+    heap_start=$(heap_row "$tollgate_pid" "$err")
     keep_smaps "$tollgate_pid" start
     timeout 600 "$bin/examples/loadgen" --url "$url" --connections 32 \
         --requests "$RUNS" --duration-secs 300 --warmup-secs 0 \
         --header "x-agent-run-id: $RUN_ID" >"$work/runs.json"
     local after_runs active
     after_runs=$(rss_row "$tollgate_pid")
+    heap_runs=$(heap_row "$tollgate_pid" "$err")
     keep_smaps "$tollgate_pid" runs
     active=$(metric agent_active_runs)
     # Each stream gets its first event, then the mock waits 10 minutes.
@@ -122,6 +147,7 @@ phase_runs() {
     open=$(client_connections)
     local with_streams
     with_streams=$(rss_row "$tollgate_pid")
+    heap_streams=$(heap_row "$tollgate_pid" "$err")
     keep_smaps "$tollgate_pid" streams
     kill "$held" 2>/dev/null || true
     wait "$held" 2>/dev/null || true
@@ -130,6 +156,14 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"calls sent: {r['requests']} ({r['rps']:.0f}/s), errors {r['errors']}, non-2xx {r['non_2xx']}")
 EOF
+    if [[ $HEAP == 1 ]]; then
+        echo "| point | tollgate RSS MiB | anonymous | file | heap arenas MB | in use | free |"
+        echo "|---|---:|---:|---:|---:|---:|---:|"
+        echo "| after start | $at_start | $heap_start |"
+        echo "| $RUNS runs tracked (agent_active_runs $active) | $after_runs | $heap_runs |"
+        echo "| and $open streams open | $with_streams | $heap_streams |"
+        return
+    fi
     echo "| point | tollgate RSS MiB | anonymous | file |"
     echo "|---|---:|---:|---:|"
     echo "| after start | $at_start |"
