@@ -6,7 +6,7 @@
 //!    upstream. Window caps matching the call are checked first (each cap
 //!    holds one spend counter for its current UTC period). With a run id, the
 //!    run is looked up in the registry (a `DashMap` whose keys are the
-//!    `Arc<RunState>`s themselves, hashed and looked up by run id; the map
+//!    `RunRef`s themselves, hashed and looked up by run id; the map
 //!    guard is held only to clone the `Arc`) or created (in a spare state
 //!    from a block allocated at once, [`run::SpareRuns`]) with its
 //!    ceiling (header clamped to `max_run`, else first matching rule, else
@@ -82,7 +82,7 @@ pub use config::{
     WindowPeriod, WindowPolicy, MAX_BODY_HASHES_PER_RUN,
 };
 
-use run::{outcome_key, NewRun, RunInner, RunKey, RunLabels, RunState, SpareRuns};
+use run::{outcome_key, NewRun, RunInner, RunKey, RunLabels, RunRef, SpareRuns};
 use window::WindowSlot;
 
 /// How a run ended (the `status` label of `agent_run_total`).
@@ -639,14 +639,14 @@ impl Budgets {
             .idle_timeout_secs
             .saturating_mul(1_000);
         let now = shared.clock.now_ms();
-        let candidates: Vec<Arc<RunState>> = shared
+        let candidates: Vec<RunRef> = shared
             .runs
             .iter()
             .filter(|e| {
                 let run = &e.key().0;
                 run.in_flight() == 0 && now.saturating_sub(run.last_seen_ms()) >= timeout_ms
             })
-            .map(|e| Arc::clone(&e.key().0))
+            .map(|e| RunRef::clone(&e.key().0))
             .collect();
         let mut ended = 0;
         for run in candidates {
@@ -679,7 +679,7 @@ impl Budgets {
             repeated_calls: u64::from(g.repeated),
             started_ms: g.started_ms,
             last_seen_ms: run.last_seen_ms(),
-            in_flight: u64::from(run.in_flight()),
+            in_flight: run.in_flight(),
         })
     }
 
@@ -766,7 +766,7 @@ fn sat32(v: u64) -> u32 {
 impl Shared {
     fn admitted(
         self: &Arc<Self>,
-        run: Option<Arc<RunState>>,
+        run: Option<RunRef>,
         windows: Vec<Arc<WindowSlot>>,
         reservation: Money,
         kind: CostKind,
@@ -788,8 +788,8 @@ impl Shared {
         }
     }
 
-    fn lookup(&self, run_id: &str) -> Option<Arc<RunState>> {
-        self.runs.get(run_id).map(|e| Arc::clone(&e.key().0))
+    fn lookup(&self, run_id: &str) -> Option<RunRef> {
+        self.runs.get(run_id).map(|e| RunRef::clone(&e.key().0))
     }
 
     /// The shared labels of a (release, request type) pair; beyond
@@ -826,7 +826,7 @@ impl Shared {
         call: &CallRequest<'_>,
         policy: &BudgetPolicy,
         now: u64,
-    ) -> Arc<RunState> {
+    ) -> RunRef {
         if let Some(run) = self.lookup(run_id) {
             return run;
         }
@@ -844,8 +844,8 @@ impl Shared {
                 now_ms: now,
             },
         );
-        match self.runs.entry(RunKey(Arc::clone(&fresh))) {
-            Entry::Occupied(existing) => Arc::clone(&existing.key().0),
+        match self.runs.entry(RunKey(RunRef::clone(&fresh))) {
+            Entry::Occupied(existing) => RunRef::clone(&existing.key().0),
             Entry::Vacant(slot) => {
                 // Counted while the shard is still locked, so the removal
                 // (which needs that lock) can never be counted first.
@@ -857,8 +857,8 @@ impl Shared {
         }
     }
 
-    fn insert_if_vacant(&self, fresh: &Arc<RunState>) -> bool {
-        match self.runs.entry(RunKey(Arc::clone(fresh))) {
+    fn insert_if_vacant(&self, fresh: &RunRef) -> bool {
+        match self.runs.entry(RunKey(RunRef::clone(fresh))) {
             Entry::Occupied(_) => false,
             Entry::Vacant(slot) => {
                 self.run_count.fetch_add(1, Ordering::AcqRel);
@@ -870,10 +870,10 @@ impl Shared {
     }
 
     /// Removes `run`'s registry entry if it is still this very run.
-    fn forget(&self, run: &Arc<RunState>) {
+    fn forget(&self, run: &RunRef) {
         if self
             .runs
-            .remove_if(&*run.id, |k, ()| Arc::ptr_eq(&k.0, run))
+            .remove_if(&*run.id, |k, ()| RunRef::ptr_eq(&k.0, run))
             .is_some()
         {
             let _ = self
@@ -901,11 +901,11 @@ impl Shared {
                 return;
             }
             let want = (count.saturating_add(1) - max).max(max / 256).max(1);
-            let mut idle: Vec<(u64, Arc<RunState>)> = self
+            let mut idle: Vec<(u64, RunRef)> = self
                 .runs
                 .iter()
                 .filter(|e| e.key().0.in_flight() == 0)
-                .map(|e| (e.key().0.last_seen_ms(), Arc::clone(&e.key().0)))
+                .map(|e| (e.key().0.last_seen_ms(), RunRef::clone(&e.key().0)))
                 .collect();
             if idle.len() > want {
                 idle.select_nth_unstable_by_key(want, |(seen, _)| *seen);
@@ -931,7 +931,7 @@ impl Shared {
 
     /// Ends `run` if `cause` still applies and nobody ended it before; the
     /// one caller that gets `Some` must [`Shared::emit`] it.
-    fn end_run(&self, run: &Arc<RunState>, cause: EndCause) -> Option<RunEnd> {
+    fn end_run(&self, run: &RunRef, cause: EndCause) -> Option<RunEnd> {
         let now = self.clock.now_ms();
         let end = {
             let mut g = run.lock();
@@ -1006,7 +1006,7 @@ impl Shared {
     /// Reverses [`Budgets::admit`] for a call that will not run.
     fn undo_admit(
         &self,
-        run: Option<&Arc<RunState>>,
+        run: Option<&RunRef>,
         reservation: Money,
         flags: CallFlags,
         refused: Option<RefusalScope>,
@@ -1042,7 +1042,7 @@ impl Shared {
     #[allow(clippy::too_many_arguments)]
     fn finish_call(
         &self,
-        run: Option<&Arc<RunState>>,
+        run: Option<&RunRef>,
         windows: &[Arc<WindowSlot>],
         reservation: Money,
         cost: Money,
@@ -1094,7 +1094,7 @@ fn idle_status(g: &RunInner) -> RunStatus {
 #[must_use = "an admission charges its reservation when dropped unsettled"]
 pub struct Admission {
     shared: Arc<Shared>,
-    run: Option<Arc<RunState>>,
+    run: Option<RunRef>,
     windows: Vec<Arc<WindowSlot>>,
     reservation: Money,
     kind: CostKind,

@@ -1,9 +1,10 @@
 //! Per-run state.
 //!
-//! Size on 64-bit targets: `RunState` is 152 bytes (asserted in the unit
-//! tests), 168 behind its `Arc`: one 176-byte allocator block. An id of up
-//! to `INLINE_ID` bytes is kept in the state itself, a longer one in its own
-//! exact-size allocation. The registry stores only that `Arc` (8 bytes a
+//! Size on 64-bit targets: `RunState` is 144 bytes, 152 with the count of
+//! its [`RunRef`] (asserted in the unit tests): one 160-byte allocator
+//! block. An id of up to `INLINE_ID` bytes is kept in the state itself, a
+//! longer one in its own exact-size allocation. The registry stores only
+//! that `RunRef` (8 bytes a
 //! slot; the map hashes and compares by the id inside the state), so a
 //! tracked run with a short id costs one block plus ~10 bytes of map, and
 //! with a 36-character id one more block of 48 bytes. States are allocated
@@ -15,7 +16,7 @@
 
 use std::borrow::Borrow;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::money::Money;
@@ -32,13 +33,41 @@ pub(crate) struct RunLabels {
     pub(crate) request_type: Arc<str>,
 }
 
+/// A shared handle on a run's state: `triomphe`'s `Arc`, whose one count
+/// (no weak count) keeps the state and its count in a 160-byte block.
+pub(crate) type RunRef = triomphe::Arc<RunState>;
+
 pub(crate) struct RunState {
     pub(crate) id: RunId,
-    /// Mirrors of fields guarded by `inner`, written only under that lock,
-    /// readable without it by the sweep and eviction scans.
-    last_seen_ms: AtomicU64,
-    in_flight: AtomicU32,
+    /// The last activity (ms) and the calls in flight, packed in one word
+    /// (see [`Activity`]): written only under the lock of `inner`, readable
+    /// without it by the sweep and eviction scans.
+    activity: AtomicU64,
     inner: Mutex<RunInner>,
+}
+
+/// The packing of [`RunState::activity`]: the time of the last activity in
+/// the high 44 bits (milliseconds since 1970; they last until the year
+/// 2527), the calls in flight in the low 20. One word instead of two keeps
+/// a run's state at 144 bytes, a 160-byte allocator block with its count.
+struct Activity;
+
+impl Activity {
+    const FLIGHT_BITS: u32 = 20;
+    const MAX_FLIGHT: u64 = (1 << Self::FLIGHT_BITS) - 1;
+    const MAX_MS: u64 = u64::MAX >> Self::FLIGHT_BITS;
+
+    fn pack(last_seen_ms: u64, in_flight: u64) -> u64 {
+        (last_seen_ms.min(Self::MAX_MS) << Self::FLIGHT_BITS) | in_flight.min(Self::MAX_FLIGHT)
+    }
+
+    fn last_seen_ms(word: u64) -> u64 {
+        word >> Self::FLIGHT_BITS
+    }
+
+    fn in_flight(word: u64) -> u64 {
+        word & Self::MAX_FLIGHT
+    }
 }
 
 pub(crate) struct RunInner {
@@ -75,8 +104,7 @@ impl RunState {
     pub(crate) fn new(id: &str, new: NewRun) -> RunState {
         RunState {
             id: RunId::new(id),
-            last_seen_ms: AtomicU64::new(new.now_ms),
-            in_flight: AtomicU32::new(0),
+            activity: AtomicU64::new(Activity::pack(new.now_ms, 0)),
             inner: Mutex::new(RunInner {
                 ceiling: new.ceiling,
                 llm: Money::ZERO,
@@ -107,28 +135,36 @@ impl RunState {
     }
 
     pub(crate) fn last_seen_ms(&self) -> u64 {
-        self.last_seen_ms.load(Ordering::Acquire)
+        Activity::last_seen_ms(self.activity.load(Ordering::Acquire))
     }
 
-    pub(crate) fn in_flight(&self) -> u32 {
-        self.in_flight.load(Ordering::Acquire)
+    /// Calls in flight (counted up to 2^20 − 1 at once).
+    pub(crate) fn in_flight(&self) -> u64 {
+        Activity::in_flight(self.activity.load(Ordering::Acquire))
+    }
+
+    /// Rewrites the activity word. The `&RunInner` proves the run's lock is
+    /// held, so no other write can come between the load and the store.
+    fn update_activity(&self, _held: &RunInner, change: impl FnOnce(u64, u64) -> (u64, u64)) {
+        let word = self.activity.load(Ordering::Acquire);
+        let (seen, flight) = change(Activity::last_seen_ms(word), Activity::in_flight(word));
+        self.activity
+            .store(Activity::pack(seen, flight), Ordering::Release);
     }
 
     /// Marks activity; call with the run's lock held.
-    pub(crate) fn touch(&self, _held: &RunInner, now_ms: u64) {
-        self.last_seen_ms.fetch_max(now_ms, Ordering::AcqRel);
+    pub(crate) fn touch(&self, held: &RunInner, now_ms: u64) {
+        self.update_activity(held, |seen, flight| (seen.max(now_ms), flight));
     }
 
     /// Call with the run's lock held.
-    pub(crate) fn call_started(&self, _held: &RunInner) {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    pub(crate) fn call_started(&self, held: &RunInner) {
+        self.update_activity(held, |seen, flight| (seen, flight + 1));
     }
 
     /// Call with the run's lock held.
-    pub(crate) fn call_ended(&self, _held: &RunInner) {
-        let _ = self
-            .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    pub(crate) fn call_ended(&self, held: &RunInner) {
+        self.update_activity(held, |seen, flight| (seen, flight.saturating_sub(1)));
     }
 }
 
@@ -145,17 +181,17 @@ pub(crate) const SPARE_BLOCK: usize = 256;
 /// States allocated in a row lie next to each other instead.
 #[derive(Default)]
 pub(crate) struct SpareRuns {
-    spare: Mutex<Vec<Arc<RunState>>>,
+    spare: Mutex<Vec<RunRef>>,
 }
 
 impl SpareRuns {
     /// A new run's state, in a spare allocation when there is one.
-    pub(crate) fn take(&self, id: &str, new: NewRun) -> Arc<RunState> {
+    pub(crate) fn take(&self, id: &str, new: NewRun) -> RunRef {
         let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
         if spare.is_empty() {
             spare.reserve_exact(SPARE_BLOCK);
             for _ in 0..SPARE_BLOCK {
-                spare.push(Arc::new(RunState::new(
+                spare.push(RunRef::new(RunState::new(
                     "",
                     NewRun {
                         ceiling: Money::ZERO,
@@ -170,12 +206,12 @@ impl SpareRuns {
         let fresh = RunState::new(id, new);
         if let Some(mut state) = taken {
             // Spares are never handed out twice, so each is unique here.
-            if let Some(slot) = Arc::get_mut(&mut state) {
+            if let Some(slot) = RunRef::get_mut(&mut state) {
                 *slot = fresh;
                 return state;
             }
         }
-        Arc::new(fresh)
+        RunRef::new(fresh)
     }
 
     #[cfg(test)]
@@ -368,7 +404,7 @@ impl std::fmt::Debug for RunId {
 /// A registry entry: the run itself, hashed and compared by its id (so the
 /// map needs no key of its own and is looked up with a `&str`).
 #[derive(Clone)]
-pub(crate) struct RunKey(pub(crate) Arc<RunState>);
+pub(crate) struct RunKey(pub(crate) RunRef);
 
 impl Hash for RunKey {
     fn hash<H: Hasher>(&self, state: &mut H) {

@@ -2,7 +2,7 @@ use std::mem::size_of;
 use std::sync::{Arc, Mutex};
 
 use super::run::{
-    outcome_key, NewRun, RunKey, RunLabels, RunState, SpareRuns, INLINE_HASHES, INLINE_ID,
+    outcome_key, NewRun, RunKey, RunLabels, RunRef, RunState, SpareRuns, INLINE_HASHES, INLINE_ID,
     SPARE_BLOCK,
 };
 use super::*;
@@ -56,25 +56,56 @@ fn lone_run() -> RunState {
 
 #[test]
 fn run_state_is_small() {
-    // Per tracked run: RunState behind an Arc (+2 counters), one map slot
-    // (the Arc itself, ~1/0.875 for the table's load factor, + 1 control
-    // byte); an id longer than INLINE_ID in its own allocation; body hashes
-    // past the first few 4 bytes each.
+    // Per tracked run: RunState behind its `RunRef` (+1 counter), one map
+    // slot (the pointer itself, ~1/0.875 for the table's load factor, + 1
+    // control byte); an id longer than INLINE_ID in its own allocation;
+    // body hashes past the first few 4 bytes each. glibc adds 8 bytes and
+    // rounds up to 16: 152 bytes of state and count fit a 160-byte block.
     let word = size_of::<usize>();
-    let state = size_of::<RunState>() + 2 * word;
+    let state = size_of::<RunState>() + word;
     let entry = size_of::<(RunKey, ())>() * 8 / 7 + 1;
     let fixed = state + entry;
     println!(
-        "RunState+Arc {state} B (ids up to {INLINE_ID} B inside), map slot ~{entry} B: \
+        "RunState+count {state} B (ids up to {INLINE_ID} B inside), map slot ~{entry} B: \
          ~{fixed} B per run; the first {INLINE_HASHES} body hashes inline, \
          then 4 B each (64 → 256 B)"
     );
-    assert!(
-        size_of::<RunState>() <= 152,
-        "RunState grew to {state} bytes"
-    );
+    assert!(state <= 152, "RunState and its count grew to {state} bytes");
     assert_eq!(size_of::<(RunKey, ())>(), word);
-    assert!(fixed < 184, "{fixed}");
+    assert!(fixed < 168, "{fixed}");
+}
+
+#[test]
+fn activity_word_keeps_last_seen_and_calls_in_flight_apart() {
+    let run = lone_run();
+    let g = run.lock();
+    let now = 1_795_998_380_378; // 2026-11-30, ms
+    run.touch(&g, now);
+    run.call_started(&g);
+    run.call_started(&g);
+    assert_eq!((run.last_seen_ms(), run.in_flight()), (now, 2));
+    // An earlier time does not move the last activity back.
+    run.touch(&g, 5);
+    assert_eq!((run.last_seen_ms(), run.in_flight()), (now, 2));
+    // One end more than started stays at 0 and leaves the time alone.
+    for _ in 0..3 {
+        run.call_ended(&g);
+    }
+    assert_eq!((run.last_seen_ms(), run.in_flight()), (now, 0));
+    // At the top of its 20 bits the count stops instead of carrying into
+    // the time; a time past 44 bits stops instead of shifting into the count.
+    let max_flight = (1 << 20) - 1;
+    for _ in 0..max_flight + 3 {
+        run.call_started(&g);
+    }
+    assert_eq!((run.last_seen_ms(), run.in_flight()), (now, max_flight));
+    run.touch(&g, u64::MAX);
+    assert_eq!(
+        (run.last_seen_ms(), run.in_flight()),
+        (u64::MAX >> 20, max_flight)
+    );
+    run.call_ended(&g);
+    assert_eq!(run.in_flight(), max_flight - 1);
 }
 
 #[test]
@@ -99,7 +130,7 @@ fn new_runs_take_spare_states_allocated_a_block_at_a_time() {
         runs.push(run);
     }
     for (i, run) in runs.iter().enumerate() {
-        assert_eq!(Arc::strong_count(run), 1, "run {i} is shared");
+        assert_eq!(RunRef::count(run), 1, "run {i} is shared");
         assert_eq!(&*run.id, format!("run-{i}"));
         assert_eq!(run.last_seen_ms(), 1_000 + i as u64);
         assert_eq!(run.in_flight(), 0);
