@@ -143,13 +143,18 @@ impl RunState {
         Activity::in_flight(self.activity.load(Ordering::Acquire))
     }
 
-    /// Rewrites the activity word. The `&RunInner` proves the run's lock is
-    /// held, so no other write can come between the load and the store.
-    fn update_activity(&self, _held: &RunInner, change: impl FnOnce(u64, u64) -> (u64, u64)) {
-        let word = self.activity.load(Ordering::Acquire);
-        let (seen, flight) = change(Activity::last_seen_ms(word), Activity::in_flight(word));
-        self.activity
-            .store(Activity::pack(seen, flight), Ordering::Release);
+    /// Rewrites the activity word with `change(last_seen_ms, in_flight)`.
+    /// Writers hold the run's lock, so the exchange succeeds at the first
+    /// try; a compare-exchange rather than a load and a store would still
+    /// keep every update if a writer did not.
+    fn update_activity(&self, _held: &RunInner, change: impl Fn(u64, u64) -> (u64, u64)) {
+        let _ = self
+            .activity
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                let (seen, flight) =
+                    change(Activity::last_seen_ms(word), Activity::in_flight(word));
+                Some(Activity::pack(seen, flight))
+            });
     }
 
     /// Marks activity; call with the run's lock held.
