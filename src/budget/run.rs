@@ -19,6 +19,8 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use triomphe::UniqueArc;
+
 use crate::money::Money;
 
 /// Route + model combinations whose last settled call failed, remembered per
@@ -143,11 +145,9 @@ impl RunState {
         Activity::in_flight(self.activity.load(Ordering::Acquire))
     }
 
-    /// Rewrites the activity word with `change(last_seen_ms, in_flight)`.
-    /// Writers hold the run's lock, so the exchange succeeds at the first
-    /// try; a compare-exchange rather than a load and a store would still
-    /// keep every update if a writer did not.
-    fn update_activity(&self, _held: &RunInner, change: impl Fn(u64, u64) -> (u64, u64)) {
+    /// Rewrites the activity word with `change(last_seen_ms, in_flight)`,
+    /// by compare-exchange, so concurrent updates all land.
+    fn update_activity(&self, change: impl Fn(u64, u64) -> (u64, u64)) {
         let _ = self
             .activity
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
@@ -157,19 +157,21 @@ impl RunState {
             });
     }
 
-    /// Marks activity; call with the run's lock held.
-    pub(crate) fn touch(&self, held: &RunInner, now_ms: u64) {
-        self.update_activity(held, |seen, flight| (seen.max(now_ms), flight));
+    // The three below take the run's guard: ending a run checks its calls in
+    // flight and last activity under that lock, so a call started or a touch
+    // under it cannot fall between that check and `ended = true`.
+
+    /// Marks activity.
+    pub(crate) fn touch(&self, _held: &RunInner, now_ms: u64) {
+        self.update_activity(|seen, flight| (seen.max(now_ms), flight));
     }
 
-    /// Call with the run's lock held.
-    pub(crate) fn call_started(&self, held: &RunInner) {
-        self.update_activity(held, |seen, flight| (seen, flight + 1));
+    pub(crate) fn call_started(&self, _held: &RunInner) {
+        self.update_activity(|seen, flight| (seen, flight + 1));
     }
 
-    /// Call with the run's lock held.
-    pub(crate) fn call_ended(&self, held: &RunInner) {
-        self.update_activity(held, |seen, flight| (seen, flight.saturating_sub(1)));
+    pub(crate) fn call_ended(&self, _held: &RunInner) {
+        self.update_activity(|seen, flight| (seen, flight.saturating_sub(1)));
     }
 }
 
@@ -186,37 +188,46 @@ pub(crate) const SPARE_BLOCK: usize = 256;
 /// States allocated in a row lie next to each other instead.
 #[derive(Default)]
 pub(crate) struct SpareRuns {
-    spare: Mutex<Vec<RunRef>>,
+    spare: Mutex<Vec<UniqueArc<RunState>>>,
 }
 
 impl SpareRuns {
-    /// A new run's state, in a spare allocation when there is one.
+    /// A new run's state, in a spare allocation.
     pub(crate) fn take(&self, id: &str, new: NewRun) -> RunRef {
-        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-        if spare.is_empty() {
-            spare.reserve_exact(SPARE_BLOCK);
-            for _ in 0..SPARE_BLOCK {
-                spare.push(RunRef::new(RunState::new(
-                    "",
-                    NewRun {
-                        ceiling: Money::ZERO,
-                        labels: Arc::clone(&new.labels),
-                        now_ms: 0,
-                    },
-                )));
-            }
-        }
-        let taken = spare.pop();
-        drop(spare);
-        let fresh = RunState::new(id, new);
-        if let Some(mut state) = taken {
-            // Spares are never handed out twice, so each is unique here.
-            if let Some(slot) = RunRef::get_mut(&mut state) {
-                *slot = fresh;
-                return state;
-            }
-        }
-        RunRef::new(fresh)
+        let popped = self
+            .spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let mut state = match popped {
+            Some(state) => state,
+            None => self.refill(&new.labels),
+        };
+        *state = RunState::new(id, new);
+        state.shareable()
+    }
+
+    /// Allocates a block of spares outside the lock (so new runs on other
+    /// threads do not wait for it), keeps all but one and returns that one.
+    fn refill(&self, labels: &Arc<RunLabels>) -> UniqueArc<RunState> {
+        let blank = || {
+            UniqueArc::new(RunState::new(
+                "",
+                NewRun {
+                    ceiling: Money::ZERO,
+                    labels: Arc::clone(labels),
+                    now_ms: 0,
+                },
+            ))
+        };
+        let mut block = Vec::with_capacity(SPARE_BLOCK - 1);
+        block.extend((1..SPARE_BLOCK).map(|_| blank()));
+        let one = blank();
+        self.spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .append(&mut block);
+        one
     }
 
     #[cfg(test)]
