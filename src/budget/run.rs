@@ -194,11 +194,7 @@ pub(crate) struct SpareRuns {
 impl SpareRuns {
     /// A new run's state, in a spare allocation.
     pub(crate) fn take(&self, id: &str, new: NewRun) -> RunRef {
-        let popped = self
-            .spare
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
+        let popped = self.lock_spare().pop();
         let mut state = match popped {
             Some(state) => state,
             None => self.refill(&new.labels),
@@ -209,6 +205,8 @@ impl SpareRuns {
 
     /// Allocates a block of spares outside the lock (so new runs on other
     /// threads do not wait for it), keeps all but one and returns that one.
+    /// The block is built in the list's own buffer, taken out meanwhile, so
+    /// a refill allocates the states and nothing else.
     fn refill(&self, labels: &Arc<RunLabels>) -> UniqueArc<RunState> {
         let blank = || {
             UniqueArc::new(RunState::new(
@@ -220,22 +218,27 @@ impl SpareRuns {
                 },
             ))
         };
-        let mut block = Vec::with_capacity(SPARE_BLOCK - 1);
+        let mut block = std::mem::take(&mut *self.lock_spare());
+        block.reserve_exact(SPARE_BLOCK - 1);
         block.extend((1..SPARE_BLOCK).map(|_| blank()));
         let one = blank();
-        self.spare
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .append(&mut block);
+        let mut spare = self.lock_spare();
+        if spare.is_empty() {
+            *spare = block;
+        } else {
+            // Another thread refilled meanwhile.
+            spare.append(&mut block);
+        }
         one
+    }
+
+    fn lock_spare(&self) -> MutexGuard<'_, Vec<UniqueArc<RunState>>> {
+        self.spare.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     #[cfg(test)]
     pub(crate) fn spare_count(&self) -> usize {
-        self.spare
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.lock_spare().len()
     }
 }
 
