@@ -57,11 +57,12 @@ build_dist() {
     cargo build --profile dist --quiet --bin tollgate --example mock_upstream "$@"
 }
 
-# Waits (at most 10 s) until file $1 has a line matching $2 and prints it;
-# on timeout says so on stderr with the file's content and fails.
+# Waits (at most WAIT_SECS, default 10 s) until file $1 has a line matching
+# $2 and prints it; on timeout says so on stderr with the file's content and
+# fails.
 wait_line() {
     local file=$1 pattern=$2 _
-    for _ in $(seq 100); do
+    for _ in $(seq $((${WAIT_SECS:-10} * 10))); do
         if grep -m1 -- "$pattern" "$file" 2>/dev/null; then
             return 0
         fi
@@ -165,4 +166,73 @@ start_tollgate_process() {
     addrs=$(python3 -c 'import json,sys; l=json.loads(sys.argv[1]); print(l["agent"], l["admin"])' "$line")
     tollgate_agent=${addrs% *}
     tollgate_admin=${addrs#* }
+}
+
+# The training load of scripts/pgo.sh and scripts/layout.sh: starts one
+# mock per provider shape (each serving that provider's captured replies)
+# and tollgate binary $1 (a valgrind wrapper, say) with routes to each, the
+# ledger on and a release whose budget window refuses calls; then
+# run_training sends OpenAI, Anthropic and Gemini JSON calls and streams,
+# OpenAI streams with and without the client's usage option, paced streams,
+# calls at a fixed rate and refused calls, TRAIN_SECS (default 3) each, and
+# reads /metrics. Sets $tollgate_pid.
+start_training() {
+    mkdir -p "$work/anthropic" "$work/gemini"
+    set_mock_provider_args anthropic
+    start_mock "$work/anthropic" --threads 1 "${mock_provider_args[@]}"
+    local anthropic_addr=$mock_addr
+    set_mock_provider_args gemini
+    start_mock "$work/gemini" --threads 1 "${mock_provider_args[@]}"
+    local gemini_addr=$mock_addr
+    start_mock "$work" --threads 1
+    write_tollgate_config "$work/train.toml" "$mock_addr" <<TOML
+[[routes]]
+name = "anthropic"
+prefix = "/anthropic"
+upstream = "http://$anthropic_addr"
+kind = "anthropic"
+
+[[routes]]
+name = "gemini"
+prefix = "/gemini"
+upstream = "http://$gemini_addr"
+kind = "gemini"
+
+[ledger]
+enabled = true
+path = "$work/train.db"
+
+[[budget.windows]]
+release = "capped"
+period = "day"
+limit_usd = 0.000001
+TOML
+    start_tollgate_process "$1" "$work/train" info
+}
+
+# Sends calls to path $1 for TRAIN_SECS; the other arguments go to loadgen.
+train() {
+    local path=$1
+    shift
+    "$bin/examples/loadgen" --url "http://$tollgate_agent$path" \
+        --duration-secs "${TRAIN_SECS:-3}" --warmup-secs 0 --label train "$@" |
+        python3 -c 'import json, sys; r = json.load(sys.stdin); print("  %s: %d calls, %d not 2xx, %d errors" % (sys.argv[1], r["requests"], r["non_2xx"], r["errors"]), file=sys.stderr)' "$path ${*: -1}"
+}
+
+run_training() {
+    echo "training..." >&2
+    local chat=/openai/v1/chat/completions
+    train $chat --connections 32 --header 'x-agent-run-id: t-{conn}-{seq}' --header 'x-agent-release: r1'
+    train $chat --connections 16 --stream --include-usage --header 'x-agent-run-id: s-{conn}'
+    train $chat --connections 16 --stream --header 'x-agent-run-id: i-{conn}' --header 'x-agent-release: r2'
+    train $chat --connections 4 --rate 200 --header 'x-agent-run-id: p-{conn}'
+    train $chat --connections 8 --stream --include-usage --header 'x-mock-chunk-delay-us: 2000'
+    train $chat --connections 4 --rate 200 --header 'x-agent-release: capped'
+    train /anthropic/v1/messages --connections 8 --header 'x-agent-run-id: a-{conn}'
+    train /anthropic/v1/messages --connections 8 --stream --header 'x-agent-run-id: as-{conn}'
+    local gemini=/gemini/v1beta/models/gemini-2.0-flash
+    train "$gemini:generateContent" --connections 8 --header 'x-agent-run-id: g-{conn}'
+    train "$gemini:streamGenerateContent?alt=sse" --connections 8 --stream \
+        --header 'x-agent-run-id: gs-{conn}'
+    curl -fsS "http://$tollgate_admin/metrics" >/dev/null
 }
