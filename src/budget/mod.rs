@@ -7,7 +7,7 @@
 //!    holds one spend counter for its current UTC period). With a run id, the
 //!    run is looked up in the registry (a `DashMap` whose keys are the
 //!    `RunRef`s themselves, hashed and looked up by run id; the map
-//!    guard is held only to clone the `Arc`) or created (in a spare state
+//!    guard is held only to clone the `RunRef`) or created (in a spare state
 //!    from a block allocated at once, [`run::SpareRuns`]) with its
 //!    ceiling (header clamped to `max_run`, else first matching rule, else
 //!    the default). Then, under the run's own short mutex, the ceiling check
@@ -488,7 +488,7 @@ impl Budgets {
         for _ in 0..MAX_ADMIT_ATTEMPTS {
             let run = shared.get_or_create(run_id, call, policy, now);
             let mut g = run.lock();
-            if g.ended {
+            if g.ended() {
                 drop(g);
                 shared.forget(&run);
                 continue;
@@ -577,7 +577,7 @@ impl Budgets {
                     Some(asked) => asked.min(policy.max_run),
                     None => g.ceiling,
                 };
-                if g.ended {
+                if g.ended() {
                     (
                         policy.resolve_ceiling(
                             call.release,
@@ -661,7 +661,7 @@ impl Budgets {
     pub fn run_snapshot(&self, run_id: &str) -> Option<RunSnapshot> {
         let run = self.shared.lookup(run_id)?;
         let g = run.lock();
-        if g.ended {
+        if g.ended() {
             return None;
         }
         Some(RunSnapshot {
@@ -677,7 +677,7 @@ impl Budgets {
             refusals: u64::from(g.refusals),
             retries: u64::from(g.retries),
             repeated_calls: u64::from(g.repeated),
-            started_ms: g.started_ms,
+            started_ms: g.started_ms(),
             last_seen_ms: run.last_seen_ms(),
             in_flight: run.in_flight(),
         })
@@ -719,12 +719,13 @@ impl Budgets {
             g.refusals = g.refusals.saturating_add(sat32(restored.refusals));
             g.retries = g.retries.saturating_add(sat32(restored.retries));
             g.repeated = g.repeated.saturating_add(sat32(restored.repeated_calls));
-            g.started_ms = g.started_ms.min(restored.started_ms);
+            let started_ms = g.started_ms().min(restored.started_ms);
+            g.set_started_ms(started_ms);
         };
         for _ in 0..MAX_ADMIT_ATTEMPTS {
             if let Some(run) = shared.lookup(&restored.run_id) {
                 let mut g = run.lock();
-                if g.ended {
+                if g.ended() {
                     drop(g);
                     shared.forget(&run);
                     continue;
@@ -744,7 +745,7 @@ impl Budgets {
             );
             {
                 let mut g = fresh.lock();
-                g.started_ms = restored.started_ms;
+                g.set_started_ms(restored.started_ms);
                 g.llm = restored.llm_cost;
                 g.tool = restored.tool_cost;
                 g.calls = sat32(restored.calls);
@@ -935,7 +936,7 @@ impl Shared {
         let now = self.clock.now_ms();
         let end = {
             let mut g = run.lock();
-            if g.ended {
+            if g.ended() {
                 return None;
             }
             let evicted = matches!(cause, EndCause::Evict);
@@ -944,8 +945,8 @@ impl Shared {
                 EndCause::Explicit { status, reason } => {
                     let default = match status {
                         RunStatus::Ok => "completed",
-                        RunStatus::Error if g.last_failed && g.last_was_tool => "tool_error",
-                        RunStatus::Error if g.last_failed => "llm_error",
+                        RunStatus::Error if g.last_failed() && g.last_was_tool() => "tool_error",
+                        RunStatus::Error if g.last_failed() => "llm_error",
                         RunStatus::Error => "step_error",
                     };
                     (status, reason.filter(|r| !r.is_empty()), default)
@@ -963,7 +964,7 @@ impl Shared {
                     (idle_status(&g), None, "idle_timeout")
                 }
             };
-            g.ended = true;
+            g.set_ended();
             let stop_reason = match explicit {
                 Some(reason) => reason,
                 None if g.refusals > 0 => "budget_exceeded".to_string(),
@@ -981,7 +982,7 @@ impl Shared {
                 tool_cost: g.tool,
                 ceiling: g.ceiling,
                 breached: cost > g.ceiling,
-                started_ms: g.started_ms,
+                started_ms: g.started_ms(),
                 ended_ms: now,
                 calls: u64::from(g.calls),
                 refusals: u64::from(g.refusals),
@@ -1061,8 +1062,7 @@ impl Shared {
                 }
                 if let Some((key, failed)) = outcome {
                     g.note_outcome(key, failed);
-                    g.last_failed = failed;
-                    g.last_was_tool = kind == CostKind::Tool;
+                    g.set_last_outcome(failed, kind == CostKind::Tool);
                 }
                 run.call_ended(&g);
                 run.touch(&g, now);
@@ -1082,7 +1082,7 @@ impl Shared {
 }
 
 fn idle_status(g: &RunInner) -> RunStatus {
-    if g.last_failed {
+    if g.last_failed() {
         RunStatus::Error
     } else {
         RunStatus::Ok

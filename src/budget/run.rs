@@ -1,8 +1,8 @@
 //! Per-run state.
 //!
-//! Size on 64-bit targets: `RunState` is 144 bytes, 152 with the count of
-//! its [`RunRef`] (asserted in the unit tests): one 160-byte allocator
-//! block. An id of up to `INLINE_ID` bytes is kept in the state itself, a
+//! Size on 64-bit targets: `RunState` is 128 bytes, 136 with the count of
+//! its [`RunRef`] (asserted in the unit tests): one 144-byte allocator
+//! block (glibc adds 8 bytes to a request and rounds up to 16). An id of up to `INLINE_ID` bytes is kept in the state itself, a
 //! longer one in its own exact-size allocation. The registry stores only
 //! that `RunRef` (8 bytes a
 //! slot; the map hashes and compares by the id inside the state), so a
@@ -24,8 +24,10 @@ use triomphe::UniqueArc;
 use crate::money::Money;
 
 /// Route + model combinations whose last settled call failed, remembered per
-/// run for repeat-after-failure detection (oldest replaced when full).
-const FAILED_KEYS: usize = 4;
+/// run for repeat-after-failure detection (the oldest forgotten when full):
+/// the two latest, which covers an agent alternating between a model and a
+/// tool. Two more would take the state past 128 bytes.
+const FAILED_KEYS: usize = 2;
 
 /// A run's release and request-type labels, shared by the runs that have
 /// the same pair.
@@ -36,7 +38,7 @@ pub(crate) struct RunLabels {
 }
 
 /// A shared handle on a run's state: `triomphe`'s `Arc`, whose one count
-/// (no weak count) keeps the state and its count in a 160-byte block.
+/// (no weak count) keeps the state and its count in a 144-byte block.
 pub(crate) type RunRef = triomphe::Arc<RunState>;
 
 pub(crate) struct RunState {
@@ -50,8 +52,8 @@ pub(crate) struct RunState {
 
 /// The packing of [`RunState::activity`]: the time of the last activity in
 /// the high 44 bits (milliseconds since 1970; they last until the year
-/// 2527), the calls in flight in the low 20. One word instead of two keeps
-/// a run's state at 144 bytes, a 160-byte allocator block with its count.
+/// 2527), the calls in flight in the low 20. One word instead of two is part
+/// of what keeps a run's state at 128 bytes (see the module doc).
 struct Activity;
 
 impl Activity {
@@ -78,22 +80,56 @@ pub(crate) struct RunInner {
     pub(crate) tool: Money,
     /// Sum of the reservations of this run's calls in flight.
     pub(crate) reserved: Money,
-    pub(crate) started_ms: u64,
+    /// The start and the flags (see [`StartAndFlags`]).
+    started: StartAndFlags,
     pub(crate) labels: Arc<RunLabels>,
-    /// Ring of folded body hashes of the latest calls.
+    /// Folded body hashes of the latest calls, oldest first.
     body_hashes: BodyHashes,
+    /// Keys of the route + model pairs whose last settled call failed,
+    /// oldest first, then zeros.
     failed_keys: [u32; FAILED_KEYS],
     pub(crate) calls: u32,
     pub(crate) refusals: u32,
     pub(crate) retries: u32,
     pub(crate) repeated: u32,
-    hash_next: u16,
-    failed_next: u8,
-    pub(crate) last_failed: bool,
-    pub(crate) last_was_tool: bool,
-    /// Set exactly once, by whoever ends the run; a run that is `ended` is
+}
+
+/// A run's start (milliseconds since 1970) in the low 44 bits, as
+/// [`Activity`] keeps times, and its three flags in the bits above. A `u64`
+/// and three `bool`s took 16 bytes with the padding; one word is part of
+/// what keeps the state at 128 bytes.
+#[derive(Clone, Copy)]
+struct StartAndFlags(u64);
+
+impl StartAndFlags {
+    const MAX_MS: u64 = (1 << 44) - 1;
+    /// Set exactly once, by whoever ends the run; a run that is ended is
     /// (or is about to be) gone from the registry and admits nothing.
-    pub(crate) ended: bool,
+    const ENDED: u64 = 1 << 44;
+    /// The last settled call failed.
+    const LAST_FAILED: u64 = 1 << 45;
+    /// The last settled call was a tool's.
+    const LAST_WAS_TOOL: u64 = 1 << 46;
+
+    fn new(started_ms: u64) -> StartAndFlags {
+        StartAndFlags(started_ms.min(Self::MAX_MS))
+    }
+
+    fn ms(self) -> u64 {
+        self.0 & Self::MAX_MS
+    }
+
+    fn with_ms(self, ms: u64) -> StartAndFlags {
+        StartAndFlags((self.0 & !Self::MAX_MS) | ms.min(Self::MAX_MS))
+    }
+
+    fn has(self, flag: u64) -> bool {
+        self.0 & flag != 0
+    }
+
+    fn with(self, flag: u64, on: bool) -> StartAndFlags {
+        StartAndFlags(if on { self.0 | flag } else { self.0 & !flag })
+    }
 }
 
 pub(crate) struct NewRun {
@@ -112,7 +148,7 @@ impl RunState {
                 llm: Money::ZERO,
                 tool: Money::ZERO,
                 reserved: Money::ZERO,
-                started_ms: new.now_ms,
+                started: StartAndFlags::new(new.now_ms),
                 labels: new.labels,
                 body_hashes: BodyHashes::default(),
                 failed_keys: [0; FAILED_KEYS],
@@ -120,11 +156,6 @@ impl RunState {
                 refusals: 0,
                 retries: 0,
                 repeated: 0,
-                hash_next: 0,
-                failed_next: 0,
-                last_failed: false,
-                last_was_tool: false,
-                ended: false,
             }),
         }
     }
@@ -247,6 +278,38 @@ impl RunInner {
         self.llm.saturating_add(self.tool)
     }
 
+    pub(crate) fn started_ms(&self) -> u64 {
+        self.started.ms()
+    }
+
+    pub(crate) fn set_started_ms(&mut self, ms: u64) {
+        self.started = self.started.with_ms(ms);
+    }
+
+    pub(crate) fn ended(&self) -> bool {
+        self.started.has(StartAndFlags::ENDED)
+    }
+
+    pub(crate) fn set_ended(&mut self) {
+        self.started = self.started.with(StartAndFlags::ENDED, true);
+    }
+
+    pub(crate) fn last_failed(&self) -> bool {
+        self.started.has(StartAndFlags::LAST_FAILED)
+    }
+
+    pub(crate) fn last_was_tool(&self) -> bool {
+        self.started.has(StartAndFlags::LAST_WAS_TOOL)
+    }
+
+    /// Records how the last settled call went.
+    pub(crate) fn set_last_outcome(&mut self, failed: bool, was_tool: bool) {
+        self.started = self
+            .started
+            .with(StartAndFlags::LAST_FAILED, failed)
+            .with(StartAndFlags::LAST_WAS_TOOL, was_tool);
+    }
+
     /// Records `hash` among the latest `cap` body hashes; true when it was
     /// already there.
     pub(crate) fn note_body(&mut self, hash: u64, cap: usize) -> bool {
@@ -263,9 +326,11 @@ impl RunInner {
         if self.body_hashes.len() < cap {
             self.body_hashes.push(folded, cap);
         } else {
-            let at = usize::from(self.hash_next) % cap;
-            self.body_hashes.set(at, folded);
-            self.hash_next = u16::try_from((at + 1) % cap).unwrap_or(0);
+            // Full: the oldest goes. Shifting (at most 4 KiB, 256 bytes by
+            // default) keeps the order without a ring index in the state.
+            let hashes = self.body_hashes.as_mut_slice();
+            hashes.copy_within(1.., 0);
+            hashes[cap - 1] = folded;
         }
         seen
     }
@@ -277,15 +342,22 @@ impl RunInner {
 
     /// Remembers the outcome of a settled call on route + model `key`.
     pub(crate) fn note_outcome(&mut self, key: u32, failed: bool) {
-        let at = self.failed_keys.iter().position(|k| *k == key);
+        let keys = &mut self.failed_keys;
+        let filled = keys.iter().take_while(|k| **k != 0).count();
+        let at = keys[..filled].iter().position(|k| *k == key);
         match (failed, at) {
+            // Failed again: now the latest.
+            (true, Some(i)) => keys[i..filled].rotate_left(1),
+            (true, None) if filled < FAILED_KEYS => keys[filled] = key,
             (true, None) => {
-                let slot = usize::from(self.failed_next) % FAILED_KEYS;
-                self.failed_keys[slot] = key;
-                self.failed_next = u8::try_from((slot + 1) % FAILED_KEYS).unwrap_or(0);
+                keys.rotate_left(1);
+                keys[FAILED_KEYS - 1] = key;
             }
-            (false, Some(i)) => self.failed_keys[i] = 0,
-            _ => {}
+            (false, Some(i)) => {
+                keys[i..filled].rotate_left(1);
+                keys[filled - 1] = 0;
+            }
+            (false, None) => {}
         }
     }
 }
@@ -324,18 +396,27 @@ impl BodyHashes {
         }
     }
 
+    fn as_mut_slice(&mut self) -> &mut [u32] {
+        match self {
+            BodyHashes::Inline { len, hashes } => &mut hashes[..usize::from(*len)],
+            BodyHashes::Heap(v) => v,
+        }
+    }
+
     fn len(&self) -> usize {
         self.as_slice().len()
     }
 
-    /// Keeps the first `cap` hashes.
+    /// Keeps the latest `cap` hashes.
     fn shorten(&mut self, cap: usize) {
+        let drop = self.len().saturating_sub(cap);
         match self {
-            BodyHashes::Inline { len, .. } => {
-                *len = (*len).min(u8::try_from(cap).unwrap_or(u8::MAX));
+            BodyHashes::Inline { len, hashes } => {
+                hashes.copy_within(drop..usize::from(*len), 0);
+                *len -= u8::try_from(drop).unwrap_or(*len);
             }
             BodyHashes::Heap(v) => {
-                v.truncate(cap);
+                v.drain(..drop);
                 v.shrink_to_fit();
             }
         }
@@ -362,13 +443,6 @@ impl BodyHashes {
                 }
                 v.push(hash);
             }
-        }
-    }
-
-    fn set(&mut self, at: usize, hash: u32) {
-        match self {
-            BodyHashes::Inline { hashes, .. } => hashes[at] = hash,
-            BodyHashes::Heap(v) => v[at] = hash,
         }
     }
 }

@@ -2,7 +2,7 @@ use std::mem::size_of;
 use std::sync::{Arc, Mutex};
 
 use super::run::{
-    outcome_key, NewRun, RunKey, RunLabels, RunRef, RunState, SpareRuns, INLINE_HASHES, INLINE_ID,
+    outcome_key, NewRun, RunKey, RunLabels, RunState, SpareRuns, INLINE_HASHES, INLINE_ID,
     SPARE_BLOCK,
 };
 use super::*;
@@ -60,7 +60,7 @@ fn run_state_is_small() {
     // slot (the pointer itself, ~1/0.875 for the table's load factor, + 1
     // control byte); an id longer than INLINE_ID in its own allocation;
     // body hashes past the first few 4 bytes each. glibc adds 8 bytes and
-    // rounds up to 16: 152 bytes of state and count fit a 160-byte block.
+    // rounds up to 16: 136 bytes of state and count fit a 144-byte block.
     let word = size_of::<usize>();
     let state = size_of::<RunState>() + word;
     let entry = size_of::<(RunKey, ())>() * 8 / 7 + 1;
@@ -70,9 +70,9 @@ fn run_state_is_small() {
          ~{fixed} B per run; the first {INLINE_HASHES} body hashes inline, \
          then 4 B each (64 → 256 B)"
     );
-    assert!(state <= 152, "RunState and its count grew to {state} bytes");
+    assert!(state <= 136, "RunState and its count grew to {state} bytes");
     assert_eq!(size_of::<(RunKey, ())>(), word);
-    assert!(fixed < 168, "{fixed}");
+    assert!(fixed < 152, "{fixed}");
 }
 
 #[test]
@@ -130,20 +130,19 @@ fn new_runs_take_spare_states_allocated_a_block_at_a_time() {
         runs.push(run);
     }
     for (i, run) in runs.iter().enumerate() {
-        assert_eq!(RunRef::count(run), 1, "run {i} is shared");
         assert_eq!(&*run.id, format!("run-{i}"));
         assert_eq!(run.last_seen_ms(), 1_000 + i as u64);
         assert_eq!(run.in_flight(), 0);
         let g = run.lock();
         assert_eq!(g.ceiling, Money::from_picos(i as u64 + 1));
         assert_eq!(&*g.labels.release, format!("v{i}"));
-        assert_eq!(g.started_ms, 1_000 + i as u64);
+        assert_eq!(g.started_ms(), 1_000 + i as u64);
         assert_eq!(
             (g.llm, g.tool, g.reserved),
             (Money::ZERO, Money::ZERO, Money::ZERO)
         );
         assert_eq!(g.calls, 0);
-        assert!(!g.ended);
+        assert!(!g.ended() && !g.last_failed() && !g.last_was_tool());
     }
 }
 
@@ -281,11 +280,13 @@ fn body_hash_ring_spills_from_inline_and_shortens_on_reload() {
     for h in 0..n {
         assert!(g.note_body(h, 8), "{h} remembered");
     }
-    // Full at 8: the ring replaces the oldest.
+    // Full at 8: the oldest goes.
     assert!(!g.note_body(100, 8));
-    assert!(g.note_body(100, 8));
-    // A reload shortens the history to the first 2 remembered.
-    assert!(!g.note_body(200, 2));
+    assert!(!g.note_body(101, 8));
+    // A reload shortens the history to the latest 2, 100 and 101.
+    assert!(g.note_body(100, 2)); // now 101, 100
+    assert!(!g.note_body(n - 1, 2)); // forgotten; now 100, n - 1
+    assert!(!g.note_body(101, 2));
     drop(g);
     let run = lone_run();
     let mut g2 = run.lock();
@@ -293,10 +294,10 @@ fn body_hash_ring_spills_from_inline_and_shortens_on_reload() {
         assert!(!g2.note_body(h, 64));
     }
     assert!(
-        g2.note_body(0, 1),
-        "shortened inline history keeps the first"
+        g2.note_body(INLINE_HASHES as u64 - 1, 1),
+        "shortened inline history keeps the latest"
     );
-    assert!(!g2.note_body(1, 1), "and only the first");
+    assert!(!g2.note_body(0, 1), "and only the latest");
 }
 
 #[test]
@@ -312,6 +313,50 @@ fn outcome_memory_tracks_last_result_per_route_and_model() {
     assert!(!g.failed_before(b));
     g.note_outcome(a, false);
     assert!(!g.failed_before(a));
+}
+
+#[test]
+fn outcome_memory_keeps_the_two_latest_failed_pairs() {
+    let run = lone_run();
+    let [a, b, c] = ["a", "b", "c"].map(|route| outcome_key(route, Some("m")));
+    let mut g = run.lock();
+    g.note_outcome(a, true);
+    g.note_outcome(b, true);
+    // A third failing pair pushes out the oldest.
+    g.note_outcome(c, true);
+    assert_eq!([a, b, c].map(|k| g.failed_before(k)), [false, true, true]);
+    // Failing again makes a pair the latest: a new one then pushes out c.
+    g.note_outcome(b, true);
+    g.note_outcome(a, true);
+    assert_eq!([a, b, c].map(|k| g.failed_before(k)), [true, true, false]);
+    // A success forgets its pair and frees its place; a success on a pair
+    // not remembered changes nothing.
+    g.note_outcome(b, false);
+    g.note_outcome(c, false);
+    assert_eq!([a, b, c].map(|k| g.failed_before(k)), [true, false, false]);
+    g.note_outcome(c, true);
+    assert_eq!([a, b, c].map(|k| g.failed_before(k)), [true, false, true]);
+}
+
+#[test]
+fn start_and_flags_share_a_word_without_touching_each_other() {
+    let run = lone_run();
+    let mut g = run.lock();
+    let now = 1_795_998_380_378;
+    g.set_started_ms(now);
+    g.set_last_outcome(true, true);
+    assert_eq!(g.started_ms(), now);
+    assert!(g.last_failed() && g.last_was_tool() && !g.ended());
+    g.set_last_outcome(true, false);
+    g.set_ended();
+    g.set_started_ms(now - 5);
+    assert_eq!(g.started_ms(), now - 5);
+    assert!(g.last_failed() && !g.last_was_tool() && g.ended());
+    // A time past 44 bits stops at their top instead of setting the flags.
+    g.set_last_outcome(false, false);
+    g.set_started_ms(u64::MAX);
+    assert_eq!(g.started_ms(), (1 << 44) - 1);
+    assert!(!g.last_failed() && !g.last_was_tool() && g.ended());
 }
 
 #[test]
@@ -443,7 +488,7 @@ fn ended_run_entry_is_replaced_not_reused() {
         .expect("admit")
         .settle(m("0.02"), CostKind::Llm, false, None);
     let old = budgets.shared.lookup("r1").expect("run");
-    old.lock().ended = true; // as if an end were half done
+    old.lock().set_ended(); // as if an end were half done
     let adm = budgets.admit(&call).expect("admit");
     assert_eq!(adm.run_spent(), Money::ZERO);
     adm.settle(m("0.01"), CostKind::Llm, false, None);
