@@ -1,29 +1,24 @@
 #!/usr/bin/env bash
-# Lays out tollgate's code so that the functions it runs sit next to each
-# other: a build serves the training load of scripts/pgo.sh (run_training in
-# scripts/lib.sh) under callgrind, which lists every function of the binary
-# that ran, hottest first; then the same build is linked with that list as
-# the linker's --symbol-ordering-file (build.rs, TOLLGATE_SYMBOL_ORDER).
+# Writes link/hot-functions.txt, the functions tollgate runs, hottest first,
+# which link/linker.sh places first and together when it links an optimised
+# tollgate binary: the `dist` build serves the training load of
+# scripts/pgo.sh (run_training in scripts/lib.sh) under callgrind, which
+# lists every function of the binary that ran; the list keeps each one's
+# name as `nm -C` prints it, without its hash, and its size. Then the
+# `dist` build is linked again with the new list.
 #
 # Why: the kernel maps a binary's code in blocks of up to 64 KiB around each
 # page that runs (fault-around). The ~1,900 functions a proxy runs, spread
-# over 9 MB of code, kept ~7 MB of it resident (BENCHMARKS.md, "Memory").
+# over 9 MB of code, kept ~7 MiB of it resident (BENCHMARKS.md, "Memory").
+# Run it again when the code has changed much: functions that are new or
+# renamed since the list was written are not placed.
 #
-# Symbol names carry hashes that differ from build to build, so the list is
-# made from, and applied to, one build: both builds run with the same
-# TOLLGATE_SYMBOL_ORDER path (cargo treats the variable's value as part of
-# the build; the file's content only makes build.rs run again, and the
-# compiler's output is the same), the first with an empty file.
+# Needs valgrind. Result: link/hot-functions.txt and target/dist/tollgate;
+# with UNORDERED=1 also target/layout/tollgate-unordered, the same build
+# linked with no list, for A/B runs (one more build). Prints over how many
+# 64 KiB blocks the functions that ran lie, before and after.
 #
-# Needs valgrind, and a linker with --symbol-ordering-file: lld (rustc's
-# default on x86_64 Linux) or mold. Result: target/layout/tollgate (with
-# PGO=1 target/pgo/layout/tollgate), and the same build without the order
-# as tollgate-unordered beside it; prints
-# how many of the listed functions the new binary has and over how many
-# 64 KiB blocks they lie, before and after.
-#
-# Environment (defaults): PGO=0 (1: lays out scripts/pgo.sh's build, built
-#   again with its profile, in target/pgo), TRAIN_SECS=3 (per training step)
+# Environment (defaults): UNORDERED=0, TRAIN_SECS=3 (per training step)
 
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -34,42 +29,30 @@ command -v valgrind >/dev/null || {
 }
 
 harness_init layout
-target_dir=$root/target
-if [[ ${PGO:-0} == 1 ]]; then
-    target_dir=$root/target/pgo
-    profdata=("$target_dir"/*.profdata)
-    [[ -e ${profdata[0]} ]] || {
-        echo "no profile in target/pgo: run scripts/pgo.sh first" >&2
-        exit 2
-    }
-fi
-out=$target_dir/layout
-mkdir -p "$out"
-order=$out/symbol-order.txt
-: >"$order"
-if [[ ${PGO:-0} == 1 ]]; then
-    build_dist --example loadgen # the mock and load generator
-    # The flags of scripts/pgo.sh's last build, so that only tollgate is
-    # built again.
-    export RUSTFLAGS="-Cprofile-use=${profdata[0]}"
-    export TOLLGATE_SYMBOL_ORDER=$order
-else
-    export TOLLGATE_SYMBOL_ORDER=$order
-    build_dist --example loadgen # also the first build below
-fi
-binary=$target_dir/dist/tollgate
+list=$root/link/hot-functions.txt
+binary=$root/target/dist/tollgate
+# The binary as users build it: tollgate alone (built in one command with
+# the examples, it would get their dependencies' features too).
 build() {
-    cargo build --profile dist --locked --quiet --bin tollgate --target-dir "$target_dir"
+    cargo build --profile dist --locked --quiet --bin tollgate
 }
 
-echo "building (no order yet)..." >&2
+build_dist --example loadgen # the mock and the load generator
+if [[ ${UNORDERED:-0} == 1 ]]; then
+    echo "building with no list..." >&2
+    : >"$work/empty"
+    TOLLGATE_HOT_FUNCTIONS=$work/empty build
+    mkdir -p "$root/target/layout"
+    cp "$binary" "$root/target/layout/tollgate-unordered"
+fi
+echo "building with the current list..." >&2
 build
-cp "$binary" "$out/tollgate-unordered"
+cp "$binary" "$work/tollgate-before"
 
-cat >"$work/valgrind" <<EOF
+cat >"$work/valgrind" <<VEOF
 #!/bin/sh
-exec valgrind --tool=callgrind --demangle=no --callgrind-out-file=$work/callgrind.out "$binary" "\$@"
-EOF
+exec valgrind --tool=callgrind --demangle=no --callgrind-out-file=$work/callgrind.out "$work/tollgate-before" "\$@"
+VEOF
 chmod +x "$work/valgrind"
 WAIT_SECS=120 start_training "$work/valgrind"
 run_training
@@ -78,7 +61,7 @@ kill -TERM "$tollgate_pid"
 wait "$tollgate_pid" || true
 
 # The binary's functions that ran, by their own instructions, hottest first.
-python3 - "$work/callgrind.out" "$binary" >"$order" <<'PYEOF'
+python3 - "$work/callgrind.out" "$work/tollgate-before" >"$work/ran.txt" <<'PYEOF'
 import re, sys
 
 path, binary = sys.argv[1], sys.argv[2]
@@ -126,27 +109,38 @@ for fn, _ in sorted(total.items(), key=lambda kv: -kv[1]):
     print(fn)
 PYEOF
 
-echo "linking with the order ($(wc -l <"$order") functions)..." >&2
-build
-cp "$binary" "$out/tollgate"
+# Each function that ran as the list keeps it: its size, as nm prints it,
+# and its name as `nm -C` prints it, without the hash.
+python3 - "$work/tollgate-before" <"$work/ran.txt" >"$work/hot-functions.txt" <<'PYEOF'
+import re, subprocess, sys
 
-# Of the listed functions: how many each binary has, their bytes, and the
-# 64 KiB blocks of the binary they touch.
-spread() {
-    nm -S --defined-only "$1" | python3 -c '
-import sys
-listed = set(open(sys.argv[1]).read().split())
-found, size, blocks = set(), 0, set()
+binary = sys.argv[1]
+
+
+def nm(*flags):
+    out = subprocess.run(["nm", "-p", "-S", "--defined-only", *flags, binary],
+                         capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
+
+
+entry = {}
+for mangled, demangled in zip(nm(), nm("-C")):
+    f = mangled.split(" ")
+    if len(f) == 4:
+        name = demangled.split(" ", 3)[3]
+        name = re.sub(r"\.llvm\.[0-9]+$", "", name)
+        name = re.sub(r"::h[0-9a-f]{16}$", "", name)
+        entry[f[3]] = f"{f[1]}\t{name}"
 for line in sys.stdin:
-    f = line.split()
-    if len(f) == 4 and f[3] in listed and f[2] in "tT":
-        start, length = int(f[0], 16), int(f[1], 16)
-        found.add(f[3])
-        size += length
-        blocks.update(range(start >> 16, ((start + max(length, 1) - 1) >> 16) + 1))
-print(f"{len(found)} of {len(listed)} functions, {size / 2**20:.1f} MiB, over {len(blocks)} blocks of 64 KiB ({len(blocks) / 16:.1f} MiB)")
-' "$order"
-}
-echo "before: $(spread "$out/tollgate-unordered")"
-echo "after:  $(spread "$out/tollgate")"
-echo "built ${out#"$root"/}/tollgate" >&2
+    if line.strip() in entry:
+        print(entry[line.strip()])
+PYEOF
+
+echo "before, the functions that ran:" >&2
+scripts/check-layout.sh "$work/tollgate-before" "$work/ran.txt" || true
+cp "$work/hot-functions.txt" "$list"
+echo "linking with the new list ($(wc -l <"$list") functions)..." >&2
+build
+echo "after, the symbols the list names:" >&2
+scripts/check-layout.sh
+echo "wrote link/hot-functions.txt; built target/dist/tollgate" >&2
