@@ -111,10 +111,10 @@ PYEOF
 
 # Each function that ran as the list keeps it: its size, as nm prints it,
 # and its name as `nm -C` prints it, without the hash.
-python3 - "$work/tollgate-before" <"$work/ran.txt" >"$work/hot-functions.txt" <<'PYEOF'
+python3 - "$work/tollgate-before" "$work/ran.txt" >"$work/hot-functions.txt" <<'PYEOF'
 import re, subprocess, sys
 
-binary = sys.argv[1]
+binary, ran = sys.argv[1], sys.argv[2]
 
 
 def nm(*flags):
@@ -131,13 +131,17 @@ for mangled, demangled in zip(nm(), nm("-C")):
         name = re.sub(r"\.llvm\.[0-9]+$", "", name)
         name = re.sub(r"::h[0-9a-f]{16}$", "", name)
         entry[f[3]] = f"{f[1]}\t{name}"
-for line in sys.stdin:
+for line in open(ran):
     if line.strip() in entry:
         print(entry[line.strip()])
 PYEOF
 
+[[ -s $work/hot-functions.txt ]] || {
+    echo "no function of the binary ran under callgrind: link/hot-functions.txt is left as it was" >&2
+    exit 1
+}
 echo "before, the functions that ran:" >&2
-scripts/check-layout.sh "$work/tollgate-before" "$work/ran.txt" || true
+scripts/check-layout.sh "$work/tollgate-before" "$work/ran.txt" 2>/dev/null || true
 cp "$work/hot-functions.txt" "$list"
 echo "linking with the new list ($(wc -l <"$list") functions)..." >&2
 build
