@@ -31,8 +31,8 @@ command -v valgrind >/dev/null || {
 harness_init layout
 list=$root/link/hot-functions.txt
 binary=$root/target/dist/tollgate
-# The binary as users build it: tollgate alone (built in one command with
-# the examples, it would get their dependencies' features too).
+# tollgate alone, as build_dist builds it; cargo links it again when the
+# list changes (build.rs).
 build() {
     cargo build --profile dist --locked --quiet --bin tollgate
 }

@@ -2,10 +2,10 @@
 //!
 //! Size on 64-bit targets: `RunState` is 128 bytes, 136 with the count of
 //! its [`RunRef`] (asserted in the unit tests): one 144-byte allocator
-//! block (glibc adds 8 bytes to a request and rounds up to 16). An id of up to `INLINE_ID` bytes is kept in the state itself, a
-//! longer one in its own exact-size allocation. The registry stores only
-//! that `RunRef` (8 bytes a
-//! slot; the map hashes and compares by the id inside the state), so a
+//! block (glibc adds 8 bytes to a request and rounds up to 16). An id of up
+//! to `INLINE_ID` bytes is kept in the state itself, a longer one in its
+//! own exact-size allocation. The registry stores only that `RunRef` (8
+//! bytes a slot; the map hashes and compares by the id inside the state), so a
 //! tracked run with a short id costs one block plus ~10 bytes of map, and
 //! with a 36-character id one more block of 48 bytes. States are allocated
 //! [`SPARE_BLOCK`] at a time, next to each other (see [`SpareRuns`]). Release and
