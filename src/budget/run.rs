@@ -102,7 +102,7 @@ pub(crate) struct RunInner {
 struct StartAndFlags(u64);
 
 impl StartAndFlags {
-    const MAX_MS: u64 = (1 << 44) - 1;
+    const MAX_MS: u64 = Activity::MAX_MS;
     /// Set exactly once, by whoever ends the run; a run that is ended is
     /// (or is about to be) gone from the registry and admits nothing.
     const ENDED: u64 = 1 << 44;
