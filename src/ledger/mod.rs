@@ -822,6 +822,36 @@ mod tests {
     }
 
     #[test]
+    fn a_file_from_before_loses_the_release_index_and_keeps_its_calls() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&settings(dir.path())).unwrap();
+        ledger.record_call(call("a", 0, 1));
+        ledger.close();
+        let path = dir.path().join("ledger.db");
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE INDEX calls_release ON calls(release, ts_ms)")
+            .unwrap();
+        drop(conn);
+
+        let ledger = Ledger::open(&settings(dir.path())).unwrap();
+        ledger.record_call(call("a", 1, 1));
+        ledger.close();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'calls' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(indexes, ["calls_run", "calls_ts"]);
+        let count: i64 = conn
+            .query_row("SELECT COUNT(*) FROM calls", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count, 2);
+    }
+
+    #[test]
     fn live_runs_are_found_for_restore_and_ended_ones_are_not() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open(&settings(dir.path())).unwrap();

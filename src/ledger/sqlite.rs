@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use flume::{Receiver, RecvTimeoutError, TryRecvError};
 use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::{params, params_from_iter, Connection, ToSql};
+use rusqlite::{params, params_from_iter, CachedStatement, Connection, ToSql};
 
 use super::reader::{Param, Row, Value};
 use super::{
-    call_values, run_values, Entry, Field, LedgerError, LedgerStats, CALL_COLUMNS, MAX_BATCH,
-    RETENTION_EVERY, RETENTION_STEP, RUN_COLUMNS,
+    call_values, run_values, CallRecord, Entry, Field, LedgerError, LedgerStats, CALL_COLUMNS,
+    MAX_BATCH, RETENTION_EVERY, RETENTION_STEP, RUN_COLUMNS,
 };
 
 const SCHEMA: &str = "
@@ -50,7 +50,11 @@ CREATE TABLE IF NOT EXISTS calls (
 );
 CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts_ms);
 CREATE INDEX IF NOT EXISTS calls_run ON calls(run_id, ts_ms);
-CREATE INDEX IF NOT EXISTS calls_release ON calls(release, ts_ms);
+-- No index on calls(release, ts_ms) (PostgreSQL keeps one): here every
+-- index is a B-tree insert per call on the writer thread, which shares the
+-- cores with the proxy, and the one query on a release's calls is bounded by
+-- a time window that calls_ts serves. Files made before it lose it.
+DROP INDEX IF EXISTS calls_release;
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT NOT NULL,
     started_ms INTEGER NOT NULL,
@@ -260,13 +264,19 @@ pub(super) fn write_loop(
     }
 }
 
-fn insert_sql(verb: &str, table: &str, columns: &[&str]) -> String {
-    let placeholders = (1..=columns.len())
-        .map(|i| format!("?{i}"))
+fn insert_sql(verb: &str, table: &str, columns: &[&str], rows: usize) -> String {
+    let values = (0..rows)
+        .map(|row| {
+            let placeholders = (1..=columns.len())
+                .map(|i| format!("?{}", row * columns.len() + i))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("({placeholders})")
+        })
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "{verb} INTO {table} ({}) VALUES ({placeholders})",
+        "{verb} INTO {table} ({}) VALUES {values}",
         columns.join(", ")
     )
 }
@@ -279,46 +289,104 @@ fn insert_sql(verb: &str, table: &str, columns: &[&str]) -> String {
 /// worker run at once; with nothing waiting, a yield returns at once.
 const ROWS_PER_YIELD: usize = 8;
 
+/// Calls inserted by one execution of the multi-row statement: the
+/// statement's own work (opening the table's and indexes' cursors, halting,
+/// resetting its registers) is paid once for all of them. One execution
+/// is also the writer's unit between two yields. The statement is `INSERT
+/// OR ROLLBACK`: a row that fails ends the whole transaction, which the
+/// writer retries anyway, so SQLite keeps no statement journal to undo the
+/// statement's earlier rows.
+const CALLS_PER_INSERT: usize = ROWS_PER_YIELD;
+
 fn commit(conn: &mut Connection, batch: &[Entry]) -> rusqlite::Result<()> {
+    static INSERT_CALLS: LazyLock<String> = LazyLock::new(|| {
+        insert_sql(
+            "INSERT OR ROLLBACK",
+            "calls",
+            &CALL_COLUMNS,
+            CALLS_PER_INSERT,
+        )
+    });
+    static INSERT_CALL: LazyLock<String> =
+        LazyLock::new(|| insert_sql("INSERT", "calls", &CALL_COLUMNS, 1));
+    static INSERT_RUN: LazyLock<String> =
+        LazyLock::new(|| insert_sql("INSERT OR REPLACE", "runs", &RUN_COLUMNS, 1));
     let tx = conn.transaction()?;
     {
-        static INSERT_CALL: LazyLock<String> =
-            LazyLock::new(|| insert_sql("INSERT", "calls", &CALL_COLUMNS));
-        static INSERT_RUN: LazyLock<String> =
-            LazyLock::new(|| insert_sql("INSERT OR REPLACE", "runs", &RUN_COLUMNS));
-        let mut call_stmt = tx.prepare_cached(&INSERT_CALL)?;
+        // Calls and runs go to different tables: their order between the
+        // two does not matter within the transaction.
+        let calls: Vec<&CallRecord> = batch
+            .iter()
+            .filter_map(|entry| match entry {
+                Entry::Call(c) => Some(&**c),
+                _ => None,
+            })
+            .collect();
+        let mut chunks = calls.chunks_exact(CALLS_PER_INSERT);
+        let mut many = CallInsert::new(tx.prepare_cached(&INSERT_CALLS)?);
+        for chunk in chunks.by_ref() {
+            std::thread::yield_now();
+            many.execute(chunk)?;
+        }
+        let mut one = CallInsert::new(tx.prepare_cached(&INSERT_CALL)?);
+        for call in chunks.remainder() {
+            one.execute(std::slice::from_ref(call))?;
+        }
         let mut run_stmt = tx.prepare_cached(&INSERT_RUN)?;
-        // A statement keeps its bound values from one execution to the
-        // next, so a call binds only the columns that differ from the
-        // previous call's (release, route, model, price version... mostly
-        // repeat): a text bind is a copy into SQLite, ~200 instructions.
-        let mut previous_call: Option<[Field<'_>; CALL_COLUMNS.len()]> = None;
-        for (i, entry) in batch.iter().enumerate() {
+        let runs = batch.iter().filter_map(|entry| match entry {
+            Entry::Run(r) => Some(r),
+            _ => None,
+        });
+        for (i, run) in runs.enumerate() {
             if i % ROWS_PER_YIELD == ROWS_PER_YIELD - 1 {
                 std::thread::yield_now();
             }
-            match entry {
-                Entry::Call(c) => {
-                    let values = call_values(c);
-                    for (column, value) in values.iter().enumerate() {
-                        let unchanged = previous_call
-                            .as_ref()
-                            .is_some_and(|previous| previous[column] == *value);
-                        if !unchanged {
-                            call_stmt.raw_bind_parameter(column + 1, value)?;
-                        }
-                    }
-                    call_stmt.raw_execute()?;
-                    previous_call = Some(values);
-                }
-                Entry::Run(r) => {
-                    run_stmt.execute(params_from_iter(&run_values(r)))?;
-                }
-                Entry::Flush(_) | Entry::Restore(_) => {}
-            }
+            run_stmt.execute(params_from_iter(&run_values(run)))?;
         }
     }
     tx.commit()
+}
+
+/// An insert of one or more calls that binds only the values that differ
+/// from the ones its placeholders held at the previous execution: a
+/// statement keeps its bound values from one execution to the next, and
+/// most columns repeat from call to call (release, route, model, price
+/// version...), while a text bind is a copy into SQLite (~200 instructions).
+struct CallInsert<'conn, 'rec> {
+    stmt: CachedStatement<'conn>,
+    bound: Vec<[Field<'rec>; CALL_COLUMNS.len()]>,
+}
+
+impl<'conn, 'rec> CallInsert<'conn, 'rec> {
+    fn new(stmt: CachedStatement<'conn>) -> Self {
+        CallInsert {
+            stmt,
+            bound: Vec::new(),
+        }
+    }
+
+    /// Inserts `calls`, as many as the statement has rows.
+    fn execute(&mut self, calls: &[&'rec CallRecord]) -> rusqlite::Result<()> {
+        for (row, call) in calls.iter().enumerate() {
+            let values = call_values(call);
+            for (column, value) in values.iter().enumerate() {
+                let unchanged = self
+                    .bound
+                    .get(row)
+                    .is_some_and(|bound| bound[column] == *value);
+                if !unchanged {
+                    self.stmt
+                        .raw_bind_parameter(row * CALL_COLUMNS.len() + column + 1, value)?;
+                }
+            }
+            match self.bound.get_mut(row) {
+                Some(bound) => *bound = values,
+                None => self.bound.push(values),
+            }
+        }
+        self.stmt.raw_execute()?;
+        Ok(())
+    }
 }
 
 /// Deletes calls and runs older than `retention`, a step at a time.
