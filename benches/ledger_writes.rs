@@ -1,6 +1,7 @@
 //! Sustained ledger write rate: queues N call records (default 200 000) as
 //! fast as one thread can, waits until all are committed, and prints
-//! records per second, with the default batch and queue settings.
+//! records per second, with the default batch and queue settings, and the
+//! writer thread's CPU time per record.
 //! Run with `cargo bench --bench ledger_writes` (optionally `-- 500000`);
 //! with a `postgres://…` argument it writes to that database instead of a
 //! SQLite file (`-- 200000 postgres://tollgate@127.0.0.1:5432/tollgate`).
@@ -66,7 +67,7 @@ fn main() {
     let started = Instant::now();
     for i in 0..count {
         let mut record = template.clone();
-        record.run_id = Some(format!("run-{:010}", i % 5_000));
+        record.run_id = Some(format!("run-{:010}", i % 5_000).into());
         record.ts_ms = now_ms + i;
         ledger.record_call(record);
     }
@@ -83,6 +84,29 @@ fn main() {
         count as f64 / total.as_secs_f64(),
         queued.as_secs_f64()
     );
+    // The rate above is bounded by the producing thread as much as by the
+    // writer on two cores; the writer's own CPU time is its cost.
+    match writer_cpu_ns() {
+        Some(ns) => println!(
+            "writer thread: {:.2} µs of CPU per record",
+            ns as f64 / 1_000.0 / count as f64
+        ),
+        None => println!("writer thread: not found in /proc/self/task"),
+    }
     ledger.close();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Time on CPU of the thread named `tollgate-ledger`, in nanoseconds (the
+/// first field of its `/proc/self/task/<tid>/schedstat`).
+fn writer_cpu_ns() -> Option<u64> {
+    std::fs::read_dir("/proc/self/task").ok()?.find_map(|task| {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+        if comm.trim_end() != "tollgate-ledger" {
+            return None;
+        }
+        let schedstat = std::fs::read_to_string(dir.join("schedstat")).ok()?;
+        schedstat.split_whitespace().next()?.parse().ok()
+    })
 }

@@ -29,6 +29,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use compact_str::CompactString;
 use http::{HeaderName, HeaderValue, Request, Response};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -547,13 +548,13 @@ fn record_unmetered(state: &AppState, call: Unmetered<'_>) {
     let Some(ledger) = &state.ledger else { return };
     ledger.record_call(CallRecord {
         ts_ms: call.started_ms,
-        run_id: call.attribution.run_id.clone(),
-        release: call.attribution.release.clone(),
-        request_type: call.attribution.request_type.clone(),
-        route: call.route.to_string(),
+        run_id: call.attribution.run_id.as_deref().map(CompactString::from),
+        release: call.attribution.release.as_str().into(),
+        request_type: call.attribution.request_type.as_str().into(),
+        route: call.route.into(),
         provider: call.kind.as_str(),
-        model: call.model,
-        tool: call.tool,
+        model: call.model.map(CompactString::from),
+        tool: call.tool.map(CompactString::from),
         status: call.status,
         outcome: call.outcome,
         latency_ms: call.started.elapsed().as_millis() as u64,
@@ -561,7 +562,7 @@ fn record_unmetered(state: &AppState, call: Unmetered<'_>) {
         repeat_after_failure: call.flags.repeat_after_failure,
         duplicate_body: call.flags.duplicate_body,
         run_ceiling: call.run_ceiling,
-        price_version: state.pricing.load().version().to_string(),
+        price_version: state.pricing.load().version().into(),
         ..CallRecord::default()
     });
 }

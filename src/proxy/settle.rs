@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use compact_str::CompactString;
 use http::StatusCode;
 use tokio::time::Instant;
 
@@ -168,14 +169,14 @@ impl CallMeter {
             let usage = record.usage.unwrap_or_default();
             ledger.record_call(CallRecord {
                 ts_ms: self.started_ms,
-                run_id: self.attribution.run_id,
-                release: self.attribution.release,
-                request_type: self.attribution.request_type,
-                route: self.route,
+                run_id: self.attribution.run_id.map(CompactString::from),
+                release: self.attribution.release.into(),
+                request_type: self.attribution.request_type.into(),
+                route: self.route.into(),
                 provider: self.kind.as_str(),
-                model: record.model,
-                price_entry: record.price_entry,
-                tool: self.tool,
+                model: record.model.map(CompactString::from),
+                price_entry: record.price_entry.map(CompactString::from),
+                tool: self.tool.map(CompactString::from),
                 status,
                 outcome: end.as_str(),
                 prompt_tokens: usage.input_tokens,
@@ -192,7 +193,7 @@ impl CallMeter {
                 repeat_after_failure: self.flags.repeat_after_failure,
                 duplicate_body: self.flags.duplicate_body,
                 run_ceiling,
-                price_version: self.pricing.version().to_string(),
+                price_version: self.pricing.version().into(),
             });
         }
         Settled {
