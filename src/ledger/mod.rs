@@ -81,8 +81,8 @@ pub enum LedgerBackend {
 /// Its text fields hold up to 24 bytes inline ([`CompactString`]): ids,
 /// releases, routes, model names and price versions mostly fit, so a record
 /// is one allocation (its box on the queue). The writer thread frees what
-/// the request path allocated; one block a record instead of eight keeps
-/// that traffic between the threads' allocator arenas small.
+/// the request path allocated; one block a record instead of up to nine
+/// keeps that traffic between the threads' allocator arenas small.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CallRecord {
     pub ts_ms: u64,
@@ -586,6 +586,21 @@ mod tests {
 
     const T0: u64 = 1_800_000_000_000;
 
+    /// The first column of every row `sql` returns, as text.
+    fn texts(conn: &rusqlite::Connection, sql: &str) -> Vec<String> {
+        conn.prepare(sql)
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    fn calls_in(conn: &rusqlite::Connection) -> i64 {
+        conn.query_row("SELECT COUNT(*) FROM calls", [], |r| r.get(0))
+            .unwrap()
+    }
+
     #[test]
     fn a_channel_entry_is_a_tag_and_a_pointer() {
         // A burst can queue `queue_capacity` of them.
@@ -608,14 +623,7 @@ mod tests {
         ledger.flush();
         let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
         sqlite::apply_retention(&conn, Duration::from_secs(30 * 86_400));
-        let runs: Vec<String> = conn
-            .prepare("SELECT run_id FROM calls")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        assert_eq!(runs, ["recent"]);
+        assert_eq!(texts(&conn, "SELECT run_id FROM calls"), ["recent"]);
     }
 
     #[test]
@@ -823,10 +831,7 @@ mod tests {
         }
         ledger.close();
         let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
-        let count: i64 = conn
-            .query_row("SELECT COUNT(*) FROM calls", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(count, 100);
+        assert_eq!(calls_in(&conn), 100);
     }
 
     #[test]
@@ -845,18 +850,12 @@ mod tests {
         ledger.record_call(call("a", 1, 1));
         ledger.close();
         let conn = rusqlite::Connection::open(&path).unwrap();
-        let indexes: Vec<String> = conn
-            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'calls' ORDER BY name")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let indexes = texts(
+            &conn,
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'calls' ORDER BY name",
+        );
         assert_eq!(indexes, ["calls_run", "calls_ts"]);
-        let count: i64 = conn
-            .query_row("SELECT COUNT(*) FROM calls", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(count, 2);
+        assert_eq!(calls_in(&conn), 2);
     }
 
     #[test]
