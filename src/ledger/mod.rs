@@ -835,6 +835,19 @@ mod tests {
     }
 
     #[test]
+    fn a_record_after_close_is_counted_as_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&settings(dir.path())).unwrap();
+        ledger.record_call(call("a", 0, 1));
+        ledger.close();
+        ledger.record_call(call("a", 1, 1));
+        assert_eq!(ledger.stats.write_errors.load(Ordering::Relaxed), 1);
+        assert_eq!(ledger.stats.written.load(Ordering::Relaxed), 1);
+        let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+        assert_eq!(calls_in(&conn), 1);
+    }
+
+    #[test]
     fn a_file_from_before_loses_the_release_index_and_keeps_its_calls() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open(&settings(dir.path())).unwrap();
