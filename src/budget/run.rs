@@ -5,14 +5,14 @@
 //! block (glibc adds 8 bytes to a request and rounds up to 16). An id of up
 //! to `INLINE_ID` bytes is kept in the state itself, a longer one in its
 //! own exact-size allocation. The registry stores only that `RunRef` (8
-//! bytes a slot; the map hashes and compares by the id inside the state), so a
-//! tracked run with a short id costs one block plus ~10 bytes of map, and
-//! with a 36-character id one more block of 48 bytes. States are allocated
-//! [`SPARE_BLOCK`] at a time, next to each other (see [`SpareRuns`]). Release and
-//! request-type labels are interned as a pair (one pointer per run). Body
-//! hashes: the first `INLINE_HASHES` are kept inline, more go to a boxed
-//! vector that grows as calls arrive (4 bytes a hash, at most
-//! `runs.max_body_hashes_per_run`, default 64 → 256 bytes).
+//! bytes a slot; the map hashes and compares by the id inside the state),
+//! so a tracked run with a short id costs one block plus ~10 bytes of map,
+//! and with a 36-character id one more block of 48 bytes. States are
+//! allocated [`SPARE_BLOCK`] at a time, next to each other (see
+//! [`SpareRuns`]). Release and request-type labels are interned as a pair
+//! (one pointer per run). Body hashes: the first `INLINE_HASHES` are kept
+//! inline, more go to a boxed vector that grows as calls arrive (4 bytes a
+//! hash, at most `runs.max_body_hashes_per_run`, default 64 → 256 bytes).
 
 use std::borrow::Borrow;
 use std::hash::{Hash, Hasher};
