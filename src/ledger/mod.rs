@@ -78,11 +78,13 @@ pub enum LedgerBackend {
 
 /// One metered (or refused) call.
 ///
-/// Its text fields hold up to 24 bytes inline ([`CompactString`]): ids,
-/// releases, routes, model names and price versions mostly fit, so a record
-/// is one allocation (its box on the queue). The writer thread frees what
-/// the request path allocated; one block a record instead of up to nine
-/// keeps that traffic between the threads' allocator arenas small.
+/// Its text fields hold up to 24 bytes inline ([`CompactString`]):
+/// releases, routes, model names, price versions and most run ids fit, so
+/// a record is usually one allocation (its box on the queue). A longer text
+/// (a 36-character UUID run id) keeps the heap buffer it came in, without a
+/// copy. The writer thread frees what the request path allocated; one block
+/// a record instead of up to nine keeps that traffic between the threads'
+/// allocator arenas small.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CallRecord {
     pub ts_ms: u64,
@@ -551,7 +553,7 @@ mod tests {
     fn settings(dir: &Path) -> LedgerSettings {
         LedgerSettings {
             backend: LedgerBackend::Sqlite {
-                path: dir.join("ledger.db"),
+                path: ledger_file(dir),
             },
             flush_interval: Duration::from_millis(50),
             queue_capacity: 16,
@@ -585,6 +587,15 @@ mod tests {
     }
 
     const T0: u64 = 1_800_000_000_000;
+
+    fn ledger_file(dir: &Path) -> std::path::PathBuf {
+        dir.join("ledger.db")
+    }
+
+    /// A connection of its own to the ledger file of [`settings`]`(dir)`.
+    fn open_file(dir: &Path) -> rusqlite::Connection {
+        rusqlite::Connection::open(ledger_file(dir)).unwrap()
+    }
 
     /// The first column of every row `sql` returns, as text.
     fn texts(conn: &rusqlite::Connection, sql: &str) -> Vec<String> {
@@ -621,7 +632,7 @@ mod tests {
         ledger.record_call(old);
         ledger.record_call(recent);
         ledger.flush();
-        let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+        let conn = open_file(dir.path());
         sqlite::apply_retention(&conn, Duration::from_secs(30 * 86_400));
         assert_eq!(texts(&conn, "SELECT run_id FROM calls"), ["recent"]);
     }
@@ -635,7 +646,7 @@ mod tests {
             ledger.record_call(call("a", i, 7));
         }
         ledger.flush();
-        let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+        let conn = open_file(dir.path());
         let (count, sum): (i64, i64) = conn
             .query_row("SELECT COUNT(*), SUM(cost_pico) FROM calls", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))
@@ -785,7 +796,7 @@ mod tests {
             }
         }
         ledger.flush();
-        let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+        let conn = open_file(dir.path());
         let sql = format!("SELECT {} FROM calls ORDER BY id", CALL_COLUMNS.join(", "));
         let mut stmt = conn.prepare(&sql).unwrap();
         let stored: Vec<Vec<rusqlite::types::Value>> = stmt
@@ -830,7 +841,7 @@ mod tests {
             ledger.record_call(call("a", i, 1));
         }
         ledger.close();
-        let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+        let conn = open_file(dir.path());
         assert_eq!(calls_in(&conn), 100);
     }
 
@@ -843,7 +854,7 @@ mod tests {
         ledger.record_call(call("a", 1, 1));
         assert_eq!(ledger.stats.write_errors.load(Ordering::Relaxed), 1);
         assert_eq!(ledger.stats.written.load(Ordering::Relaxed), 1);
-        let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+        let conn = open_file(dir.path());
         assert_eq!(calls_in(&conn), 1);
     }
 
@@ -853,8 +864,7 @@ mod tests {
         let ledger = Ledger::open(&settings(dir.path())).unwrap();
         ledger.record_call(call("a", 0, 1));
         ledger.close();
-        let path = dir.path().join("ledger.db");
-        let conn = rusqlite::Connection::open(&path).unwrap();
+        let conn = open_file(dir.path());
         conn.execute_batch("CREATE INDEX calls_release ON calls(release, ts_ms)")
             .unwrap();
         drop(conn);
@@ -862,7 +872,7 @@ mod tests {
         let ledger = Ledger::open(&settings(dir.path())).unwrap();
         ledger.record_call(call("a", 1, 1));
         ledger.close();
-        let conn = rusqlite::Connection::open(&path).unwrap();
+        let conn = open_file(dir.path());
         let indexes = texts(
             &conn,
             "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'calls' ORDER BY name",
