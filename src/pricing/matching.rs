@@ -113,7 +113,7 @@ pub(crate) fn check_aliases(
 /// Removes one version suffix from the end of `name`, if it has one.
 pub(crate) fn strip_version_suffix(name: &str) -> Option<&str> {
     // Vertex AI: `claude-3-5-sonnet@20240620`, `gemini-1.5-pro@002`, `…@latest`.
-    if let Some((base, version)) = name.rsplit_once('@') {
+    if let Some((base, version)) = rsplit_once_byte(name, b'@') {
         if !base.is_empty()
             && !version.is_empty()
             && version.bytes().all(|b| b.is_ascii_alphanumeric())
@@ -124,7 +124,7 @@ pub(crate) fn strip_version_suffix(name: &str) -> Option<&str> {
     let bytes = name.as_bytes();
     // Bedrock: `…-v1:0`. The colon first: a one-byte search, where a
     // search for `-v` would set up a substring searcher for every name.
-    if let Some((head, minor)) = name.rsplit_once(':') {
+    if let Some((head, minor)) = rsplit_once_byte(name, b':') {
         if let Some((base, major)) = head.rsplit_once("-v") {
             if all_digits(major) && all_digits(minor) && !base.is_empty() {
                 return Some(base);
@@ -215,6 +215,15 @@ pub(crate) fn strip_provider_prefix(name: &str) -> Option<&str> {
     None
 }
 
+/// `name.rsplit_once(char::from(sep))` for an ASCII `sep`, as a byte loop:
+/// the char searcher costs more than the loop over a model name, and this
+/// runs on every price look-up.
+fn rsplit_once_byte(name: &str, sep: u8) -> Option<(&str, &str)> {
+    let at = name.bytes().rposition(|b| b == sep)?;
+    // An ASCII byte is a char boundary on both sides.
+    Some((name.get(..at)?, name.get(at + 1..)?))
+}
+
 /// `name` without its last `n` bytes, when that leaves something and cuts on
 /// a char boundary.
 fn tail(name: &str, n: usize) -> Option<&str> {
@@ -245,4 +254,35 @@ fn is_month(t: &[u8]) -> bool {
 
 fn is_day(t: &[u8]) -> bool {
     two_digits(t).is_some_and(|d| (1..=31).contains(&d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rsplit_once_byte;
+
+    #[test]
+    fn byte_split_agrees_with_str_rsplit_once() {
+        for name in [
+            "",
+            "@",
+            "a@",
+            "@b",
+            "a@b@c",
+            "claude@2024",
+            "é@ü",
+            "ü:",
+            ":ü",
+            "x-v1:0",
+            "no-sep",
+        ] {
+            for sep in [b'@', b':'] {
+                assert_eq!(
+                    rsplit_once_byte(name, sep),
+                    name.rsplit_once(char::from(sep)),
+                    "{name:?} on {:?}",
+                    char::from(sep)
+                );
+            }
+        }
+    }
 }

@@ -98,20 +98,35 @@ impl BodyFormat {
     /// The format a `Content-Type` announces, if it is one the tap reads.
     /// `application/json` gives [`BodyFormat::Json`]; the tap itself turns it
     /// into [`BodyFormat::JsonArray`] when the body starts with `[`.
+    /// Media types compare ASCII case-insensitively, in place (no lowercased
+    /// copy: this runs on every call).
     pub fn from_content_type(content_type: Option<&str>) -> Option<BodyFormat> {
-        let mime = content_type?.split(';').next()?.trim().to_ascii_lowercase();
-        match mime.as_str() {
-            "text/event-stream" => Some(BodyFormat::Sse),
-            "application/x-ndjson"
-            | "application/ndjson"
-            | "application/jsonl"
-            | "application/x-jsonl"
-            | "application/jsonlines"
-            | "application/x-jsonlines"
-            | "application/json-lines" => Some(BodyFormat::Ndjson),
-            "application/json" | "text/json" => Some(BodyFormat::Json),
-            m if m.ends_with("+json") => Some(BodyFormat::Json),
-            _ => None,
+        const NDJSON: [&str; 7] = [
+            "application/x-ndjson",
+            "application/ndjson",
+            "application/jsonl",
+            "application/x-jsonl",
+            "application/jsonlines",
+            "application/x-jsonlines",
+            "application/json-lines",
+        ];
+        let mime = content_type?.split(';').next()?.trim().as_bytes();
+        let is = |name: &str| mime.eq_ignore_ascii_case(name.as_bytes());
+        if is("application/json") || is("text/json") {
+            Some(BodyFormat::Json)
+        } else if is("text/event-stream") {
+            Some(BodyFormat::Sse)
+        } else if NDJSON.iter().any(|name| is(name)) {
+            Some(BodyFormat::Ndjson)
+        } else if mime
+            .len()
+            .checked_sub(5)
+            .and_then(|at| mime.get(at..))
+            .is_some_and(|suffix| suffix.eq_ignore_ascii_case(b"+json"))
+        {
+            Some(BodyFormat::Json)
+        } else {
+            None
         }
     }
 }

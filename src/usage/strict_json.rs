@@ -8,7 +8,7 @@
 //! JSON and for anything the caller chose not to settle itself; callers
 //! then ask serde_json, so `None` never means "absent".
 
-use super::word_scan::string_stop;
+use super::word_scan::{skip_ws, string_stop};
 
 /// Containers nested deeper than this are left to serde_json.
 const MAX_DEPTH: u32 = 64;
@@ -48,10 +48,10 @@ impl<'a> Walk<'a> {
         self.buf.get(self.i).copied()
     }
 
+    /// Skips whitespace; indentation eight spaces at a time (pretty-printed
+    /// replies indent every member of their `usage`).
     pub(crate) fn ws(&mut self) {
-        while matches!(self.peek(), Some(b' ' | b'\n' | b'\t' | b'\r')) {
-            self.i += 1;
-        }
+        self.i = skip_ws(self.buf, self.i);
     }
 
     /// Consumes `lit` if the input continues with it.

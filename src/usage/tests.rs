@@ -522,6 +522,14 @@ fn content_type_mapping() {
     assert_eq!(f("application/jsonl"), Some(Ndjson));
     assert_eq!(f("Application/JSON"), Some(Json));
     assert_eq!(f("application/problem+json"), Some(Json));
+    assert_eq!(f("application/PROBLEM+JSON ; charset=utf-8"), Some(Json));
+    assert_eq!(f(" Text/Event-Stream"), Some(Sse));
+    assert_eq!(f("application/X-NDJSON"), Some(Ndjson));
+    assert_eq!(f("application/json-lines"), Some(Ndjson));
     assert_eq!(f("text/html"), None);
+    assert_eq!(f("+json"), Some(Json));
+    assert_eq!(f("json"), None);
+    assert_eq!(f("application/jsonx"), None);
+    assert_eq!(f(""), None);
     assert_eq!(BodyFormat::from_content_type(None), None);
 }
