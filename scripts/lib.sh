@@ -51,8 +51,11 @@ print_load_average() {
 
 # Builds the tollgate binary and examples/mock_upstream with the dist profile
 # (release with link-time optimisation, what production runs), plus
-# whatever else "$@" names (e.g. --example loadgen).
+# whatever else "$@" names (e.g. --example loadgen). PREBUILT=1 skips the
+# build and uses what target/dist already holds (to measure binaries given
+# as TOLLGATE= / BEFORE= without building the checkout first).
 build_dist() {
+    [[ ${PREBUILT:-0} == 1 ]] && return 0
     echo "building (dist profile; the first build takes minutes)..." >&2
     # tollgate alone, as users and the Docker image build it: built in one
     # command with the examples, it would get the features their
