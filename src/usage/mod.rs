@@ -119,9 +119,7 @@ impl BodyFormat {
         } else if NDJSON.iter().any(|name| is(name)) {
             Some(BodyFormat::Ndjson)
         } else if mime
-            .len()
-            .checked_sub(5)
-            .and_then(|at| mime.get(at..))
+            .get(mime.len().saturating_sub(5)..)
             .is_some_and(|suffix| suffix.eq_ignore_ascii_case(b"+json"))
         {
             Some(BodyFormat::Json)
