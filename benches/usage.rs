@@ -9,7 +9,7 @@
 use criterion::{criterion_group, Criterion, Throughput};
 use std::hint::black_box;
 use std::path::Path;
-use tollgate::usage::{Dialect, TapLimits, UsageTap};
+use tollgate::usage::{BodyFormat, Dialect, TapLimits, UsageTap};
 
 const TARGET: usize = 1 << 20;
 const READ: usize = 16 * 1024;
@@ -202,7 +202,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let mut tap = UsageTap::new(
                     case.dialect,
-                    Some(case.content_type),
+                    BodyFormat::from_content_type(Some(case.content_type)),
                     None,
                     TapLimits::default(),
                 );
@@ -239,7 +239,7 @@ fn fixed_run() -> bool {
         for _ in 0..iters {
             let mut tap = UsageTap::new(
                 case.dialect,
-                Some(case.content_type),
+                BodyFormat::from_content_type(Some(case.content_type)),
                 None,
                 TapLimits::default(),
             );

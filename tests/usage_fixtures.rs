@@ -18,7 +18,9 @@ use proptest::prelude::*;
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use tollgate::usage::{Dialect, Observation, Outcome, TapLimits, UsageChunkFilter, UsageTap};
+use tollgate::usage::{
+    BodyFormat, Dialect, Observation, Outcome, TapLimits, UsageChunkFilter, UsageTap,
+};
 
 struct Fixture {
     name: String,
@@ -96,7 +98,7 @@ fn fixtures() -> Vec<Fixture> {
 fn tap(f: &Fixture, encoding: Option<&str>) -> UsageTap {
     UsageTap::new(
         f.dialect,
-        Some(f.content_type),
+        BodyFormat::from_content_type(Some(f.content_type)),
         encoding,
         TapLimits::default(),
     )
@@ -362,7 +364,7 @@ fn usage_chunk_filter_on_capture_whole_and_byte_by_byte() {
     // The filtered stream still meters as a completed stream without usage.
     let mut t = UsageTap::new(
         Dialect::OpenAi,
-        Some("text/event-stream"),
+        Some(BodyFormat::Sse),
         None,
         TapLimits::default(),
     );
@@ -410,7 +412,7 @@ proptest! {
         data in proptest::collection::vec(any::<u8>(), 0..2048),
         cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..8),
         dialect in prop::sample::select(vec![Dialect::OpenAi, Dialect::Anthropic, Dialect::Gemini]),
-        ct in prop::sample::select(vec![None, Some("text/event-stream"), Some("application/json"), Some("application/x-ndjson")]),
+        ct in prop::sample::select(vec![None, Some(BodyFormat::Sse), Some(BodyFormat::Json), Some(BodyFormat::Ndjson)]),
         enc in prop::sample::select(vec![None, Some("gzip"), Some("deflate"), Some("br"), Some("zstd"), Some("bogus")]),
     ) {
         let limits = TapLimits { max_event_bytes: 64, max_json_value_bytes: 32 };
@@ -458,7 +460,7 @@ fn body_bytes_after_a_decoding_failure_does_not_depend_on_the_split() {
     let feed = |pieces: &[&[u8]]| {
         let mut tap = UsageTap::new(
             Dialect::OpenAi,
-            Some("application/json"),
+            Some(BodyFormat::Json),
             Some(" GZIP "),
             TapLimits::default(),
         );

@@ -12,7 +12,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use proptest::prelude::*;
-use tollgate::usage::{Dialect, Observation, TapLimits, UsageTap};
+use tollgate::usage::{BodyFormat, Dialect, Observation, TapLimits, UsageTap};
 
 fn limits(max_event_bytes: usize) -> TapLimits {
     TapLimits {
@@ -23,7 +23,7 @@ fn limits(max_event_bytes: usize) -> TapLimits {
 
 /// Feeds `body` cut at `cuts` (sorted offsets; out-of-range ones clamp).
 fn observe(dialect: Dialect, limits: TapLimits, body: &[u8], cuts: &[usize]) -> Observation {
-    let mut tap = UsageTap::new(dialect, Some("text/event-stream"), None, limits);
+    let mut tap = UsageTap::new(dialect, Some(BodyFormat::Sse), None, limits);
     let mut prev = 0;
     for &c in cuts.iter().chain(std::iter::once(&body.len())) {
         let c = c.clamp(prev, body.len());
@@ -34,7 +34,7 @@ fn observe(dialect: Dialect, limits: TapLimits, body: &[u8], cuts: &[usize]) -> 
 }
 
 fn byte_by_byte(dialect: Dialect, limits: TapLimits, body: &[u8]) -> Observation {
-    let mut tap = UsageTap::new(dialect, Some("text/event-stream"), None, limits);
+    let mut tap = UsageTap::new(dialect, Some(BodyFormat::Sse), None, limits);
     for b in body.chunks(1) {
         tap.feed(b);
     }
@@ -126,7 +126,7 @@ fn body_bytes_of_an_undecodable_body_does_not_depend_on_the_split() {
     let observe = |cuts: &[usize]| {
         let mut tap = UsageTap::new(
             Dialect::OpenAi,
-            Some("text/event-stream"),
+            Some(BodyFormat::Sse),
             Some("gzip"),
             limits(1024),
         );

@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use bytes::Bytes;
-use tollgate::usage::{Dialect, TapLimits, UsageChunkFilter, UsageTap};
+use tollgate::usage::{BodyFormat, Dialect, TapLimits, UsageChunkFilter, UsageTap};
 
 /// A tiny deterministic generator for split points.
 struct Splits(u32);
@@ -152,7 +152,12 @@ pub fn usage_tap(data: &[u8], live_bytes: Option<fn() -> usize>) {
     }
 
     let whole = {
-        let mut tap = UsageTap::new(dialect, content_type, encoding, limits);
+        let mut tap = UsageTap::new(
+            dialect,
+            BodyFormat::from_content_type(content_type),
+            encoding,
+            limits,
+        );
         tap.feed(&body);
         tap.finish()
     };
@@ -162,7 +167,12 @@ pub fn usage_tap(data: &[u8], live_bytes: Option<fn() -> usize>) {
         + (256 << 10);
     let heap = || live_bytes.map_or(0, |f| f());
     let before = heap();
-    let mut tap = UsageTap::new(dialect, content_type, encoding, limits);
+    let mut tap = UsageTap::new(
+        dialect,
+        BodyFormat::from_content_type(content_type),
+        encoding,
+        limits,
+    );
     let mut splits = Splits(seed);
     let mut rest = &body[..];
     while !rest.is_empty() {

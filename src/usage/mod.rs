@@ -95,37 +95,41 @@ pub enum BodyFormat {
 }
 
 impl BodyFormat {
-    /// The format a `Content-Type` announces, if it is one the tap reads.
-    /// `application/json` gives [`BodyFormat::Json`]; the tap itself turns it
-    /// into [`BodyFormat::JsonArray`] when the body starts with `[`.
-    /// Media types compare ASCII case-insensitively, in place (no lowercased
-    /// copy: this runs on every call).
+    /// The format a `Content-Type` announces, if it is one the tap reads:
+    /// the one place a response's media type is classified (the proxy
+    /// streams [`BodyFormat::is_stream`] replies as they arrive and holds
+    /// the others for their cost headers). `application/json` gives
+    /// [`BodyFormat::Json`]; the tap itself turns it into
+    /// [`BodyFormat::JsonArray`] when the body starts with `[`. NDJSON is
+    /// any type ending `ndjson`, `jsonl`, `jsonlines` or `json-lines`
+    /// (`application/x-ndjson`, `application/jsonl`, a vendor's
+    /// `…+ndjson`). Media types compare ASCII case-insensitively, in place
+    /// (no lowercased copy: this runs on every call).
     pub fn from_content_type(content_type: Option<&str>) -> Option<BodyFormat> {
-        const NDJSON: [&str; 7] = [
-            "application/x-ndjson",
-            "application/ndjson",
-            "application/jsonl",
-            "application/x-jsonl",
-            "application/jsonlines",
-            "application/x-jsonlines",
-            "application/json-lines",
-        ];
+        const NDJSON_ENDINGS: [&str; 4] = ["ndjson", "jsonl", "jsonlines", "json-lines"];
         let mime = content_type?.split(';').next()?.trim().as_bytes();
         let is = |name: &str| mime.eq_ignore_ascii_case(name.as_bytes());
+        // A type shorter than the ending compares unequal as a whole.
+        let ends_with = |ending: &str| {
+            mime.get(mime.len().saturating_sub(ending.len())..)
+                .is_some_and(|end| end.eq_ignore_ascii_case(ending.as_bytes()))
+        };
         if is("application/json") || is("text/json") {
             Some(BodyFormat::Json)
         } else if is("text/event-stream") {
             Some(BodyFormat::Sse)
-        } else if NDJSON.iter().any(|name| is(name)) {
+        } else if NDJSON_ENDINGS.iter().any(|ending| ends_with(ending)) {
             Some(BodyFormat::Ndjson)
-        } else if mime
-            .get(mime.len().saturating_sub(5)..)
-            .is_some_and(|suffix| suffix.eq_ignore_ascii_case(b"+json"))
-        {
+        } else if ends_with("+json") {
             Some(BodyFormat::Json)
         } else {
             None
         }
+    }
+
+    /// A format of events or records, forwarded as they arrive.
+    pub fn is_stream(self) -> bool {
+        matches!(self, BodyFormat::Sse | BodyFormat::Ndjson)
     }
 }
 
@@ -366,15 +370,15 @@ impl std::fmt::Debug for UsageTap {
 }
 
 impl UsageTap {
-    /// A tap for a body of `content_type` and `content_encoding` (the
-    /// response headers, as sent by the upstream).
+    /// A tap for a body whose headers (as sent by the upstream) declare
+    /// `declared` ([`BodyFormat::from_content_type`]) and
+    /// `content_encoding`.
     pub fn new(
         dialect: Dialect,
-        content_type: Option<&str>,
+        declared: Option<BodyFormat>,
         content_encoding: Option<&str>,
         limits: TapLimits,
     ) -> UsageTap {
-        let declared = BodyFormat::from_content_type(content_type);
         let body = Body::new(dialect, declared, limits);
         let (mut decoder, supported) = Decoder::new(Coding::parse(content_encoding), body);
         if !supported {

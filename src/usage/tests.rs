@@ -6,7 +6,12 @@ use super::*;
 use std::io::Write;
 
 fn tap(dialect: Dialect, ct: Option<&str>) -> UsageTap {
-    UsageTap::new(dialect, ct, None, TapLimits::default())
+    UsageTap::new(
+        dialect,
+        BodyFormat::from_content_type(ct),
+        None,
+        TapLimits::default(),
+    )
 }
 
 fn run(dialect: Dialect, ct: Option<&str>, body: &[u8]) -> Observation {
@@ -395,7 +400,7 @@ fn oversized_event_sets_parse_error_and_keeps_going() {
     let mut body = b"data: {\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"".to_vec();
     body.extend(std::iter::repeat_n(b'x', 10_000));
     body.extend_from_slice(b"\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n");
-    let mut t = UsageTap::new(Dialect::OpenAi, Some("text/event-stream"), None, limits);
+    let mut t = UsageTap::new(Dialect::OpenAi, Some(BodyFormat::Sse), None, limits);
     for c in body.chunks(100) {
         t.feed(c);
     }
@@ -416,7 +421,7 @@ fn unknown_encoding_is_parse_error_with_raw_size() {
     let body = gzip(b"{\"usage\":{\"prompt_tokens\":1}}");
     let mut t = UsageTap::new(
         Dialect::OpenAi,
-        Some("application/json"),
+        Some(BodyFormat::Json),
         Some("compress"),
         TapLimits::default(),
     );
@@ -456,7 +461,7 @@ fn broken_and_truncated_compression_never_panics() {
     for enc in ["gzip", "deflate", "br", "zstd"] {
         let mut t = UsageTap::new(
             Dialect::OpenAi,
-            Some("text/event-stream"),
+            Some(BodyFormat::Sse),
             Some(enc),
             TapLimits::default(),
         );
@@ -468,7 +473,7 @@ fn broken_and_truncated_compression_never_panics() {
     // Truncated but valid so far: usage read before the cut stays.
     let mut t = UsageTap::new(
         Dialect::OpenAi,
-        Some("text/event-stream"),
+        Some(BodyFormat::Sse),
         Some("gzip"),
         TapLimits::default(),
     );
@@ -489,7 +494,7 @@ fn decompression_bomb_is_cut_off() {
     assert!(bomb.len() < 100 * 1024, "{}", bomb.len());
     let mut t = UsageTap::new(
         Dialect::OpenAi,
-        Some("application/json"),
+        Some(BodyFormat::Json),
         Some("zstd"),
         TapLimits::default(),
     );
@@ -526,10 +531,23 @@ fn content_type_mapping() {
     assert_eq!(f(" Text/Event-Stream"), Some(Sse));
     assert_eq!(f("application/X-NDJSON"), Some(Ndjson));
     assert_eq!(f("application/json-lines"), Some(Ndjson));
+    assert_eq!(f("application/x-JSONLines"), Some(Ndjson));
+    assert_eq!(f("application/vnd.acme.events+ndjson"), Some(Ndjson));
+    assert_eq!(f("ndjson"), Some(Ndjson));
+    assert_eq!(f("application/jsonlx"), None);
     assert_eq!(f("text/html"), None);
     assert_eq!(f("+json"), Some(Json));
     assert_eq!(f("json"), None);
     assert_eq!(f("application/jsonx"), None);
     assert_eq!(f(""), None);
     assert_eq!(BodyFormat::from_content_type(None), None);
+}
+
+/// Events and records stream; a single JSON document is held whole.
+#[test]
+fn only_event_and_record_formats_stream() {
+    assert!(BodyFormat::Sse.is_stream());
+    assert!(BodyFormat::Ndjson.is_stream());
+    assert!(!BodyFormat::Json.is_stream());
+    assert!(!BodyFormat::JsonArray.is_stream());
 }

@@ -19,13 +19,23 @@ async fn channel_upstream() -> (
     MockUpstream,
     mpsc::Receiver<mpsc::Sender<Result<Bytes, std::io::Error>>>,
 ) {
+    channel_upstream_of("text/event-stream").await
+}
+
+/// [`channel_upstream`] with the body announced as `content_type`.
+async fn channel_upstream_of(
+    content_type: &'static str,
+) -> (
+    MockUpstream,
+    mpsc::Receiver<mpsc::Sender<Result<Bytes, std::io::Error>>>,
+) {
     let (senders_tx, senders_rx) = mpsc::channel(4);
     let upstream = MockUpstream::start(move |_| {
         let (tx, rx) = mpsc::channel(16);
         senders_tx.try_send(tx).expect("test takes the sender");
         MockReply {
             status: http::StatusCode::OK,
-            headers: vec![("content-type".into(), "text/event-stream".into())],
+            headers: vec![("content-type".into(), content_type.into())],
             body: MockBody::Channel(rx),
         }
     })
@@ -62,8 +72,16 @@ async fn first_event(
     mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) {
     let request = post_json(proxy.url("/openai/v1/chat/completions"), headers, body);
-    let (response, tx) = tokio::join!(request, async { senders.recv().await.unwrap() });
-    tx.send(Ok(Bytes::from(EVENT_1))).await.unwrap();
+    let (response, tx) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(10), request),
+        async {
+            let tx = senders.recv().await.unwrap();
+            tx.send(Ok(Bytes::from(EVENT_1))).await.unwrap();
+            tx
+        }
+    );
+    let response =
+        response.expect("the response head arrives (a hang here means the reply was held whole)");
     let mut body = response.into_body();
     assert_eq!(next_data(&mut body).await.unwrap().unwrap(), EVENT_1);
     (body, tx)
@@ -98,6 +116,30 @@ async fn each_event_reaches_the_client_before_the_next_is_sent() {
         Some(2.0)
     );
     proxy.shutdown().await;
+}
+
+/// The reply's media type alone tells a stream, whatever the request asked
+/// and however the type is spelled: events announced as `Text/Event-Stream`
+/// or records as `application/json-lines` are forwarded as they arrive,
+/// not held for cost headers.
+#[tokio::test]
+async fn a_reply_announced_as_a_stream_is_forwarded_as_it_arrives() {
+    for content_type in ["Text/Event-Stream", "application/json-lines"] {
+        let (upstream, mut senders) = channel_upstream_of(content_type).await;
+        let proxy = Proxy::start(&config_all_routes(), &upstream.url()).await;
+        // No `"stream": true`: only the reply says it streams.
+        let (mut body, tx) =
+            first_event(&proxy, &mut senders, &[], r#"{"model":"gpt-4o-mini"}"#).await;
+        tx.send(Ok(Bytes::from(EVENT_2))).await.unwrap();
+        assert_eq!(
+            next_data(&mut body).await.unwrap().unwrap(),
+            EVENT_2,
+            "{content_type}"
+        );
+        drop(tx);
+        assert!(body.collect().await.unwrap().to_bytes().is_empty());
+        proxy.shutdown().await;
+    }
 }
 
 #[tokio::test]
