@@ -216,8 +216,10 @@ pub async fn handle(
             .runs_config()
             .idle_timeout_secs
             .saturating_mul(1000);
-        match shared
-            .reserve(&call(reservation), &policy, admission.flags(), idle_ms)
+        // Boxed: the round trip's future (~3.9 KB) held inline would size
+        // every call's future, allocated and copied per call, for the
+        // deployments with shared state alone.
+        match Box::pin(shared.reserve(&call(reservation), &policy, admission.flags(), idle_ms))
             .await
         {
             Ok(SharedAdmit::Admitted(ticket)) => admission.attach_shared(ticket),
