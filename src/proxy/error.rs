@@ -20,6 +20,8 @@ pub enum ProxyError {
     BadHeader { header: String, reason: String },
     #[error("request body is larger than {limit} bytes")]
     BodyTooLarge { limit: usize },
+    #[error("request head is {size} bytes, larger than limits.max_header_bytes ({limit})")]
+    HeadTooLarge { size: usize, limit: usize },
     #[error("method CONNECT is not supported")]
     Connect,
     #[error("{message}")]
@@ -44,6 +46,7 @@ impl ProxyError {
             ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) | ProxyError::BadHeader { .. } => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Connect => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Budget { .. } => StatusCode::PAYMENT_REQUIRED,
             ProxyError::UnpricedModel(_) => StatusCode::BAD_REQUEST,
@@ -62,6 +65,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::BadHeader { .. } => "bad_header",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::HeadTooLarge { .. } => "header_too_large",
             ProxyError::Connect => "connect_refused",
             ProxyError::Budget { .. } => "budget_exceeded",
             ProxyError::UnpricedModel(_) => "unpriced_model",
@@ -82,7 +86,9 @@ impl ProxyError {
             | ProxyError::BadHeader { .. }
             | ProxyError::UnpricedModel(_)
             | ProxyError::Connect => "invalid_request_error",
-            ProxyError::BodyTooLarge { .. } => "request_too_large",
+            ProxyError::BodyTooLarge { .. } | ProxyError::HeadTooLarge { .. } => {
+                "request_too_large"
+            }
             ProxyError::UpstreamTimeout(_) => "timeout_error",
             ProxyError::UpstreamConnect(_)
             | ProxyError::Upstream(_)
@@ -143,7 +149,8 @@ fn google_status(error: &ProxyError) -> &'static str {
         | ProxyError::BadHeader { .. }
         | ProxyError::UnpricedModel(_)
         | ProxyError::Connect
-        | ProxyError::BodyTooLarge { .. } => "INVALID_ARGUMENT",
+        | ProxyError::BodyTooLarge { .. }
+        | ProxyError::HeadTooLarge { .. } => "INVALID_ARGUMENT",
         ProxyError::UpstreamTimeout(_) => "DEADLINE_EXCEEDED",
         ProxyError::UpstreamConnect(_)
         | ProxyError::Upstream(_)

@@ -2,7 +2,7 @@
 //!
 //! 1. `request_filter`: target safety ([`route::check_target`]), URL-form
 //!    attribution, route match (unmatched: 404, no upstream is contacted),
-//!    attribution headers (bad value: 400 naming the header), body read up to
+//!    the head's size (431), attribution headers (bad value: 400 naming the header), body read up to
 //!    the limit (413), peek at model/stream/output limit, usage injection.
 //! 2. `admission`: estimate the call's cost, reserve it against the run's
 //!    ceiling and the window caps (refused: 402 in the provider's shape, the
@@ -95,6 +95,9 @@ pub async fn handle(
         return Ok(ProxyError::NoRoute(path.to_string()).into_response(None));
     };
     let kind = route.kind;
+    if let Err(e) = request::check_head_size(&parts, config.raw.limits.max_header_bytes) {
+        return Ok(e.into_response(Some(kind)));
+    }
     let attribution = match attribution::extract(
         &parts.headers,
         &config.attribution,

@@ -1,4 +1,5 @@
-//! The request side of a call: read the body (bounded), peek at what
+//! The request side of a call: check the head's size, read the body
+//! (bounded), peek at what
 //! metering needs (model, stream, output limit), and ask OpenAI-style
 //! streams for usage when the client did not.
 //!
@@ -15,6 +16,31 @@ use crate::config::RouteKind;
 use crate::proxy::error::ProxyError;
 
 mod peek;
+
+/// Refuses a request head larger than `limit` bytes, counted as its HTTP/1.1
+/// text: the request line, one `name: value` line per header, the blank line.
+///
+/// hyper's `max_buf_size` bounds only what it buffers before a head is
+/// complete, and a read may bring up to as much again at once: a head of
+/// nearly twice the limit that arrives in one piece gets through. This makes
+/// the limit exact whatever the reads were (and the same for HTTP/2).
+pub fn check_head_size(parts: &http::request::Parts, limit: usize) -> Result<(), ProxyError> {
+    let uri = &parts.uri;
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let request_line = parts.method.as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    let size = parts
+        .headers
+        .iter()
+        .fold(request_line + 2, |size, (name, value)| {
+            size + name.as_str().len() + value.len() + ": \r\n".len()
+        });
+    if size > limit {
+        return Err(ProxyError::HeadTooLarge { size, limit });
+    }
+    Ok(())
+}
 
 /// Reads the whole request body, refusing it once it passes `limit`.
 pub async fn read_body(
@@ -201,6 +227,32 @@ fn azure_deployment(path: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_is_counted_as_its_http1_text() {
+        let request = http::Request::post("/openai/v1/chat/completions?x=1")
+            .header("host", "127.0.0.1:8787")
+            .header("x-agent-run-id", "run-1")
+            .body(())
+            .unwrap();
+        let text = "POST /openai/v1/chat/completions?x=1 HTTP/1.1\r\nhost: 127.0.0.1:8787\r\nx-agent-run-id: run-1\r\n\r\n";
+        let (parts, ()) = request.into_parts();
+        assert!(check_head_size(&parts, text.len()).is_ok());
+        match check_head_size(&parts, text.len() - 1) {
+            Err(ProxyError::HeadTooLarge { size, limit }) => {
+                assert_eq!((size, limit), (text.len(), text.len() - 1));
+            }
+            other => panic!("expected HeadTooLarge, got {other:?}"),
+        }
+        // An absolute-form target counts whole.
+        let absolute = http::Request::get("http://localhost:8787/x")
+            .body(())
+            .unwrap();
+        let (parts, ()) = absolute.into_parts();
+        let text = "GET http://localhost:8787/x HTTP/1.1\r\n\r\n";
+        assert!(check_head_size(&parts, text.len()).is_ok());
+        assert!(check_head_size(&parts, text.len() - 1).is_err());
+    }
 
     #[test]
     fn injects_usage_for_openai_streams_only() {

@@ -11,6 +11,7 @@ async fn unmatched_path_is_404_and_reaches_no_upstream() {
     let proxy = Proxy::start(&config_all_routes(), &upstream.url()).await;
     let response = post_json(&proxy.url("/elsewhere/v1/chat/completions"), &[], "{}").await;
     assert_eq!(response.status(), 404);
+    assert_eq!(response.headers()["x-tollgate-error"], "no_route");
     let body: serde_json::Value = serde_json::from_slice(&body_bytes(response).await).unwrap();
     assert_eq!(body["error"]["type"], "not_found_error");
     assert_eq!(upstream.hits(), 0);
@@ -34,6 +35,7 @@ async fn bad_attribution_is_400_naming_the_header() {
         )
         .await;
         assert_eq!(response.status(), 400, "{header}");
+        assert_eq!(response.headers()["x-tollgate-error"], "bad_header");
         let body: serde_json::Value = serde_json::from_slice(&body_bytes(response).await).unwrap();
         assert_eq!(body["type"], "error", "anthropic shape");
         assert!(

@@ -78,6 +78,36 @@ async fn a_head_over_max_header_bytes_is_431() {
     proxy.shutdown().await;
 }
 
+/// A whole head written at once, `size` bytes long (padded in one header).
+fn complete_head(size: usize) -> Vec<u8> {
+    let start = b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nConnection: close\r\nx-big: ";
+    let end = b"\r\n\r\n";
+    let mut head = start.to_vec();
+    head.resize(size - end.len(), b'a');
+    head.extend_from_slice(end);
+    head
+}
+
+#[tokio::test]
+async fn a_complete_head_over_max_header_bytes_is_431_however_it_is_read() {
+    // Written in one piece, a head over the (default, 64 KiB) limit reaches
+    // the server in reads larger than what hyper's buffer limit checks
+    // between them: it is the proxy's own count that refuses it.
+    let (upstream, proxy) = proxy_with("max_header_bytes = 65536").await;
+    let mut over = complete_head(70_000);
+    over.extend_from_slice(b"{}");
+    let response = exchange(proxy.agent, &over).await;
+    assert_eq!(status_of(&response), 431, "{response}");
+    assert_eq!(upstream.hits(), 0);
+
+    let mut at_limit = complete_head(65_536);
+    at_limit.extend_from_slice(b"{}");
+    let response = exchange(proxy.agent, &at_limit).await;
+    assert_eq!(status_of(&response), 200, "{response}");
+    assert_eq!(upstream.hits(), 1);
+    proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn more_headers_than_max_headers_is_431() {
     let (upstream, proxy) = proxy_with("max_headers = 10").await;
