@@ -95,20 +95,24 @@ impl Tollgate {
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
-        let limits = state.config.load().raw.limits.clone();
+        // Read at each accept: a reload's limits apply to new connections.
+        let limits = |state: &Arc<AppState>| {
+            let state = state.clone();
+            move || state.config.load().raw.limits.clone()
+        };
 
         let agent_state = state.clone();
         let agent = tokio::spawn(server::serve_tls(
             listeners.agent,
             state.config.load().server_tls.clone(),
-            limits.clone(),
+            limits(&state),
             move |request| proxy::handle(agent_state.clone(), request),
             stopped(stop_rx.clone()),
         ));
         let admin_state = state.clone();
         let admin = tokio::spawn(server::serve(
             listeners.admin,
-            limits,
+            limits(&state),
             move |request| admin::handle(admin_state.clone(), request),
             stopped(stop_rx.clone()),
         ));

@@ -1,6 +1,7 @@
 //! Accept loop shared by the agent and admin listeners: hyper-util's
 //! auto (HTTP/1.1 + h2c) connection builder, limits on header size, count and
-//! read time, one task per connection, and graceful shutdown that stops
+//! read time (read at each accept, so a reload applies to new connections),
+//! one task per connection, and graceful shutdown that stops
 //! accepting and drains open connections up to a bound. With a TLS config
 //! (`[server.tls]`) each accepted stream is a TLS handshake first (ALPN `h2`
 //! and `http/1.1`, within the header read time); a failed handshake drops
@@ -43,50 +44,35 @@ mod self_wake;
 use self_wake::SelfWakes;
 
 /// Serves `listener` with `handler` until `shutdown` resolves, then drains.
-pub async fn serve<H, Fut>(
+/// `limits` is read at each accept and at shutdown, so a reloaded config
+/// applies to the connections accepted after it (open ones keep theirs).
+pub async fn serve<H, Fut, L>(
     listener: TcpListener,
-    limits: LimitsConfig,
+    limits: L,
     handler: H,
     shutdown: impl Future<Output = ()>,
 ) where
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
+    L: Fn() -> LimitsConfig,
 {
     serve_tls(listener, None, limits, handler, shutdown).await
 }
 
 /// As [`serve`], terminating TLS with `tls` when given.
-pub async fn serve_tls<H, Fut>(
+pub async fn serve_tls<H, Fut, L>(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
-    limits: LimitsConfig,
+    limits: L,
     handler: H,
     shutdown: impl Future<Output = ()>,
 ) where
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
+    L: Fn() -> LimitsConfig,
 {
     let acceptor = tls.map(TlsAcceptor::from);
-    let handshake_timeout = limits.header_read_timeout();
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout())
-        .max_buf_size(limits.max_header_bytes)
-        .max_headers(limits.max_headers);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_bytes as u32);
-    // Builders for connections whose protocol the peek told (their first
-    // read then gets the request head whole), and the auto-detecting one
-    // for the rest.
-    let sniffed = Arc::new(Sniffed {
-        h1: builder.clone().http1_only(),
-        h2: builder.clone().http2_only(),
-        auto: builder.clone(),
-    });
+    let mut builders = Builders::new(&limits());
     // Tells connections still waiting for their first bytes to stop.
     let (stop_tx, stop_rx) = watch::channel(false);
     let graceful = GracefulShutdown::new();
@@ -112,6 +98,11 @@ pub async fn serve_tls<H, Fut>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let current = limits();
+        if !builders.serve(&current) {
+            builders = Builders::new(&current);
+        }
+        let handshake_timeout = current.header_read_timeout();
         let info = local.map(|local| ConnInfo { local, remote });
         let handler = handler.clone();
         let service = service_fn(move |mut request: Request<Incoming>| {
@@ -127,7 +118,7 @@ pub async fn serve_tls<H, Fut>(
         });
         let Some(acceptor) = acceptor.clone() else {
             let watcher = graceful.watcher();
-            let sniffed = Arc::clone(&sniffed);
+            let sniffed = Arc::clone(&builders.sniffed);
             let mut stop = stop_rx.clone();
             connections.spawn(async move {
                 let protocol = tokio::select! {
@@ -160,7 +151,7 @@ pub async fn serve_tls<H, Fut>(
         // never holds up the accept loop; the watcher makes shutdown wait
         // for it like for any open connection.
         let watcher = graceful.watcher();
-        let builder = builder.clone();
+        let sniffed = Arc::clone(&builders.sniffed);
         connections.spawn(async move {
             let stream =
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
@@ -174,9 +165,11 @@ pub async fn serve_tls<H, Fut>(
                         return;
                     }
                 };
-            let connection = builder
+            let connection = sniffed
+                .auto
                 .serve_connection(TokioIo::new(stream), service)
                 .into_owned();
+            drop(sniffed);
             if let Err(error) = SelfWakes::new(watcher.watch(connection)).await {
                 tracing::debug!(message = "connection ended with an error", %error);
             }
@@ -184,7 +177,7 @@ pub async fn serve_tls<H, Fut>(
     }
     drop(listener);
     let _ = stop_tx.send(true);
-    if tokio::time::timeout(limits.shutdown_drain(), graceful.shutdown())
+    if tokio::time::timeout(limits().shutdown_drain(), graceful.shutdown())
         .await
         .is_err()
     {
@@ -196,10 +189,56 @@ pub async fn serve_tls<H, Fut>(
 
 type HandlerFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
 
+/// Connection builders for the limits they were made with: for the
+/// connections whose protocol the peek told (their first read then gets the
+/// request head whole), and the auto-detecting one for the rest (and TLS).
 struct Sniffed {
     h1: Builder<TokioExecutor>,
     h2: Builder<TokioExecutor>,
     auto: Builder<TokioExecutor>,
+}
+
+struct Builders {
+    /// `header_read_timeout_ms`, `max_header_bytes`, `max_headers`.
+    made_for: (u64, usize, usize),
+    sniffed: Arc<Sniffed>,
+}
+
+impl Builders {
+    fn new(limits: &LimitsConfig) -> Builders {
+        let mut builder = Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout())
+            .max_buf_size(limits.max_header_bytes)
+            .max_headers(limits.max_headers);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.max_header_bytes as u32);
+        Builders {
+            made_for: Builders::key(limits),
+            sniffed: Arc::new(Sniffed {
+                h1: builder.clone().http1_only(),
+                h2: builder.clone().http2_only(),
+                auto: builder,
+            }),
+        }
+    }
+
+    /// These builders apply `limits` (else a reload changed them).
+    fn serve(&self, limits: &LimitsConfig) -> bool {
+        self.made_for == Builders::key(limits)
+    }
+
+    fn key(limits: &LimitsConfig) -> (u64, usize, usize) {
+        (
+            limits.header_read_timeout_ms,
+            limits.max_header_bytes,
+            limits.max_headers,
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -159,6 +159,14 @@ impl AppState {
                 message = "listener addresses changed in the config; they take effect on restart"
             );
         }
+        if config.raw.limits.upstream_connect_timeout_ms
+            != running.raw.limits.upstream_connect_timeout_ms
+        {
+            // The pooled clients' connectors are built with it at start.
+            tracing::warn!(
+                message = "limits.upstream_connect_timeout_ms changed in the config; it takes effect on restart"
+            );
+        }
         self.budgets.set_policy(policy);
         self.client.set_routes(&config.routes);
         self.pricing.store(Arc::new(pricing));

@@ -29,6 +29,42 @@ kind = "openai"
     )
 }
 
+/// A tollgate started from the config file at `path` (so it can reload).
+struct FromFile {
+    state: std::sync::Arc<tollgate::state::AppState>,
+    agent: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FromFile {
+    async fn start(path: &std::path::Path) -> FromFile {
+        let config = Config::load(path).unwrap();
+        let tollgate = Tollgate::new(config, Some(path.to_path_buf())).unwrap();
+        let state = tollgate.state().clone();
+        let agent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (agent_addr, admin_addr) = (agent.local_addr().unwrap(), admin.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(tollgate.run(Listeners { agent, admin }, async {
+            let _ = stopped.await;
+        }));
+        FromFile {
+            state,
+            agent: agent_addr,
+            admin: admin_addr,
+            stop,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn reload_swaps_prices_and_keeps_the_old_config_when_the_new_one_is_bad() {
     let upstream = MockUpstream::start(|_| {
@@ -49,16 +85,8 @@ async fn reload_swaps_prices_and_keeps_the_old_config_when_the_new_one_is_bad() 
     )
     .unwrap();
 
-    let config = Config::load(&config_path).unwrap();
-    let tollgate = Tollgate::new(config, Some(config_path.clone())).unwrap();
-    let state = tollgate.state().clone();
-    let agent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (agent_addr, admin_addr) = (agent.local_addr().unwrap(), admin.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(tollgate.run(Listeners { agent, admin }, async {
-        let _ = stopped.await;
-    }));
+    let tollgate = FromFile::start(&config_path).await;
+    let (state, agent_addr, admin_addr) = (tollgate.state.clone(), tollgate.agent, tollgate.admin);
     let call = || {
         post_json(
             format!("http://{agent_addr}/openai/v1/chat/completions"),
@@ -123,9 +151,7 @@ async fn reload_swaps_prices_and_keeps_the_old_config_when_the_new_one_is_bad() 
     assert!(state.reload().is_ok());
     let _ = body_bytes(call().await).await;
     assert_eq!(cost().await, 0.000758 + 0.000758);
-
-    let _ = stop.send(());
-    task.await.unwrap();
+    tollgate.stop().await;
 }
 
 #[tokio::test]
@@ -225,4 +251,65 @@ async fn http2_clients_are_served() {
         fixture("openai/chat-completions.nonstream.json")
     );
     proxy.shutdown().await;
+}
+
+/// Sends a request with 20 extra headers on a new connection; its status.
+async fn status_with_twenty_headers(agent: std::net::SocketAddr) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = String::from(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 2\r\n",
+    );
+    for i in 0..20 {
+        head.push_str(&format!("x-h{i}: {i}\r\n"));
+    }
+    head.push_str("\r\n{}");
+    let mut socket = tokio::net::TcpStream::connect(agent).await.unwrap();
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        socket.read_to_end(&mut response),
+    )
+    .await
+    .expect("the server closes the connection in bounded time")
+    .unwrap();
+    let response = String::from_utf8_lossy(&response);
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"))
+}
+
+#[tokio::test]
+async fn reloaded_connection_limits_apply_to_new_connections() {
+    let upstream = MockUpstream::start(|_| {
+        MockReply::json(200, fixture("openai/chat-completions.nonstream.json"))
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let prices = dir.path().join("prices.toml");
+    std::fs::write(&prices, "").unwrap();
+    let config_path = dir.path().join("tollgate.toml");
+    let base = config_text(&upstream.url(), prices.to_str().unwrap());
+    std::fs::write(
+        &config_path,
+        format!("{base}\n[limits]\nmax_headers = 100\n"),
+    )
+    .unwrap();
+
+    let tollgate = FromFile::start(&config_path).await;
+
+    assert_eq!(status_with_twenty_headers(tollgate.agent).await, 200);
+    // The header count is a connection builder's setting: a reload that
+    // lowers it applies to the next connection.
+    std::fs::write(
+        &config_path,
+        format!("{base}\n[limits]\nmax_headers = 10\n"),
+    )
+    .unwrap();
+    assert!(tollgate.state.reload().is_ok());
+    assert_eq!(status_with_twenty_headers(tollgate.agent).await, 431);
+    assert_eq!(upstream.hits(), 1);
+    tollgate.stop().await;
 }
