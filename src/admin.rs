@@ -69,7 +69,10 @@ pub async fn handle(
             )
         }
         (&Method::POST, "/api/reload") => match state.reload() {
-            Ok(()) => json(StatusCode::OK, &serde_json::json!({"reloaded": true})),
+            Ok(needs_restart) => json(
+                StatusCode::OK,
+                &serde_json::json!({"reloaded": true, "needs_restart": needs_restart}),
+            ),
             Err(e) => json(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 &serde_json::json!({"reloaded": false, "error": e}),

@@ -54,7 +54,7 @@ impl Default for ServerConfig {
 
 /// `[server.tls]`: PEM files for the agent listener's certificate chain
 /// (leaf first) and its private key (PKCS#8, PKCS#1 or SEC1).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerTlsConfig {
     pub cert_path: String,
@@ -136,7 +136,7 @@ pub struct RouteConfig {
     pub tls_insecure_skip_verify: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LedgerConfig {
     /// Write the ledger at all.
@@ -275,7 +275,7 @@ impl LedgerConfig {
 
 /// `[state]`: where run spend, reservations and window spend live. `memory`
 /// keeps them in this process; `redis` shares them between replicas.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
     pub backend: StateBackend,
@@ -376,7 +376,7 @@ impl Default for AttributionConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Distinct values kept per metric label; later values become `other`.

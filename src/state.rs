@@ -123,9 +123,11 @@ impl AppState {
         }))
     }
 
-    /// Re-reads the config file and swaps config, prices and budget policy.
-    /// On any error the running config stays and the error is returned.
-    pub fn reload(&self) -> Result<(), String> {
+    /// Re-reads the config file and swaps config, prices, budget policy and
+    /// `[runs]`. On any error the running config stays and the error is
+    /// returned; on success, the settings the new file changes that only a
+    /// restart applies (each named, and logged).
+    pub fn reload(&self) -> Result<Vec<&'static str>, String> {
         let result = self.try_reload();
         let label = if result.is_ok() { "ok" } else { "error" };
         self.metrics
@@ -135,7 +137,13 @@ impl AppState {
             })
             .inc();
         match &result {
-            Ok(()) => tracing::info!(message = "config reloaded"),
+            Ok(needs_restart) if needs_restart.is_empty() => {
+                tracing::info!(message = "config reloaded")
+            }
+            Ok(needs_restart) => tracing::warn!(
+                message = "config reloaded; changed settings that take effect on restart only",
+                settings = %needs_restart.join(", ")
+            ),
             Err(e) => {
                 tracing::error!(message = "config reload refused; keeping the running config", error = %e)
             }
@@ -143,7 +151,7 @@ impl AppState {
         result
     }
 
-    fn try_reload(&self) -> Result<(), String> {
+    fn try_reload(&self) -> Result<Vec<&'static str>, String> {
         let path = self
             .config_path
             .as_ref()
@@ -154,24 +162,31 @@ impl AppState {
         let policy = BudgetPolicy::from_config(&config.raw.budget)
             .map_err(|e| format!("budget: {}", e.join("; ")))?;
         let running = self.config.load();
-        if config.listen != running.listen || config.admin_listen != running.admin_listen {
-            tracing::warn!(
-                message = "listener addresses changed in the config; they take effect on restart"
-            );
-        }
-        if config.raw.limits.upstream_connect_timeout_ms
-            != running.raw.limits.upstream_connect_timeout_ms
-        {
-            // The pooled clients' connectors are built with it at start.
-            tracing::warn!(
-                message = "limits.upstream_connect_timeout_ms changed in the config; it takes effect on restart"
-            );
-        }
+        let (new, old) = (&config.raw, &running.raw);
+        // What is built once at start: the listeners, the ledger writer, the
+        // shared state connection, the metric families' label caps and the
+        // upstream clients' connectors.
+        let needs_restart = [
+            ("server.listen", config.listen != running.listen),
+            ("admin.listen", config.admin_listen != running.admin_listen),
+            ("server.tls", new.server.tls != old.server.tls),
+            ("ledger", new.ledger != old.ledger),
+            ("state", new.state != old.state),
+            ("metrics.max_label_values", new.metrics != old.metrics),
+            (
+                "limits.upstream_connect_timeout_ms",
+                new.limits.upstream_connect_timeout_ms != old.limits.upstream_connect_timeout_ms,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(setting, changed)| changed.then_some(setting))
+        .collect();
         self.budgets.set_policy(policy);
+        self.budgets.set_runs_config(config.raw.runs.clone());
         self.client.set_routes(&config.routes);
         self.pricing.store(Arc::new(pricing));
         self.config.store(Arc::new(config));
-        Ok(())
+        Ok(needs_restart)
     }
 
     pub fn reject_unknown_models(&self) -> bool {

@@ -2,8 +2,9 @@
 //!
 //! 1. `request_filter`: target safety ([`route::check_target`]), URL-form
 //!    attribution, route match (unmatched: 404, no upstream is contacted),
-//!    the head's size (431), attribution headers (bad value: 400 naming the header), body read up to
-//!    the limit (413), peek at model/stream/output limit, usage injection.
+//!    the head's size (431), attribution headers (bad value: 400 naming the
+//!    header), body read up to the limit (413), peek at model/stream/output
+//!    limit, usage injection.
 //! 2. `admission`: estimate the call's cost, reserve it against the run's
 //!    ceiling and the window caps (refused: 402 in the provider's shape, the
 //!    upstream is never contacted); with a shared state backend, then

@@ -313,3 +313,52 @@ async fn reloaded_connection_limits_apply_to_new_connections() {
     assert_eq!(upstream.hits(), 1);
     tollgate.stop().await;
 }
+
+#[tokio::test]
+async fn a_reload_applies_runs_and_names_what_needs_a_restart() {
+    let upstream = MockUpstream::start(|_| MockReply::json(200, "{}")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let prices = dir.path().join("prices.toml");
+    std::fs::write(&prices, "").unwrap();
+    let config_path = dir.path().join("tollgate.toml");
+    let base = config_text(&upstream.url(), prices.to_str().unwrap());
+    std::fs::write(&config_path, &base).unwrap();
+    let tollgate = FromFile::start(&config_path).await;
+    let reload = || async {
+        let response = send(
+            http::Request::post(format!("http://{}/api/reload", tollgate.admin))
+                .body(Bytes::new())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+        serde_json::from_slice::<serde_json::Value>(&body_bytes(response).await).unwrap()
+    };
+
+    // Nothing changed: nothing to restart for.
+    assert_eq!(
+        reload().await,
+        serde_json::json!({"reloaded": true, "needs_restart": []})
+    );
+    assert_eq!(tollgate.state.budgets.runs_config().idle_timeout_secs, 300);
+
+    // `[runs]` applies at once; the ledger and the label cap are built at
+    // start, and the answer says so.
+    let ledger_section = base.find("[ledger]").unwrap();
+    let changed = format!(
+        "{}retention_days = 7\n{}\n[runs]\nidle_timeout_secs = 60\nmax_body_hashes_per_run = 0\n[metrics]\nmax_label_values = 50\n",
+        &base[..ledger_section + "[ledger]\n".len()],
+        &base[ledger_section + "[ledger]\n".len()..],
+    );
+    std::fs::write(&config_path, changed).unwrap();
+    assert_eq!(
+        reload().await,
+        serde_json::json!({"reloaded": true, "needs_restart": ["ledger", "metrics.max_label_values"]})
+    );
+    let runs = tollgate.state.budgets.runs_config();
+    assert_eq!(
+        (runs.idle_timeout_secs, runs.max_body_hashes_per_run),
+        (60, 0)
+    );
+    tollgate.stop().await;
+}
