@@ -406,13 +406,6 @@ impl PriceTable {
         self.entries.is_empty()
     }
 
-    /// Entry names, sorted (for `check-config` and the API).
-    pub fn entry_names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.entries.keys().map(String::as_str).collect();
-        names.sort_unstable();
-        names
-    }
-
     /// The entry named exactly `name`, without matching rules.
     pub fn entry(&self, name: &str) -> Option<&ModelPrice> {
         self.entries.get(name)
