@@ -38,6 +38,9 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// The file the config came from, for reloads.
     pub config_path: Option<PathBuf>,
+    /// The config as started: what a reload cannot change is compared
+    /// with it, not with the last reload's file.
+    started: Arc<Config>,
     unpriced_seen: Mutex<HashSet<String>>,
 }
 
@@ -109,8 +112,10 @@ impl AppState {
             }
         }
         let client = build_client(config.raw.limits.upstream_connect_timeout(), &config.routes);
+        let config = Arc::new(config);
         Ok(Arc::new(AppState {
-            config: ArcSwap::from_pointee(config),
+            started: config.clone(),
+            config: ArcSwap::new(config),
             pricing: ArcSwap::from_pointee(pricing),
             budgets,
             metrics,
@@ -125,8 +130,8 @@ impl AppState {
 
     /// Re-reads the config file and swaps config, prices, budget policy and
     /// `[runs]`. On any error the running config stays and the error is
-    /// returned; on success, the settings the new file changes that only a
-    /// restart applies (each named, and logged).
+    /// returned; on success, the settings where the file differs from what
+    /// runs and only a restart applies (each named, and logged).
     pub fn reload(&self) -> Result<Vec<&'static str>, String> {
         let result = self.try_reload();
         let label = if result.is_ok() { "ok" } else { "error" };
@@ -161,14 +166,14 @@ impl AppState {
             .map_err(|e| format!("pricing: {e}"))?;
         let policy = BudgetPolicy::from_config(&config.raw.budget)
             .map_err(|e| format!("budget: {}", e.join("; ")))?;
-        let running = self.config.load();
-        let (new, old) = (&config.raw, &running.raw);
+        let started = &self.started;
+        let (new, old) = (&config.raw, &started.raw);
         // What is built once at start: the listeners, the ledger writer, the
         // shared state connection, the metric families' label caps and the
         // upstream clients' connectors.
         let needs_restart = [
-            ("server.listen", config.listen != running.listen),
-            ("admin.listen", config.admin_listen != running.admin_listen),
+            ("server.listen", config.listen != started.listen),
+            ("admin.listen", config.admin_listen != started.admin_listen),
             ("server.tls", new.server.tls != old.server.tls),
             ("ledger", new.ledger != old.ledger),
             ("state", new.state != old.state),

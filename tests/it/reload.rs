@@ -360,5 +360,13 @@ async fn a_reload_applies_runs_and_names_what_needs_a_restart() {
         (runs.idle_timeout_secs, runs.max_body_hashes_per_run),
         (60, 0)
     );
+    // Compared with what runs, not with the last reload: still named.
+    assert_eq!(
+        reload().await["needs_restart"],
+        serde_json::json!(["ledger", "metrics.max_label_values"])
+    );
+    // The file as started again: nothing left to restart for.
+    std::fs::write(&config_path, &base).unwrap();
+    assert_eq!(reload().await["needs_restart"], serde_json::json!([]));
     tollgate.stop().await;
 }
