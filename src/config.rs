@@ -542,15 +542,7 @@ impl Config {
         };
         let raw: RawConfig = match toml::from_str(text) {
             Ok(raw) => raw,
-            Err(e) => {
-                let line = e.span().map(|span| line_of_offset(text, span.start));
-                let message = e.message().to_string();
-                return Err(fail(vec![ConfigIssue {
-                    key: String::new(),
-                    line,
-                    message,
-                }]));
-            }
+            Err(e) => return Err(fail(deserialize_issues(text, &e))),
         };
         let lines = KeyLines::new(text);
         match validate(raw, base_dir) {
@@ -1014,6 +1006,45 @@ impl<'a> KeyLines<'a> {
     }
 }
 
+/// The type and key errors of a file that does not deserialize, every
+/// section's first one with its key path: serde stops at the first error of
+/// a document, so each top-level section is read again on its own (every
+/// section has defaults). A syntax error, which leaves no document to split,
+/// is reported alone with its line.
+fn deserialize_issues(text: &str, error: &toml::de::Error) -> Vec<ConfigIssue> {
+    let whole = || {
+        vec![ConfigIssue {
+            key: String::new(),
+            line: error.span().map(|span| line_of_offset(text, span.start)),
+            message: error.message().to_string(),
+        }]
+    };
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return whole();
+    };
+    let lines = KeyLines::new(text);
+    let mut issues: Vec<ConfigIssue> = table
+        .into_iter()
+        .filter_map(|(section, value)| {
+            let alone = toml::Value::Table(toml::Table::from_iter([(section, value)]));
+            let e = serde_path_to_error::deserialize::<_, RawConfig>(alone).err()?;
+            let key = e.path().to_string();
+            Some(ConfigIssue {
+                line: lines.line_of(&key),
+                key,
+                message: e.into_inner().message().to_string(),
+            })
+        })
+        .collect();
+    // In the file's order (the table's is alphabetical).
+    issues.sort_by_key(|issue| issue.line.unwrap_or(usize::MAX));
+    if issues.is_empty() {
+        whole()
+    } else {
+        issues
+    }
+}
+
 fn item_span(item: &toml_edit::Item) -> Option<usize> {
     match item {
         toml_edit::Item::Value(v) => v.span().map(|s| s.start),
@@ -1131,6 +1162,51 @@ cost_per_call_usd = 0.005
         assert_eq!(
             route.tool_cost,
             Some(ToolCost::Fixed(Money::parse_usd("0.005").unwrap()))
+        );
+    }
+
+    #[test]
+    fn every_sections_type_error_is_reported_with_its_key() {
+        let err = load(
+            r#"
+[server]
+lisen = 3
+[limits]
+max_headers = "many"
+[[routes]]
+name = "a"
+prefix = "/a"
+upstream = "http://127.0.0.1:1"
+kind = "openapi"
+[budget]
+mode = "hard"
+[bogus]
+x = 1
+"#,
+        )
+        .unwrap_err();
+        let found: Vec<_> = err
+            .issues
+            .iter()
+            .map(|i| (i.key.as_str(), i.line))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("server.lisen", Some(3)),
+                ("limits.max_headers", Some(5)),
+                ("routes[0].kind", Some(10)),
+                ("budget.mode", Some(12)),
+                ("bogus", Some(13)),
+            ]
+        );
+        assert!(err.issues[3].message.contains("unknown variant `hard`"));
+        // A syntax error leaves no sections to read: it alone, with its line.
+        let err = load("[server]\nlisten = \"x\"\n[limits\n").unwrap_err();
+        assert_eq!(err.issues.len(), 1);
+        assert_eq!(
+            (err.issues[0].key.as_str(), err.issues[0].line),
+            ("", Some(3))
         );
     }
 
