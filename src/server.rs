@@ -99,7 +99,7 @@ pub async fn serve_tls<H, Fut, L>(
         };
         let _ = stream.set_nodelay(true);
         let current = limits();
-        if !builders.serve(&current) {
+        if !builders.fit(&current) {
             builders = Builders::new(&current);
         }
         let handshake_timeout = current.header_read_timeout();
@@ -228,7 +228,7 @@ impl Builders {
     }
 
     /// These builders apply `limits` (else a reload changed them).
-    fn serve(&self, limits: &LimitsConfig) -> bool {
+    fn fit(&self, limits: &LimitsConfig) -> bool {
         self.made_for == Builders::key(limits)
     }
 

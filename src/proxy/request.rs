@@ -239,8 +239,11 @@ mod tests {
         let (parts, ()) = request.into_parts();
         assert!(check_head_size(&parts, text.len()).is_ok());
         match check_head_size(&parts, text.len() - 1) {
-            Err(ProxyError::HeadTooLarge { size, limit }) => {
+            Err(e @ ProxyError::HeadTooLarge { size, limit }) => {
                 assert_eq!((size, limit), (text.len(), text.len() - 1));
+                let response = e.into_response(Some(RouteKind::Openai));
+                assert_eq!(response.status(), 431);
+                assert_eq!(response.headers()["x-tollgate-error"], "header_too_large");
             }
             other => panic!("expected HeadTooLarge, got {other:?}"),
         }

@@ -4,35 +4,19 @@
 //! bodies reaching the upstream byte for byte, CRLF and quote injection in
 //! attribution values, absolute-form targets and `CONNECT`.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::support::raw::{exchange, read_to_close, status_of};
 use crate::support::*;
 
 /// Upper bound for any single wait in these tests (a guard, not a sync).
 const GUARD: Duration = Duration::from_secs(10);
 
 const CHAT_REPLY: &str = r#"{"id":"c1","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":10,"completion_tokens":2,"total_tokens":12}}"#;
-
-/// Sends `bytes` and reads until the server closes the connection.
-async fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
-    let mut socket = TcpStream::connect(addr).await.unwrap();
-    socket.write_all(bytes).await.unwrap();
-    read_to_close(&mut socket).await
-}
-
-async fn read_to_close(socket: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    tokio::time::timeout(GUARD, socket.read_to_end(&mut out))
-        .await
-        .expect("the server closes the connection in bounded time")
-        .expect("read succeeds");
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 /// Reads one response head (through the blank line).
 async fn read_head(socket: &mut TcpStream) -> String {
@@ -48,14 +32,6 @@ async fn read_head(socket: &mut TcpStream) -> String {
     .await
     .expect("a response head in bounded time");
     String::from_utf8(out).unwrap()
-}
-
-fn status_of(response: &str) -> u16 {
-    response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {response:?}"))
 }
 
 async fn proxy_with(limits: &str) -> (MockUpstream, Proxy) {

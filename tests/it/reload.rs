@@ -255,7 +255,6 @@ async fn http2_clients_are_served() {
 
 /// Sends a request with 20 extra headers on a new connection; its status.
 async fn status_with_twenty_headers(agent: std::net::SocketAddr) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut head = String::from(
         "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 2\r\n",
     );
@@ -263,22 +262,7 @@ async fn status_with_twenty_headers(agent: std::net::SocketAddr) -> u16 {
         head.push_str(&format!("x-h{i}: {i}\r\n"));
     }
     head.push_str("\r\n{}");
-    let mut socket = tokio::net::TcpStream::connect(agent).await.unwrap();
-    socket.write_all(head.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        socket.read_to_end(&mut response),
-    )
-    .await
-    .expect("the server closes the connection in bounded time")
-    .unwrap();
-    let response = String::from_utf8_lossy(&response);
-    response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {response:?}"))
+    raw::status_of(&raw::exchange(agent, head.as_bytes()).await)
 }
 
 #[tokio::test]

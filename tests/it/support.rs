@@ -454,3 +454,37 @@ pub fn binary_config(dir: &std::path::Path, upstream: &str, flush_ms: u64) -> st
     std::fs::write(&path, config).unwrap();
     path
 }
+
+/// Raw-socket helpers, for requests a client library would normalise.
+pub mod raw {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// Sends `bytes` and reads until the server closes the connection.
+    pub async fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+        let mut socket = TcpStream::connect(addr).await.unwrap();
+        socket.write_all(bytes).await.unwrap();
+        read_to_close(&mut socket).await
+    }
+
+    pub async fn read_to_close(socket: &mut TcpStream) -> String {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut out))
+            .await
+            .expect("the server closes the connection in bounded time")
+            .expect("read succeeds");
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// The status code of a raw HTTP/1.1 response.
+    pub fn status_of(response: &str) -> u16 {
+        response
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {response:?}"))
+    }
+}
