@@ -1048,7 +1048,12 @@ fn deserialize_issues(text: &str, error: &toml::de::Error) -> Vec<ConfigIssue> {
 fn item_span(item: &toml_edit::Item) -> Option<usize> {
     match item {
         toml_edit::Item::Value(v) => v.span().map(|s| s.start),
-        toml_edit::Item::Table(t) => t.span().map(|s| s.start),
+        // A table only ever named in its children's headers, such as
+        // `[extra."a"]`, has no span of its own: its first child's stands in.
+        toml_edit::Item::Table(t) => t
+            .span()
+            .map(|s| s.start)
+            .or_else(|| t.iter().filter_map(|(_, child)| item_span(child)).min()),
         toml_edit::Item::ArrayOfTables(a) => a.span().map(|s| s.start),
         toml_edit::Item::None => None,
     }
@@ -1182,6 +1187,8 @@ kind = "openapi"
 mode = "hard"
 [bogus]
 x = 1
+[implicit."a"]
+x = 1
 "#,
         )
         .unwrap_err();
@@ -1198,6 +1205,7 @@ x = 1
                 ("routes[0].kind", Some(10)),
                 ("budget.mode", Some(12)),
                 ("bogus", Some(13)),
+                ("implicit", Some(15)),
             ]
         );
         assert!(err.issues[3].message.contains("unknown variant `hard`"));
