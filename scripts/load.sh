@@ -45,8 +45,14 @@
 # Environment (defaults): CONNECTIONS=32 DURATION=10 WARMUP=1 ROUNDS=3
 #   SCENARIOS="json stream stream-inject json-rate stream-paced" RATE=500
 #   PACE_US=20000 CHUNK_DELAY_US=0 NGINX=1 BARE=1 NGINX_WORKERS=$(nproc) QUIET=0
-#   NO_LEDGER=1 LOADGEN_THREADS=2 MOCK_THREADS=1
+#   NO_LEDGER=1 LOADGEN_THREADS=2 MOCK_THREADS=1 KEEP_AWAKE=0
 #   TOLLGATE=target/dist/tollgate BEFORE= OUT=<temp dir>/results.jsonl
+# KEEP_AWAKE=1 runs the paced scenarios (json-rate, stream-paced) beside one
+# busy loop per core at the SCHED_IDLE policy, which any other thread
+# preempts at once: on a VM whose idle virtual CPUs wake late, the cores
+# stay awake, so the percentiles measure the proxies rather than the
+# wake-ups (CPU per call is each process's own time and unaffected; the
+# machine's idle time is not reported for these scenarios).
 # Every measurement is bounded (WARMUP + DURATION + 5 s grace, and killed
 # after 30 s more); everything started here is stopped on exit.
 
@@ -67,6 +73,7 @@ QUIET=${QUIET:-0}
 NO_LEDGER=${NO_LEDGER:-1}
 LOADGEN_THREADS=${LOADGEN_THREADS:-2}
 MOCK_THREADS=${MOCK_THREADS:-1}
+KEEP_AWAKE=${KEEP_AWAKE:-0}
 
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -224,6 +231,23 @@ ledger_ticks() {
 idle_ticks() {
     awk '/^cpu /{ print $5 }' /proc/stat
 }
+# Starts one SCHED_IDLE busy loop per core (see KEEP_AWAKE above); sets $awake.
+awake=()
+keep_awake() {
+    local i
+    for i in $(seq "$(nproc)"); do
+        chrt --idle 0 bash -c 'while :; do :; done' &
+        awake+=($!)
+        pids+=($!)
+    done
+}
+# Stops them.
+let_sleep() {
+    ((${#awake[@]})) || return 0
+    kill "${awake[@]}" 2>/dev/null || true
+    wait "${awake[@]}" 2>/dev/null || true
+    awake=()
+}
 limit=$(python3 -c 'import math,sys; print(math.ceil(sum(map(float,sys.argv[1:])) + 35))' "$WARMUP" "$DURATION")
 for round in $(seq "$ROUNDS"); do
     # Alternate the order of the targets from round to round.
@@ -244,6 +268,9 @@ for round in $(seq "$ROUNDS"); do
             exit 2
             ;;
         esac
+        if [[ $KEEP_AWAKE == 1 && ($scenario == json-rate || $scenario == stream-paced) ]]; then
+            keep_awake
+        fi
         for target in "${order[@]}"; do
             mock_before=$(cpu_ticks "$mock_pid")
             proxy_before=$(cpu_ticks "${pid_of[$target]}")
@@ -257,20 +284,23 @@ for round in $(seq "$ROUNDS"); do
             line=$(python3 - "$line" "$(cpu_ticks "$mock_pid")" "$mock_before" \
                 "$(cpu_ticks "${pid_of[$target]}")" "$proxy_before" "$target" "$TICK" \
                 "$(ledger_ticks "${pid_of[$target]}")" "$ledger_before" \
-                "$(idle_ticks)" "$idle_before" <<'EOF'
+                "$(idle_ticks)" "$idle_before" "${#awake[@]}" <<'EOF'
 import json, sys
 r = json.loads(sys.argv[1])
 m1, m0, p1, p0 = map(int, sys.argv[2:6])
 target, tick = sys.argv[6], int(sys.argv[7])
 l1, l0 = map(int, sys.argv[8:10])
 i1, i0 = map(int, sys.argv[10:12])
+busy_loops = int(sys.argv[12])
 calls = r["requests"] + r["warmup_requests"]
 r["mock_cpu_us_per_call"] = round((m1 - m0) * 1e6 / tick / calls, 1) if calls else None
 r["proxy_cpu_us_per_call"] = (
     None if target == "direct" or not calls else round((p1 - p0) * 1e6 / tick / calls, 1))
 r["ledger_cpu_us_per_call"] = (
     round((l1 - l0) * 1e6 / tick / calls, 1) if target.startswith("tollgate") and calls else None)
-r["machine_idle_us_per_call"] = round((i1 - i0) * 1e6 / tick / calls, 1) if calls else None
+r["machine_idle_us_per_call"] = (
+    round((i1 - i0) * 1e6 / tick / calls, 1) if calls and not busy_loops else None)
+r["kept_awake"] = busy_loops > 0
 print(json.dumps(r))
 EOF
 )
@@ -283,6 +313,7 @@ print(f'{r["label"]:<30} {r["rps"]:>9.0f} req/s  p50 {l.get("p50")} ms  '
       f'p99 {l.get("p99")} ms  errors {r["errors"]} non-2xx {r["non_2xx"]}')
 EOF
         done
+        let_sleep
     done
 done
 
