@@ -134,6 +134,9 @@ pub struct RouteConfig {
     /// self-signed upstreams only). Off by default.
     #[serde(default)]
     pub tls_insecure_skip_verify: bool,
+    /// A PEM file of CA certificates that this route's HTTPS upstream is
+    /// verified against instead of the webpki roots (a private CA).
+    pub tls_ca_path: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -415,6 +418,17 @@ pub struct Route {
     pub charge_failed_calls: bool,
     /// Upstream certificates are not verified (`tls_insecure_skip_verify`).
     pub tls_insecure_skip_verify: bool,
+    /// The CA certificates upstream certificates are verified against
+    /// instead of the webpki roots (`tls_ca_path`).
+    pub tls_ca: Option<TrustedCa>,
+}
+
+/// A route's own trust anchors, read from `tls_ca_path`.
+#[derive(Debug, Clone)]
+pub struct TrustedCa {
+    /// The path as configured (routes sharing an upstream compare it).
+    pub path: String,
+    pub roots: std::sync::Arc<rustls::RootCertStore>,
 }
 
 /// Validated configuration, ready for the request path.
@@ -657,6 +671,30 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
                 None
             }
         };
+        let tls_ca = match &route.tls_ca_path {
+            Some(_) if route.tls_insecure_skip_verify => {
+                push(
+                    &key("tls_ca_path"),
+                    "a route that skips verification (tls_insecure_skip_verify) takes no CA".into(),
+                );
+                None
+            }
+            Some(_)
+                if upstream
+                    .as_ref()
+                    .is_some_and(|(scheme, ..)| scheme != &http::uri::Scheme::HTTPS) =>
+            {
+                push(
+                    &key("tls_ca_path"),
+                    "the upstream is not https://; a CA applies to HTTPS upstreams only".into(),
+                );
+                None
+            }
+            Some(path) => read_trusted_ca(path, &base_dir)
+                .map_err(|message| push(&key("tls_ca_path"), message))
+                .ok(),
+            None => None,
+        };
         let tool_cost = if route.kind == RouteKind::Tool {
             let sources = [
                 route.cost_per_call_usd.is_some(),
@@ -738,22 +776,35 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
                 tool_cost,
                 charge_failed_calls: route.charge_failed_calls,
                 tls_insecure_skip_verify: route.tls_insecure_skip_verify,
+                tls_ca,
             });
         }
     }
     // The upstream client pools connections per origin, so verification is
     // decided per origin: routes sharing one must agree.
+    fn ca_path(route: &Route) -> Option<&str> {
+        route.tls_ca.as_ref().map(|ca| ca.path.as_str())
+    }
     for (i, route) in routes.iter().enumerate() {
-        if let Some(other) = routes[..i].iter().find(|o| {
+        let same_origin = |o: &&Route| {
             o.upstream_origin == route.upstream_origin
                 && o.upstream_authority == route.upstream_authority
-                && o.tls_insecure_skip_verify != route.tls_insecure_skip_verify
-        }) {
+        };
+        let disagreement = routes[..i].iter().filter(same_origin).find_map(|o| {
+            if o.tls_insecure_skip_verify != route.tls_insecure_skip_verify {
+                Some((o, "tls_insecure_skip_verify"))
+            } else if ca_path(o) != ca_path(route) {
+                Some((o, "tls_ca_path"))
+            } else {
+                None
+            }
+        });
+        if let Some((other, field)) = disagreement {
             let index = raw.routes.iter().position(|r| r.name == route.name);
             push(
-                &format!("routes[{}].tls_insecure_skip_verify", index.unwrap_or(i)),
+                &format!("routes[{}].{field}", index.unwrap_or(i)),
                 format!(
-                    "routes `{}` and `{}` share the upstream {}://{} but disagree on it; set it on both or neither",
+                    "routes `{}` and `{}` share the upstream {}://{} but disagree on it; one connection pool serves both, so set the same value on both",
                     other.name, route.name, route.upstream_origin, route.upstream_authority
                 ),
             );
@@ -891,6 +942,35 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
         }),
         _ => Err(problems),
     }
+}
+
+/// Reads a route's `tls_ca_path`: every certificate of the PEM file becomes
+/// a trust anchor. The message of an error names the file.
+fn read_trusted_ca(path: &str, base_dir: &Path) -> Result<TrustedCa, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    let pem =
+        std::fs::read(base_dir.join(path)).map_err(|e| format!("cannot read `{path}`: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("`{path}` is not a PEM certificate file: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("`{path}` holds no PEM certificate"));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for (n, cert) in certs.into_iter().enumerate() {
+        roots.add(cert).map_err(|e| {
+            format!(
+                "certificate {} of `{path}` is not a usable CA certificate: {e}",
+                n + 1
+            )
+        })?;
+    }
+    Ok(TrustedCa {
+        path: path.to_string(),
+        roots: std::sync::Arc::new(roots),
+    })
 }
 
 /// Reads `[server.tls]`'s PEM files into a rustls server config (ring

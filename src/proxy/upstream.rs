@@ -3,9 +3,12 @@
 //! Connect failures (a certificate that does not verify included) map to
 //! 502, a missing response head past the configured time to 504 (pingora's
 //! source-based mapping). Routes with `tls_insecure_skip_verify` use a second
-//! pooled client whose verifier accepts any certificate.
+//! pooled client whose verifier accepts any certificate; the origins of
+//! routes with their own CA (`tls_ca_path`) each have a pooled client that
+//! verifies against it.
 
-use std::collections::HashSet;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,44 +29,75 @@ use crate::proxy::error::ProxyError;
 
 type PooledClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+type Origin = (Scheme, Authority);
+
 /// The shared upstream clients: one that verifies certificates against the
-/// webpki roots, one for the origins of routes that opted out.
+/// webpki roots, one for the origins of routes that opted out, and one per
+/// origin whose routes name their own CA.
 pub struct UpstreamClient {
     verified: PooledClient,
     insecure: PooledClient,
-    insecure_origins: ArcSwap<HashSet<(Scheme, Authority)>>,
+    origins: ArcSwap<OriginTls>,
+    connect_timeout: Duration,
+}
+
+/// The origins whose certificates are not verified against the webpki
+/// roots, from the route table.
+#[derive(Default)]
+struct OriginTls {
+    insecure: HashSet<Origin>,
+    own_ca: HashMap<Origin, PooledClient>,
+}
+
+/// How a pooled client verifies upstream certificates.
+enum Verify<'a> {
+    WebpkiRoots,
+    Roots(&'a rustls::RootCertStore),
+    AcceptAny,
 }
 
 impl UpstreamClient {
-    /// Takes the opt-outs of a (re)loaded route table, warning for each.
+    /// Takes the opt-outs and CAs of a (re)loaded route table, warning for
+    /// each opt-out. The clients of routes with their own CA are built
+    /// again, so a reload reads a rotated CA file.
     pub fn set_routes(&self, routes: &[Route]) {
-        let mut origins = HashSet::new();
-        for route in routes.iter().filter(|r| r.tls_insecure_skip_verify) {
-            tracing::warn!(
-                message = "upstream certificate verification is OFF for this route (tls_insecure_skip_verify)",
-                route = %route.name,
-                upstream = %format_args!("{}://{}", route.upstream_origin, route.upstream_authority),
-            );
-            origins.insert((
-                route.upstream_origin.clone(),
-                route.upstream_authority.clone(),
-            ));
+        let mut origins = OriginTls::default();
+        for route in routes {
+            if route.tls_insecure_skip_verify {
+                tracing::warn!(
+                    message = "upstream certificate verification is OFF for this route (tls_insecure_skip_verify)",
+                    route = %route.name,
+                    upstream = %format_args!("{}://{}", route.upstream_origin, route.upstream_authority),
+                );
+                origins.insecure.insert(origin_of(route));
+            }
+            if let Some(ca) = &route.tls_ca {
+                // Routes sharing an origin name the same CA (validated).
+                origins.own_ca.entry(origin_of(route)).or_insert_with(|| {
+                    pooled_client(self.connect_timeout, Verify::Roots(&ca.roots))
+                });
+            }
         }
-        self.insecure_origins.store(Arc::new(origins));
+        self.origins.store(Arc::new(origins));
     }
 
-    fn for_uri(&self, uri: &Uri) -> &PooledClient {
-        let origins = self.insecure_origins.load();
-        let insecure = match (uri.scheme(), uri.authority()) {
-            (Some(scheme), Some(authority)) if !origins.is_empty() => {
-                origins.contains(&(scheme.clone(), authority.clone()))
-            }
-            _ => false,
+    /// The client for `uri`'s origin: a client of a route's own CA is
+    /// cloned out of the table, which a reload may swap during the call.
+    fn for_uri(&self, uri: &Uri) -> Cow<'_, PooledClient> {
+        let origins = self.origins.load();
+        if origins.insecure.is_empty() && origins.own_ca.is_empty() {
+            return Cow::Borrowed(&self.verified);
+        }
+        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+            return Cow::Borrowed(&self.verified);
         };
-        if insecure {
-            &self.insecure
+        let origin = (scheme.clone(), authority.clone());
+        if let Some(client) = origins.own_ca.get(&origin) {
+            Cow::Owned(client.clone())
+        } else if origins.insecure.contains(&origin) {
+            Cow::Borrowed(&self.insecure)
         } else {
-            &self.verified
+            Cow::Borrowed(&self.verified)
         }
     }
 }
@@ -71,15 +105,23 @@ impl UpstreamClient {
 /// Builds the shared upstream clients for `routes`.
 pub fn build_client(connect_timeout: Duration, routes: &[Route]) -> UpstreamClient {
     let client = UpstreamClient {
-        verified: pooled_client(connect_timeout, false),
-        insecure: pooled_client(connect_timeout, true),
-        insecure_origins: ArcSwap::from_pointee(HashSet::new()),
+        verified: pooled_client(connect_timeout, Verify::WebpkiRoots),
+        insecure: pooled_client(connect_timeout, Verify::AcceptAny),
+        origins: ArcSwap::from_pointee(OriginTls::default()),
+        connect_timeout,
     };
     client.set_routes(routes);
     client
 }
 
-fn pooled_client(connect_timeout: Duration, skip_verify: bool) -> PooledClient {
+fn origin_of(route: &Route) -> Origin {
+    (
+        route.upstream_origin.clone(),
+        route.upstream_authority.clone(),
+    )
+}
+
+fn pooled_client(connect_timeout: Duration, verify: Verify<'_>) -> PooledClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -87,17 +129,19 @@ fn pooled_client(connect_timeout: Duration, skip_verify: bool) -> PooledClient {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map(|b| {
-            if skip_verify {
-                b.dangerous()
-                    .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
-                    .with_no_client_auth()
-            } else {
-                b.with_root_certificates(rustls::RootCertStore {
+        .map(|b| match verify {
+            Verify::AcceptAny => b
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+                .with_no_client_auth(),
+            Verify::WebpkiRoots => b
+                .with_root_certificates(rustls::RootCertStore {
                     roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
                 })
-                .with_no_client_auth()
-            }
+                .with_no_client_auth(),
+            Verify::Roots(roots) => b
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth(),
         });
     let connector = match tls {
         Ok(tls) => hyper_rustls::HttpsConnectorBuilder::new()

@@ -1,6 +1,6 @@
 //! TLS: termination on the agent listener (HTTP/1.1 and HTTP/2 by ALPN),
 //! config errors naming the key, and upstream certificate verification with
-//! its per-route opt-out.
+//! its per-route opt-out and per-route CA.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +40,31 @@ fn self_signed() -> TestCert {
         key_pem: certified.signing_key.serialize_pem(),
         key_der: certified.signing_key.serialize_der(),
     }
+}
+
+/// A private CA (its certificate as PEM) and a certificate for 127.0.0.1 and
+/// localhost that it signed.
+fn private_ca() -> (String, TestCert) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "tollgate test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+    let server = TestCert {
+        der: cert.der().clone(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        key_der: key.serialize_der(),
+    };
+    (ca.pem(), server)
 }
 
 fn ring() -> Arc<rustls::crypto::CryptoProvider> {
@@ -308,4 +333,110 @@ kind = "openai"
     )
     .unwrap_err();
     assert_eq!(err.issues[0].key, "routes[1].tls_insecure_skip_verify");
+}
+
+fn own_ca_route(ca_path: &str) -> String {
+    format!(
+        r#"
+[pricing]
+files = ["{TEST_PRICING}"]
+
+[[routes]]
+name = "private-llm"
+prefix = "/openai"
+upstream = "{{upstream}}"
+kind = "openai"
+tls_ca_path = "{ca_path}"
+"#
+    )
+}
+
+#[tokio::test]
+async fn a_route_verifies_its_upstream_against_its_own_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_pem, server_cert) = private_ca();
+    let (other_ca_pem, _) = private_ca();
+    let ca_path = dir.path().join("ca.pem");
+    let other_ca_path = dir.path().join("other-ca.pem");
+    std::fs::write(&ca_path, ca_pem).unwrap();
+    std::fs::write(&other_ca_path, other_ca_pem).unwrap();
+    let (url, task) = https_upstream(&server_cert).await;
+    let body = r#"{"model":"gpt-4o-mini","messages":[]}"#;
+    let call = |proxy: &Proxy| {
+        let url = proxy.url("/openai/v1/chat/completions");
+        async move { post_json(&url, &[], body).await }
+    };
+
+    // The webpki roots do not know the private CA.
+    let proxy = Proxy::start(&upstream_route(false), &url).await;
+    assert_eq!(call(&proxy).await.status(), StatusCode::BAD_GATEWAY);
+    proxy.shutdown().await;
+
+    let proxy = Proxy::start(&own_ca_route(&ca_path.display().to_string()), &url).await;
+    let response = call(&proxy).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(body_bytes(response).await, CHAT_REPLY);
+    proxy.shutdown().await;
+
+    // Another CA does not verify it: the route's CA is used, not "any".
+    let proxy = Proxy::start(&own_ca_route(&other_ca_path.display().to_string()), &url).await;
+    let response = call(&proxy).await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let text = String::from_utf8(body_bytes(response).await.to_vec()).unwrap();
+    assert!(text.contains("certificate"), "{text}");
+    proxy.shutdown().await;
+    task.abort();
+}
+
+#[test]
+fn tls_ca_path_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_pem, server_cert) = private_ca();
+    std::fs::write(dir.path().join("ca.pem"), ca_pem).unwrap();
+    std::fs::write(dir.path().join("key.pem"), &server_cert.key_pem).unwrap();
+    let load = |route: &str| {
+        let text =
+            format!("[[routes]]\nname = \"a\"\nprefix = \"/a\"\nkind = \"openai\"\n{route}\n");
+        Config::from_toml(&text, "test.toml", dir.path().into())
+    };
+    let issue = |route: &str| {
+        let err = load(route).unwrap_err();
+        assert_eq!(err.issues.len(), 1, "{err}");
+        (err.issues[0].key.clone(), err.issues[0].message.clone())
+    };
+
+    // A relative path resolves against the base directory.
+    let config = load("upstream = \"https://127.0.0.1:8443\"\ntls_ca_path = \"ca.pem\"").unwrap();
+    let ca = config.routes[0].tls_ca.as_ref().expect("the route's CA");
+    assert_eq!(ca.roots.len(), 1);
+
+    let (key, message) =
+        issue("upstream = \"https://127.0.0.1:8443\"\ntls_ca_path = \"missing.pem\"");
+    assert_eq!(key, "routes[0].tls_ca_path");
+    assert!(
+        message.starts_with("cannot read `missing.pem`"),
+        "{message}"
+    );
+
+    let (key, message) = issue("upstream = \"https://127.0.0.1:8443\"\ntls_ca_path = \"key.pem\"");
+    assert_eq!(key, "routes[0].tls_ca_path");
+    assert_eq!(message, "`key.pem` holds no PEM certificate");
+
+    let (key, message) = issue(
+        "upstream = \"https://127.0.0.1:8443\"\ntls_ca_path = \"ca.pem\"\ntls_insecure_skip_verify = true",
+    );
+    assert_eq!(key, "routes[0].tls_ca_path");
+    assert!(message.contains("tls_insecure_skip_verify"), "{message}");
+
+    let (key, message) = issue("upstream = \"http://127.0.0.1:8080\"\ntls_ca_path = \"ca.pem\"");
+    assert_eq!(key, "routes[0].tls_ca_path");
+    assert!(message.contains("https://"), "{message}");
+
+    // Routes sharing an upstream share its connection pool, so its CA.
+    let err = load(
+        "upstream = \"https://127.0.0.1:8443\"\ntls_ca_path = \"ca.pem\"\n\
+         [[routes]]\nname = \"b\"\nprefix = \"/b\"\nkind = \"openai\"\nupstream = \"https://127.0.0.1:8443/v2\"",
+    )
+    .unwrap_err();
+    assert_eq!(err.issues[0].key, "routes[1].tls_ca_path", "{err}");
 }
