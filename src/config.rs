@@ -32,6 +32,20 @@ pub struct RawConfig {
     pub metrics: MetricsConfig,
     pub segments: crate::api::SegmentsConfig,
     pub compare: crate::api::CompareConfig,
+    pub egress: EgressConfig,
+}
+
+/// `[egress]`: the forward proxy upstream HTTPS connections go through.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// `http://[user:password@]host:port` of an HTTP proxy that accepts
+    /// `CONNECT`; direct connections when absent.
+    pub proxy: Option<String>,
+    /// Hosts reached directly, as curl's `NO_PROXY`: comma-separated
+    /// domains (each with its subdomains), IP addresses or CIDR ranges, or
+    /// `*` for every host.
+    pub no_proxy: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -445,6 +459,8 @@ pub struct Config {
     pub base_dir: PathBuf,
     /// TLS for the agent listener, built from `[server.tls]`.
     pub server_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// Which upstream connections go through `[egress] proxy`.
+    pub egress: Option<std::sync::Arc<hyper_util::client::proxy::matcher::Matcher>>,
 }
 
 /// Attribution header names, parsed.
@@ -812,6 +828,17 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
     }
     routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
 
+    let egress = match &raw.egress.proxy {
+        Some(proxy) => match egress_matcher(proxy, &raw.egress.no_proxy) {
+            Ok(matcher) => Some(std::sync::Arc::new(matcher)),
+            Err(message) => {
+                push("egress.proxy", message);
+                None
+            }
+        },
+        None => None,
+    };
+
     let server_tls = match &raw.server.tls {
         Some(tls) => match server_tls_config(tls, &base_dir) {
             Ok(config) => Some(config),
@@ -938,10 +965,35 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
             },
             base_dir,
             server_tls,
+            egress,
             raw,
         }),
         _ => Err(problems),
     }
+}
+
+/// The matcher of `[egress]`: HTTPS destinations through `proxy`, except
+/// those `no_proxy` lists. Only plain-HTTP proxies are accepted: the tunnel
+/// is opened over a plain connection to the proxy.
+fn egress_matcher(
+    proxy: &str,
+    no_proxy: &str,
+) -> Result<hyper_util::client::proxy::matcher::Matcher, String> {
+    let uri = proxy
+        .parse::<http::Uri>()
+        .map_err(|e| format!("`{proxy}` is not a URL: {e}"))?;
+    if uri.scheme() != Some(&http::uri::Scheme::HTTP) || uri.host().is_none_or(str::is_empty) {
+        return Err(format!(
+            "`{proxy}` must be an http:// URL of a proxy, like http://proxy.internal:3128"
+        ));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(format!("`{proxy}` must name a proxy only, without a path"));
+    }
+    Ok(hyper_util::client::proxy::matcher::Matcher::builder()
+        .https(proxy)
+        .no(no_proxy)
+        .build())
 }
 
 /// Reads a route's `tls_ca_path`: every certificate of the PEM file becomes

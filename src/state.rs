@@ -111,7 +111,18 @@ impl AppState {
                 budgets.restore_run(run);
             }
         }
-        let client = build_client(config.raw.limits.upstream_connect_timeout(), &config.routes);
+        if let Some(proxy) = &config.raw.egress.proxy {
+            tracing::info!(
+                message = "upstream HTTPS connections go through the egress proxy",
+                proxy = %crate::proxy::egress::proxy_address(proxy),
+                no_proxy = %config.raw.egress.no_proxy,
+            );
+        }
+        let client = build_client(
+            config.raw.limits.upstream_connect_timeout(),
+            &config.routes,
+            config.egress.clone(),
+        );
         let config = Arc::new(config);
         Ok(Arc::new(AppState {
             started: config.clone(),
@@ -170,7 +181,7 @@ impl AppState {
         let (new, old) = (&config.raw, &started.raw);
         // What is built once at start: the listeners, the ledger writer, the
         // shared state connection, the metric families' label caps and the
-        // upstream clients' connectors.
+        // upstream clients' connectors (their timeout and egress proxy).
         let needs_restart = [
             ("server.listen", config.listen != started.listen),
             ("admin.listen", config.admin_listen != started.admin_listen),
@@ -178,6 +189,7 @@ impl AppState {
             ("ledger", new.ledger != old.ledger),
             ("state", new.state != old.state),
             ("metrics.max_label_values", new.metrics != old.metrics),
+            ("egress", new.egress != old.egress),
             (
                 "limits.upstream_connect_timeout_ms",
                 new.limits.upstream_connect_timeout_ms != old.limits.upstream_connect_timeout_ms,

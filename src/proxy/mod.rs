@@ -18,6 +18,7 @@
 
 pub mod attribution;
 pub mod body;
+pub mod egress;
 pub mod error;
 pub mod guards;
 pub mod request;

@@ -25,9 +25,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{AttributionHeaders, Route};
+use crate::proxy::egress::EgressConnector;
 use crate::proxy::error::ProxyError;
 
-type PooledClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type PooledClient = Client<HttpsConnector<EgressConnector>, Full<Bytes>>;
+type EgressMatcher = Option<Arc<hyper_util::client::proxy::matcher::Matcher>>;
 
 type Origin = (Scheme, Authority);
 
@@ -39,6 +41,7 @@ pub struct UpstreamClient {
     insecure: PooledClient,
     origins: ArcSwap<OriginTls>,
     connect_timeout: Duration,
+    egress: EgressMatcher,
 }
 
 /// The origins whose certificates are not verified against the webpki
@@ -74,7 +77,11 @@ impl UpstreamClient {
             if let Some(ca) = &route.tls_ca {
                 // Routes sharing an origin name the same CA (validated).
                 origins.own_ca.entry(origin_of(route)).or_insert_with(|| {
-                    pooled_client(self.connect_timeout, Verify::Roots(&ca.roots))
+                    pooled_client(
+                        self.connect_timeout,
+                        Verify::Roots(&ca.roots),
+                        self.egress.clone(),
+                    )
                 });
             }
         }
@@ -102,13 +109,19 @@ impl UpstreamClient {
     }
 }
 
-/// Builds the shared upstream clients for `routes`.
-pub fn build_client(connect_timeout: Duration, routes: &[Route]) -> UpstreamClient {
+/// Builds the shared upstream clients for `routes`, connecting through the
+/// egress proxy where `egress` says so.
+pub fn build_client(
+    connect_timeout: Duration,
+    routes: &[Route],
+    egress: EgressMatcher,
+) -> UpstreamClient {
     let client = UpstreamClient {
-        verified: pooled_client(connect_timeout, Verify::WebpkiRoots),
-        insecure: pooled_client(connect_timeout, Verify::AcceptAny),
+        verified: pooled_client(connect_timeout, Verify::WebpkiRoots, egress.clone()),
+        insecure: pooled_client(connect_timeout, Verify::AcceptAny, egress.clone()),
         origins: ArcSwap::from_pointee(OriginTls::default()),
         connect_timeout,
+        egress,
     };
     client.set_routes(routes);
     client
@@ -121,11 +134,16 @@ fn origin_of(route: &Route) -> Origin {
     )
 }
 
-fn pooled_client(connect_timeout: Duration, verify: Verify<'_>) -> PooledClient {
+fn pooled_client(
+    connect_timeout: Duration,
+    verify: Verify<'_>,
+    egress: EgressMatcher,
+) -> PooledClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
+    let http = EgressConnector::new(http, egress);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

@@ -8,6 +8,7 @@ mod api;
 mod budget;
 mod coalescing;
 mod drain;
+mod egress;
 mod errors;
 mod faults;
 mod ledger;

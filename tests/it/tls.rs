@@ -20,10 +20,10 @@ use tollgate::config::Config;
 
 const GUARD: Duration = Duration::from_secs(10);
 
-const CHAT_REPLY: &str = r#"{"id":"c1","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":10,"completion_tokens":2,"total_tokens":12}}"#;
+pub(crate) const CHAT_REPLY: &str = r#"{"id":"c1","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":10,"completion_tokens":2,"total_tokens":12}}"#;
 
 /// A self-signed certificate for 127.0.0.1 and localhost.
-struct TestCert {
+pub(crate) struct TestCert {
     der: CertificateDer<'static>,
     cert_pem: String,
     key_pem: String,
@@ -44,7 +44,7 @@ fn self_signed() -> TestCert {
 
 /// A private CA (its certificate as PEM) and a certificate for 127.0.0.1 and
 /// localhost that it signed.
-fn private_ca() -> (String, TestCert) {
+pub(crate) fn private_ca() -> (String, TestCert) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -238,7 +238,7 @@ fn tls_config_errors_name_the_key() {
 
 /// An HTTPS upstream with a self-signed certificate that answers every
 /// request with `CHAT_REPLY`.
-async fn https_upstream(cert: &TestCert) -> (String, tokio::task::JoinHandle<()>) {
+pub(crate) async fn https_upstream(cert: &TestCert) -> (String, tokio::task::JoinHandle<()>) {
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der.clone()));
     let mut config = rustls::ServerConfig::builder_with_provider(ring())
         .with_safe_default_protocol_versions()
@@ -335,7 +335,7 @@ kind = "openai"
     assert_eq!(err.issues[0].key, "routes[1].tls_insecure_skip_verify");
 }
 
-fn own_ca_route(ca_path: &str) -> String {
+pub(crate) fn own_ca_route(ca_path: &str) -> String {
     format!(
         r#"
 [pricing]
