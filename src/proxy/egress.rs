@@ -13,6 +13,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::Uri;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
@@ -30,11 +31,24 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct EgressConnector {
     direct: HttpConnector,
     proxy: Option<Arc<Matcher>>,
+    /// Bounds the whole tunnel set-up (TCP to the proxy and its answer to
+    /// `CONNECT`), as it bounds a direct TCP connect: a proxy that accepts
+    /// and never answers is a connect failure, not a wait for the response
+    /// timeout.
+    connect_timeout: Duration,
 }
 
 impl EgressConnector {
-    pub fn new(direct: HttpConnector, proxy: Option<Arc<Matcher>>) -> Self {
-        EgressConnector { direct, proxy }
+    pub fn new(
+        direct: HttpConnector,
+        proxy: Option<Arc<Matcher>>,
+        connect_timeout: Duration,
+    ) -> Self {
+        EgressConnector {
+            direct,
+            proxy,
+            connect_timeout,
+        }
     }
 }
 
@@ -62,12 +76,21 @@ impl Service<Uri> for EgressConnector {
                 if let Some(auth) = intercept.basic_auth() {
                     tunnel = tunnel.with_auth(auth.clone());
                 }
+                let timeout = self.connect_timeout;
                 Box::pin(async move {
+                    let proxy = || proxy_address(&intercept.uri().to_string());
                     std::future::poll_fn(|cx| tunnel.poll_ready(cx)).await?;
-                    tunnel.call(dst).await.map_err(|e| {
-                        let proxy = proxy_address(&intercept.uri().to_string());
-                        format!("egress proxy {proxy}: {e}").into()
-                    })
+                    match tokio::time::timeout(timeout, tunnel.call(dst)).await {
+                        Ok(tunnelled) => {
+                            tunnelled.map_err(|e| format!("egress proxy {}: {e}", proxy()).into())
+                        }
+                        Err(_) => Err(format!(
+                            "egress proxy {}: no tunnel within {} ms",
+                            proxy(),
+                            timeout.as_millis()
+                        )
+                        .into()),
+                    }
                 })
             }
             None => {

@@ -143,7 +143,7 @@ fn pooled_client(
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
-    let http = EgressConnector::new(http, egress);
+    let http = EgressConnector::new(http, egress, connect_timeout);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

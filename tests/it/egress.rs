@@ -179,3 +179,32 @@ fn egress_proxy_errors_name_the_key() {
     .unwrap();
     assert!(config.egress.is_some());
 }
+
+#[tokio::test]
+async fn a_proxy_that_never_answers_connect_is_a_502_within_the_connect_timeout() {
+    let (_dir, ca_path, url, upstream) = private_upstream().await;
+    // Accepts, reads the CONNECT and never answers it.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = socket.read(&mut buf).await;
+            held.push(socket);
+        }
+    });
+
+    let egress = format!("proxy = \"http://{proxy}\"\n[limits]\nupstream_connect_timeout_ms = 200");
+    let tollgate = Proxy::start(&config(&ca_path, &egress), &url).await;
+    let response = post_json(&tollgate.url("/openai/v1/chat/completions"), &[], BODY).await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let text = String::from_utf8(body_bytes(response).await.to_vec()).unwrap();
+    assert!(
+        text.contains(&format!("egress proxy {proxy}: no tunnel within 200 ms")),
+        "{text}"
+    );
+    tollgate.shutdown().await;
+    silent.abort();
+    upstream.abort();
+}
