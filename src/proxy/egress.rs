@@ -8,6 +8,11 @@
 //! credentials and the no-proxy list the way curl does; `Tunnel` makes the
 //! `CONNECT`); this connector only chooses between the tunnel and the
 //! direct connection for each new upstream connection.
+//!
+//! Its connections report no extras to the pooled client. hyper-util's TCP
+//! stream reports its addresses (`HttpInfo`), which the client then copies
+//! into every response's extensions: three allocations a call for
+//! something tollgate never reads.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,8 +21,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
+use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::proxy::Tunnel;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -53,7 +59,7 @@ impl EgressConnector {
 }
 
 impl Service<Uri> for EgressConnector {
-    type Response = TokioIo<TcpStream>;
+    type Response = UpstreamStream;
     type Error = BoxError;
     // A connection is opened once per pooled connection, not per call: one
     // box there is not worth a hand-written future.
@@ -81,9 +87,9 @@ impl Service<Uri> for EgressConnector {
                     let proxy = || proxy_address(&intercept.uri().to_string());
                     std::future::poll_fn(|cx| tunnel.poll_ready(cx)).await?;
                     match tokio::time::timeout(timeout, tunnel.call(dst)).await {
-                        Ok(tunnelled) => {
-                            tunnelled.map_err(|e| format!("egress proxy {}: {e}", proxy()).into())
-                        }
+                        Ok(tunnelled) => tunnelled
+                            .map(UpstreamStream)
+                            .map_err(|e| format!("egress proxy {}: {e}", proxy()).into()),
                         Err(_) => Err(format!(
                             "egress proxy {}: no tunnel within {} ms",
                             proxy(),
@@ -95,9 +101,59 @@ impl Service<Uri> for EgressConnector {
             }
             None => {
                 let connecting = self.direct.call(dst);
-                Box::pin(async move { connecting.await.map_err(Into::into) })
+                Box::pin(async move { connecting.await.map(UpstreamStream).map_err(Into::into) })
             }
         }
+    }
+}
+
+/// An upstream TCP connection (direct or tunnelled) that reports no
+/// extras to the pooled client.
+pub struct UpstreamStream(TokioIo<TcpStream>);
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl Read for UpstreamStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl Write for UpstreamStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
     }
 }
 
