@@ -425,6 +425,8 @@ pub struct Route {
     /// Upstream scheme + authority, e.g. `https://api.openai.com`.
     pub upstream_origin: http::uri::Scheme,
     pub upstream_authority: http::uri::Authority,
+    /// The upstream request's Host: the authority, built once.
+    pub upstream_host: http::HeaderValue,
     /// Upstream base path without trailing slash ("" for none).
     pub upstream_path: String,
     pub tool: Option<String>,
@@ -779,12 +781,26 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
             }
             None
         };
-        if let Some((scheme, authority, path)) = upstream {
+        let upstream = upstream.and_then(|(scheme, authority, path)| {
+            // The Host of every upstream request, checked and built once.
+            match http::HeaderValue::from_str(authority.as_str()) {
+                Ok(host) => Some((scheme, authority, path, host)),
+                Err(_) => {
+                    push(
+                        &key("upstream"),
+                        format!("`{}` has no valid Host", route.upstream),
+                    );
+                    None
+                }
+            }
+        });
+        if let Some((scheme, authority, path, upstream_host)) = upstream {
             routes.push(Route {
                 name: route.name.clone(),
                 prefix: prefix.to_string(),
                 kind: route.kind,
                 upstream_origin: scheme,
+                upstream_host,
                 upstream_authority: authority,
                 upstream_path: path,
                 tool: (route.kind == RouteKind::Tool)

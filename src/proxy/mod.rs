@@ -289,17 +289,15 @@ pub async fn handle(
     };
     // The client's headers move into the upstream request: nothing reads
     // them after this point.
-    let upstream_request = match upstream::upstream_request(
+    let upstream_request = upstream::upstream_request(
         parts.method.clone(),
         std::mem::take(&mut parts.headers),
         uri,
+        route,
         &config.attribution,
         upstream_body,
         info.usage_injected,
-    ) {
-        Ok(r) => r,
-        Err(e) => return Ok(refuse_after_admission(e, kind, admission)),
-    };
+    );
     let sent = Instant::now();
     let limits = &config.raw.limits;
     let response = match upstream::send(

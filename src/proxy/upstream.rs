@@ -294,21 +294,21 @@ pub fn upstream_uri(route: &Route, rest: &str, query: Option<&str>) -> Result<Ur
 }
 
 /// Builds the upstream request: method, the client's headers (moved, less
-/// hop-by-hop, attribution, Host and Expect), and the (possibly rewritten)
-/// body.
+/// hop-by-hop, attribution and Expect; Host replaced by the route's), and
+/// the (possibly rewritten) body.
 pub fn upstream_request(
     method: http::Method,
     mut headers: HeaderMap,
     uri: Uri,
+    route: &Route,
     attribution: &AttributionHeaders,
     body: Bytes,
     identity_encoding: bool,
-) -> Result<Request<Full<Bytes>>, ProxyError> {
+) -> Request<Full<Bytes>> {
     strip_hop_by_hop(&mut headers);
     for name in attribution.all() {
         headers.remove(name);
     }
-    headers.remove(http::header::HOST);
     headers.remove(http::header::EXPECT);
     headers.remove(http::header::CONTENT_LENGTH);
     if identity_encoding {
@@ -319,16 +319,13 @@ pub fn upstream_request(
             HeaderValue::from_static("identity"),
         );
     }
-    if let Some(authority) = uri.authority() {
-        let host = HeaderValue::from_str(authority.as_str())
-            .map_err(|_| ProxyError::BadRequest("upstream authority is not a valid Host".into()))?;
-        headers.insert(http::header::HOST, host);
-    }
+    // Replaces the client's Host, if any; a clone shares the route's bytes.
+    headers.insert(http::header::HOST, route.upstream_host.clone());
     let mut request = Request::new(Full::new(body));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
-    Ok(request)
+    request
 }
 
 /// Sends the request, waiting at most `timeout` for the response head.
