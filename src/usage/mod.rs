@@ -299,6 +299,9 @@ impl Body {
         };
         gemini::finish_stray(&mut self.ex);
         self.ex.settle();
+        // Runs once (`UsageTap::finish` keeps its result), so the model
+        // moves out rather than being copied.
+        let model = self.ex.model.take();
         let ex = &self.ex;
         let completed = match self.format {
             Some(BodyFormat::Sse) => {
@@ -317,7 +320,7 @@ impl Body {
         };
         Observation {
             usage: ex.usage.clone(),
-            model: ex.model.clone(),
+            model,
             outcome,
             parse_error: ex.parse_error,
             provider_error: ex.provider_error.clone(),
