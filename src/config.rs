@@ -1012,9 +1012,12 @@ fn egress_matcher(
         .build())
 }
 
-/// Reads a route's `tls_ca_path`: every certificate of the PEM file becomes
-/// a trust anchor. The message of an error names the file.
-fn read_trusted_ca(path: &str, base_dir: &Path) -> Result<TrustedCa, String> {
+/// The certificates of a PEM file, at least one; the message of an error
+/// names the file. `[server.tls]` and `tls_ca_path` read theirs with it.
+fn read_pem_certificates(
+    path: &str,
+    base_dir: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
 
@@ -1026,6 +1029,13 @@ fn read_trusted_ca(path: &str, base_dir: &Path) -> Result<TrustedCa, String> {
     if certs.is_empty() {
         return Err(format!("`{path}` holds no PEM certificate"));
     }
+    Ok(certs)
+}
+
+/// Reads a route's `tls_ca_path`: every certificate of the PEM file becomes
+/// a trust anchor. The message of an error names the file.
+fn read_trusted_ca(path: &str, base_dir: &Path) -> Result<TrustedCa, String> {
+    let certs = read_pem_certificates(path, base_dir)?;
     let mut roots = rustls::RootCertStore::empty();
     for (n, cert) in certs.into_iter().enumerate() {
         roots.add(cert).map_err(|e| {
@@ -1048,27 +1058,16 @@ fn server_tls_config(
     base_dir: &Path,
 ) -> Result<std::sync::Arc<rustls::ServerConfig>, (&'static str, String)> {
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls::pki_types::PrivateKeyDer;
 
-    let read = |key: &'static str, path: &str| {
-        std::fs::read(base_dir.join(path)).map_err(|e| (key, format!("cannot read `{path}`: {e}")))
-    };
-    let cert_pem = read("server.tls.cert_path", &tls.cert_path)?;
-    let key_pem = read("server.tls.key_path", &tls.key_path)?;
-    let certs = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            (
-                "server.tls.cert_path",
-                format!("`{}` is not a PEM certificate file: {e}", tls.cert_path),
-            )
-        })?;
-    if certs.is_empty() {
-        return Err((
-            "server.tls.cert_path",
-            format!("`{}` holds no PEM certificate", tls.cert_path),
-        ));
-    }
+    let certs =
+        read_pem_certificates(&tls.cert_path, base_dir).map_err(|m| ("server.tls.cert_path", m))?;
+    let key_pem = std::fs::read(base_dir.join(&tls.key_path)).map_err(|e| {
+        (
+            "server.tls.key_path",
+            format!("cannot read `{}`: {e}", tls.key_path),
+        )
+    })?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         (
             "server.tls.key_path",
