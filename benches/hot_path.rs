@@ -166,18 +166,59 @@ fn chat_request(stream: bool) -> Bytes {
     Bytes::from(serde_json::to_vec(&body).expect("serialises"))
 }
 
+/// An agent's request of about 64 KB: tool calls whose results are
+/// captured provider replies (JSON and SSE), which arrive as strings full
+/// of escaped quotes and newlines, as file contents and command output do.
+fn agent_request() -> Bytes {
+    let results = [
+        include_str!(
+            "../tests/fixtures/providers/openai/chat-completions.stream-include-usage.sse"
+        ),
+        include_str!("../tests/fixtures/providers/openai/chat-completions.nonstream.json"),
+    ];
+    let mut messages = vec![
+        json!({ "role": "system", "content": "You are a coding agent. Use the tools." }),
+        json!({ "role": "user", "content": "Find why the usage figures differ between the two replies." }),
+    ];
+    for turn in 0..10 {
+        let id = format!("call_{turn}");
+        messages.push(json!({
+            "role": "assistant",
+            "content": null,
+            "tool_calls": [{
+                "id": id,
+                "type": "function",
+                "function": { "name": "read_file", "arguments": "{\"path\": \"replies/reply.json\"}" },
+            }],
+        }));
+        messages.push(json!({ "role": "tool", "tool_call_id": id, "content": results[turn % 2] }));
+    }
+    let body = json!({ "model": "gpt-4o-2024-08-06", "messages": messages, "max_tokens": 1024 });
+    Bytes::from(serde_json::to_vec(&body).expect("serialises"))
+}
+
 fn request(c: &mut Criterion) {
     let mut group = c.benchmark_group("request");
     let path = "/v1/chat/completions";
-    for (name, stream, injects) in [
-        ("inspect/4k-json", false, false),
-        ("inspect/4k-stream-inject-usage", true, true),
+    for (name, body, injects, size) in [
+        ("inspect/4k-json", chat_request(false), false, 3_500..5_000),
+        (
+            "inspect/4k-stream-inject-usage",
+            chat_request(true),
+            true,
+            3_500..5_000,
+        ),
+        (
+            "inspect/64k-agent-tool-results",
+            agent_request(),
+            false,
+            55_000..80_000,
+        ),
     ] {
-        let body = chat_request(stream);
         let (info, rewritten) = inspect(RouteKind::Openai, path, None, &body);
         assert_eq!(info.usage_injected, injects);
         assert_eq!(rewritten.is_some(), injects);
-        assert!((3_500..5_000).contains(&body.len()), "{}", body.len());
+        assert!(size.contains(&body.len()), "{}", body.len());
         group.throughput(Throughput::Bytes(body.len() as u64));
         group.bench_function(name, |b| {
             b.iter(|| black_box(inspect(RouteKind::Openai, path, None, black_box(&body))))

@@ -197,16 +197,39 @@ pub(crate) fn string_end(buf: &[u8], i: usize) -> Option<usize> {
     long_string_end(buf, at)
 }
 
-/// [`string_end`] past its inline words, or from an escape.
+/// [`string_end`] past its inline words, or from an escape (with no
+/// backslash between the string's start and `from`).
 #[inline(never)]
-fn long_string_end(buf: &[u8], mut i: usize) -> Option<usize> {
+fn long_string_end(buf: &[u8], from: usize) -> Option<usize> {
+    let first = quote_or_backslash(buf, from)?;
+    if *buf.get(first)? == b'"' {
+        return Some(first);
+    }
+    closing_quote(buf, first)
+}
+
+/// Index of the quote that closes a string, searched from `from`, a byte
+/// of the string with no backslash between the string's start and it.
+///
+/// Searches for quotes only. A search for quotes and backslashes restarts
+/// at every escape, and generated text holds many that are not quotes
+/// (`\n` after every paragraph, `\u2014`); an escaped quote is one stop
+/// either way. A backslash escapes the next byte, whatever it is, so a
+/// quote is escaped exactly when an odd run of backslashes comes before it:
+/// walking from a byte that is not a backslash, each pair of the run
+/// escapes itself and a lone last one escapes the quote.
+fn closing_quote(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
     loop {
-        i = quote_or_backslash(buf, i)?;
-        if *buf.get(i)? == b'"' {
-            return Some(i);
+        let at = quote(buf, i)?;
+        let mut run_start = at;
+        while run_start > from && buf.get(run_start - 1) == Some(&b'\\') {
+            run_start -= 1;
         }
-        // A backslash escapes the next byte, whatever it is.
-        i += 2;
+        if (at - run_start) % 2 == 0 {
+            return Some(at);
+        }
+        i = at + 1;
     }
 }
 
@@ -328,6 +351,17 @@ mod tests {
                 inputs.push(spaces);
                 // A borrow from a real match must not hide an earlier one.
                 v[at + 1] = needle.wrapping_add(1);
+                inputs.push(v);
+            }
+        }
+        // Runs of backslashes before a quote, odd (the quote is escaped)
+        // and even, inside and past the short words.
+        for run in 1..6 {
+            for at in [3, 20, 45, 80] {
+                let mut v = vec![b'a'; 100];
+                v[at..at + run].fill(b'\\');
+                v[at + run] = b'"';
+                v[at + run + 7] = b'"';
                 inputs.push(v);
             }
         }

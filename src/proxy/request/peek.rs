@@ -181,6 +181,12 @@ mod tests {
             br#"{"model":"m","a":"\x"}"#,
             br#"{"model":"m","a":"\u12g4"}"#,
             br#"{"model":"m","a":"\u12"}"#,
+            // After an escape: a raw control byte, a bad escape, a quote
+            // left escaped by an odd run of backslashes.
+            b"{\"model\":\"m\",\"a\":\"one\\ntwo\tthree\"}",
+            br#"{"model":"m","a":"ok\n ok\" ok\\ then \x"}"#,
+            br#"{"model":"m","a":"ok\n then \u00e"}"#,
+            br#"{"model":"m","a":"x\\\"}"#,
             b"{\"model\":\"m\",\"a\":\"tab\there\"}",
             b"{\"model\":\"m\",\"a\":\"a long string with a raw newline\n in its tail\"}",
             b"{\"model\":\"m\",\"a\":[1,2]\x0c}",
@@ -223,6 +229,19 @@ mod tests {
         assert!(agrees(&body));
     }
 
+    #[test]
+    fn reads_strings_full_of_escapes() {
+        let output = "line \"one\"\n\tline two \\ path\\to\\file \u{e9}\u{2014}\r\n".repeat(40);
+        let body = serde_json::json!({
+            "model": "gpt-4.1",
+            "messages": [{"role": "tool", "content": output}, {"role": "user", "content": "\\"}],
+        });
+        let body = serde_json::to_vec(&body).unwrap_or_default();
+        assert!(agrees(&body));
+        let escaped = serde_json::json!({"model": "m", "x": "\u{1}\u{1f}\u{7f}"});
+        assert!(agrees(&serde_json::to_vec(&escaped).unwrap_or_default()));
+    }
+
     /// Keys the generator uses: the known ones, their nested ones and others.
     const KEYS: &[&str] = &[
         "model",
@@ -263,6 +282,11 @@ mod tests {
         "\"\\ud83d\"",
         "\"\\q\"",
         "\"\u{e9}\"",
+        // Escapes past the short words of the search, and runs of
+        // backslashes before a quote.
+        "\"a line of tool output\\n\\\"quoted\\\" \\\\ and a tail past the words\"",
+        "\"\\\\\"",
+        "\"x\\\\\\\"y\"",
         "tru",
         "nul",
         "+1",
