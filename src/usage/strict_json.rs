@@ -8,7 +8,7 @@
 //! JSON and for anything the caller chose not to settle itself; callers
 //! then ask serde_json, so `None` never means "absent".
 
-use super::word_scan::{skip_ws, string_stop};
+use super::word_scan::{skip_ws, strict_string_end};
 
 /// Containers nested deeper than this are left to serde_json.
 const MAX_DEPTH: u32 = 64;
@@ -118,38 +118,9 @@ impl<'a> Walk<'a> {
     pub(crate) fn string(&mut self) -> Option<(&'a [u8], bool)> {
         self.eat(b"\"")?;
         let start = self.i;
-        let mut escaped = false;
-        loop {
-            self.i = string_stop(self.buf, self.i)?;
-            match self.peek()? {
-                b'"' => {
-                    let s = self.buf.get(start..self.i)?;
-                    self.i += 1;
-                    return Some((s, escaped));
-                }
-                b'\\' => {
-                    escaped = true;
-                    self.escape()?;
-                }
-                _ => return None,
-            }
-        }
-    }
-
-    /// The escape at the backslash under the walk.
-    fn escape(&mut self) -> Option<()> {
-        match *self.buf.get(self.i + 1)? {
-            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 2,
-            b'u' => {
-                let hex = self.buf.get(self.i + 2..self.i + 6)?;
-                if !hex.iter().all(u8::is_ascii_hexdigit) {
-                    return None;
-                }
-                self.i += 6;
-            }
-            _ => return None,
-        }
-        Some(())
+        let (end, escaped) = strict_string_end(self.buf, start)?;
+        self.i = end + 1;
+        Some((self.buf.get(start..end)?, escaped))
     }
 
     /// A string without escapes, as `&str` (serde_json decodes escapes

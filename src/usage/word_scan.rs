@@ -10,8 +10,14 @@
 //! lowest marked byte is always a real match (a false mark can only appear
 //! above a real one, through the subtraction's borrow), which is all a
 //! search for the first match needs.
+//!
+//! The strict walk through a string ([`strict_string_end`]) stops at every
+//! escape, and escapes can come every few bytes; it marks sixteen bytes at
+//! a time with vector compares instead (the `wide` crate), exactly, so that
+//! all the stops of a block are taken from one test.
 
 use memchr::{memchr, memchr2};
+use wide::u8x16;
 
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGHS: u64 = 0x8080_8080_8080_8080;
@@ -140,6 +146,122 @@ pub(crate) fn string_stop(buf: &[u8], i: usize) -> Option<usize> {
         return plain.iter().position(|&b| b < 0x20).map(|p| i + p);
     }
     (run < tail.len()).then_some(i + run)
+}
+
+/// The bytes of a 16-byte block that stop a JSON string ([`is_string_stop`]),
+/// one bit each, lowest byte lowest, exactly (unlike the word marks above,
+/// no false marks): the stops of a block can be taken in turn. Vector
+/// compares (`wide`, SSE2 on x86_64, NEON on aarch64).
+#[inline]
+fn block_stops(block: [u8; 16]) -> u32 {
+    stop_lanes(block).to_bitmask()
+}
+
+/// [`block_stops`] before the lanes are gathered into bits: all ones in
+/// each lane that holds a stop.
+#[inline]
+fn stop_lanes(block: [u8; 16]) -> u8x16 {
+    let v = u8x16::from(block);
+    let quote = v.simd_eq(u8x16::splat(b'"'));
+    let backslash = v.simd_eq(u8x16::splat(b'\\'));
+    let control = v.min(u8x16::splat(0x1f)).simd_eq(v);
+    quote | backslash | control
+}
+
+/// Length of the escape at the backslash `buf[i]` if serde_json accepts
+/// it: `\"`, `\\`, `\/`, `\b`, `\f`, `\n`, `\r`, `\t`, or `\u` and four hex
+/// digits.
+#[inline(always)]
+fn escape_len(buf: &[u8], i: usize) -> Option<usize> {
+    match ESCAPE_LEN[usize::from(*buf.get(i + 1)?)] {
+        2 => Some(2),
+        6 => {
+            let hex = buf.get(i + 2..i + 6)?;
+            hex.iter().all(u8::is_ascii_hexdigit).then_some(6)
+        }
+        _ => None,
+    }
+}
+
+/// [`escape_len`] by the byte after the backslash: 2 for a one-letter
+/// escape, 6 for `u` (four hex digits to check), 0 for none.
+const ESCAPE_LEN: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut k = 0;
+    let singles = b"\"\\/bfnrt";
+    while k < singles.len() {
+        table[singles[k] as usize] = 2;
+        k += 1;
+    }
+    table[b'u' as usize] = 6;
+    table
+};
+
+/// Walks a JSON string's contents from `i` (just past its opening quote)
+/// as serde_json checks them: the index of the closing quote and whether
+/// the string holds an escape; `None` for a raw control byte, an escape
+/// serde_json refuses, or no closing quote in `buf`.
+///
+/// Sixteen bytes at a time: each block's stops are marked exactly and
+/// taken in turn, an escape taking its stop and the bytes it covers. Tool
+/// output in an agent's request has an escape every few bytes (`\"` around
+/// every key of quoted JSON, `\n` on every line); a search restarted after
+/// each one cost about 70 instructions an escape.
+pub(crate) fn strict_string_end(buf: &[u8], mut i: usize) -> Option<(usize, bool)> {
+    let mut escaped = false;
+    loop {
+        let Some(block) = buf
+            .get(i..i + 16)
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+        else {
+            return strict_string_tail(buf, i, escaped);
+        };
+        let mut stops = block_stops(block);
+        if stops == 0 {
+            // A plain block, likely the start of a plain run (prose): on
+            // to the next stop by the word and vector searches.
+            i = string_stop(buf, i + 16)?;
+            continue;
+        }
+        let base = i;
+        loop {
+            let at = base + stops.trailing_zeros() as usize;
+            match *buf.get(at)? {
+                b'"' => return Some((at, escaped)),
+                b'\\' => {
+                    escaped = true;
+                    i = at + escape_len(buf, at)?;
+                }
+                _ => return None,
+            }
+            // Drop the stops the escape covered.
+            let taken = i - base;
+            if taken >= 16 {
+                break;
+            }
+            stops &= u32::MAX << taken;
+            if stops == 0 {
+                i = base + 16;
+                break;
+            }
+        }
+    }
+}
+
+/// [`strict_string_end`] over the last bytes of `buf`, fewer than a
+/// block: one byte at a time.
+fn strict_string_tail(buf: &[u8], mut i: usize, mut escaped: bool) -> Option<(usize, bool)> {
+    loop {
+        match *buf.get(i)? {
+            b'"' => return Some((i, escaped)),
+            b'\\' => {
+                escaped = true;
+                i += escape_len(buf, i)?;
+            }
+            b if b < 0x20 => return None,
+            _ => i += 1,
+        }
+    }
 }
 
 /// Whether `s` holds a byte below 0x20: the lowest byte of each of 32
@@ -295,6 +417,89 @@ mod tests {
                         assert!(has_control(&v), "{len} × {filler:#x}, {control:#x} at {at}");
                     }
                 }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+
+        /// On strings dense with the bytes that steer the walk (escapes,
+        /// quotes, hex digits, control and non-ASCII bytes), from every
+        /// start, against the byte loop of its tail as the definition.
+        #[test]
+        fn strict_string_end_agrees_with_a_byte_loop(
+            bytes in proptest::collection::vec(
+                proptest::sample::select(b"aa  \"\"\\\\\\\\nu0fF/btrxg#]\x01\x1f\x20\x7f\xc3\xa9".to_vec()),
+                0..90,
+            ),
+        ) {
+            for i in 0..=bytes.len() + 1 {
+                proptest::prop_assert_eq!(
+                    strict_string_end(&bytes, i),
+                    strict_string_tail(&bytes, i, false),
+                    "from {} in {:?}", i, String::from_utf8_lossy(&bytes)
+                );
+            }
+        }
+    }
+
+    /// The escapes taken are serde_json's: every byte after a backslash,
+    /// and `\u` with each byte in each hex position.
+    #[test]
+    fn escapes_are_the_ones_serde_json_accepts() {
+        let serde_accepts = |s: &[u8]| serde_json::from_slice::<String>(s).is_ok();
+        for b in 0..=u8::MAX {
+            let s = [b'"', b'\\', b, b'0', b'0', b'0', b'0', b'"'];
+            let ours = escape_len(&s, 1).is_some() && strict_string_end(&s, 1).is_some();
+            assert_eq!(ours, serde_accepts(&s), "escape {:?}", b as char);
+            for at in 3..7 {
+                let mut s = *b"\"\\u00e9\"";
+                s[at] = b;
+                let ours = strict_string_end(&s, 1).is_some();
+                assert_eq!(ours, serde_accepts(&s), "{:?}", String::from_utf8_lossy(&s));
+            }
+        }
+    }
+
+    #[test]
+    fn block_stops_mark_every_stop_and_nothing_else() {
+        for filler in [
+            b'a', b'"', b'\\', 0x00, 0x1f, 0x20, 0x21, 0x7f, 0x80, 0x9f, 0xff,
+        ] {
+            for at in [0, 7, 8, 15] {
+                for b in 0..=u8::MAX {
+                    let mut block = [filler; 16];
+                    block[at] = b;
+                    let expected = block
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, &b)| is_string_stop(b))
+                        .fold(0u32, |m, (k, _)| m | 1 << k);
+                    assert_eq!(block_stops(block), expected, "{block:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strict_string_end_reads_long_escaped_text() {
+        let text = "line \"one\"\n\tline two \\ path\\to\\file \u{e9}\u{2014}\r\n".repeat(40);
+        let json = serde_json::to_vec(&serde_json::Value::String(text)).unwrap();
+        let end = json.len() - 1;
+        assert_eq!(strict_string_end(&json, 1), Some((end, true)));
+        assert_eq!(strict_string_tail(&json, 1, false), Some((end, true)));
+        // A control byte or a bad escape anywhere in it is refused: put
+        // before a word of the text (not inside an escape), and last.
+        let words: Vec<usize> = (1..end)
+            .filter(|&k| json[k..].starts_with(b"line"))
+            .collect();
+        assert_eq!(words.len(), 80);
+        for bad in [&b"\x01"[..], b"\\q", b"\\u12x4"] {
+            for at in [words[0], words[1], words[41], words[79], end] {
+                let mut damaged = json.clone();
+                damaged.splice(at..at, bad.iter().copied());
+                assert_eq!(strict_string_end(&damaged, 1), None, "{bad:?} at {at}");
             }
         }
     }
