@@ -11,6 +11,7 @@
 //!
 //! [`StdoutBatch`] writes the lines to stdout in batches.
 
+mod field_keys;
 mod stdout_batch;
 
 pub use stdout_batch::{StdoutBatch, StdoutBatchGuard, BATCH_WINDOW};
@@ -116,24 +117,8 @@ struct FieldWriter<'a> {
 impl FieldWriter<'_> {
     /// Writes `,"name":` and says whether the value should follow.
     fn key(&mut self, field: &Field) -> bool {
-        let name = field.name();
         // Fields a `log` record carries are folded into the metadata above.
-        if self.result.is_err() || name.starts_with("log.") {
-            return false;
-        }
-        if json_escape(name.as_bytes(), 0).is_none() {
-            // A name that needs no escaping (every identifier): one
-            // reservation and three copies rather than the escaping writer.
-            self.line.reserve(name.len() + 4);
-            self.line.push_str(",\"");
-            self.line.push_str(name);
-            self.line.push_str("\":");
-        } else {
-            self.line.push(',');
-            push_str_value(self.line, name);
-            self.line.push(':');
-        }
-        true
+        self.result.is_ok() && field_keys::push_key(self.line, field.name())
     }
 
     fn integer(&mut self, field: &Field, value: impl itoa::Integer) {

@@ -4,7 +4,7 @@
 //! for clients that can only set a base URL. Headers win over the URL form.
 //! Every value is validated; a bad one is a 400 naming the header.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 
 use crate::budget::RunStatus;
 use crate::config::{is_label_byte, AttributionHeaders};
@@ -88,41 +88,60 @@ pub fn extract<'h>(
     names: &'h AttributionHeaders,
     url: Option<&UrlAttribution>,
 ) -> Result<Attribution, ProxyError> {
+    // One look at each request header rather than a lookup by name for
+    // each of the six: a lookup hashes the name, and SDKs send a dozen
+    // headers or more, nearly never these six.
+    let all = names.all();
+    // Positions in `all`.
+    const RUN_ID: usize = 0;
+    const RELEASE: usize = 1;
+    const REQUEST_TYPE: usize = 2;
+    const BUDGET: usize = 3;
+    const RUN_STATUS: usize = 4;
+    const STOP_REASON: usize = 5;
+    let mut found: [Option<&HeaderValue>; 6] = [None; 6];
+    let mut repeated = [false; 6];
+    for (name, value) in headers {
+        if let Some(i) = all.iter().position(|wanted| *wanted == name) {
+            repeated[i] |= found[i].is_some();
+            found[i].get_or_insert(value);
+        }
+    }
     // The header's name goes with its value, for the error that names it.
-    let get = |name: &'h http::HeaderName,
+    let get = |i: usize,
                from_url: Option<&String>|
      -> Result<Option<(&'h http::HeaderName, String)>, ProxyError> {
-        let mut values = headers.get_all(name).iter();
-        match (values.next(), values.next()) {
-            (Some(_), Some(_)) => Err(ProxyError::BadHeader {
+        let name = all[i];
+        match found[i] {
+            Some(_) if repeated[i] => Err(ProxyError::BadHeader {
                 header: name.to_string(),
                 reason: "given more than once".into(),
             }),
-            (Some(value), None) => {
+            Some(value) => {
                 let text = value.to_str().map_err(|_| ProxyError::BadHeader {
                     header: name.to_string(),
                     reason: "not visible ASCII".into(),
                 })?;
                 Ok(Some((name, text.trim().to_string())))
             }
-            (None, _) => Ok(from_url.map(|v| (name, v.clone()))),
+            None => Ok(from_url.map(|v| (name, v.clone()))),
         }
     };
     let no_url = UrlAttribution::default();
     let url = url.unwrap_or(&no_url);
 
-    let run_id = get(&names.run_id, url.run_id.as_ref())?
+    let run_id = get(RUN_ID, url.run_id.as_ref())?
         .map(|(h, v)| label(h, v, 128))
         .transpose()?;
-    let release = get(&names.release, url.release.as_ref())?
+    let release = get(RELEASE, url.release.as_ref())?
         .map(|(h, v)| label(h, v, 64))
         .transpose()?
         .unwrap_or_else(|| DEFAULT_RELEASE.to_string());
-    let request_type = get(&names.request_type, url.request_type.as_ref())?
+    let request_type = get(REQUEST_TYPE, url.request_type.as_ref())?
         .map(|(h, v)| label(h, v, 64))
         .transpose()?
         .unwrap_or_else(|| DEFAULT_REQUEST_TYPE.to_string());
-    let budget = get(&names.budget, url.budget.as_ref())?
+    let budget = get(BUDGET, url.budget.as_ref())?
         .map(|(h, v)| match Money::parse_usd(&v) {
             Ok(m) if m > Money::ZERO => Ok(m),
             _ => Err(ProxyError::BadHeader {
@@ -131,7 +150,7 @@ pub fn extract<'h>(
             }),
         })
         .transpose()?;
-    let status = get(&names.run_status, url.status.as_ref())?
+    let status = get(RUN_STATUS, url.status.as_ref())?
         .map(|(h, v)| match v.as_str() {
             "completed" | "ok" => Ok(RunStatus::Ok),
             "error" => Ok(RunStatus::Error),
@@ -141,7 +160,7 @@ pub fn extract<'h>(
             }),
         })
         .transpose()?;
-    let stop_reason = get(&names.stop_reason, url.stop_reason.as_ref())?
+    let stop_reason = get(STOP_REASON, url.stop_reason.as_ref())?
         .map(|(h, v)| {
             if STOP_REASONS.contains(&v.as_str()) {
                 Ok(v)

@@ -306,8 +306,19 @@ pub fn upstream_request(
     identity_encoding: bool,
 ) -> Request<Full<Bytes>> {
     strip_hop_by_hop(&mut headers);
-    for name in attribution.all() {
-        headers.remove(name);
+    // Removing a name hashes it, present or not; most calls carry one or
+    // two of the six, so look first.
+    let all = attribution.all();
+    let mut present = [false; 6];
+    for name in headers.keys() {
+        if let Some(i) = all.iter().position(|wanted| *wanted == name) {
+            present[i] = true;
+        }
+    }
+    for (name, present) in all.into_iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
     headers.remove(http::header::EXPECT);
     headers.remove(http::header::CONTENT_LENGTH);

@@ -351,6 +351,10 @@ async fn request_reaches_upstream_unchanged_less_attribution() {
             ("x-api-key", "k-456"),
             ("x-agent-run-id", "run-1"),
             ("x-agent-release", "r1"),
+            ("x-agent-request-type", "plan"),
+            ("x-agent-budget-usd", "5"),
+            ("x-agent-run-status", "completed"),
+            ("x-agent-stop-reason", "completed"),
             ("connection", "keep-alive, x-hop"),
             ("x-hop", "drop-me"),
             ("x-custom", "kept"),
@@ -372,7 +376,15 @@ async fn request_reaches_upstream_unchanged_less_attribution() {
     assert_eq!(got.headers["x-api-key"], "k-456");
     assert_eq!(got.headers["x-custom"], "kept");
     assert_eq!(got.headers["host"], upstream.addr.to_string());
-    for gone in ["x-agent-run-id", "x-agent-release", "x-hop"] {
+    for gone in [
+        "x-agent-run-id",
+        "x-agent-release",
+        "x-agent-request-type",
+        "x-agent-budget-usd",
+        "x-agent-run-status",
+        "x-agent-stop-reason",
+        "x-hop",
+    ] {
         assert!(
             !got.headers.contains_key(gone),
             "{gone} must not go upstream"
