@@ -445,7 +445,7 @@ mod tests {
         let serde_accepts = |s: &[u8]| serde_json::from_slice::<String>(s).is_ok();
         for b in 0..=u8::MAX {
             let s = [b'"', b'\\', b, b'0', b'0', b'0', b'0', b'"'];
-            let ours = escape_len(&s, 1).is_some() && strict_string_end(&s, 1).is_some();
+            let ours = strict_string_end(&s, 1).is_some();
             assert_eq!(ours, serde_accepts(&s), "escape {:?}", b as char);
             for at in 3..7 {
                 let mut s = *b"\"\\u00e9\"";
