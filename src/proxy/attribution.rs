@@ -89,8 +89,8 @@ pub fn extract<'h>(
     url: Option<&UrlAttribution>,
 ) -> Result<Attribution, ProxyError> {
     // One look at each request header rather than a lookup by name for
-    // each of the six: a lookup hashes the name, and SDKs send a dozen
-    // headers or more, nearly never these six.
+    // each of the six: a lookup hashes the name, and most calls carry
+    // one or two of the six among an SDK's dozen or so headers.
     let all = names.all();
     // Positions in `all`.
     const RUN_ID: usize = 0;
