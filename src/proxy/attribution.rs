@@ -82,38 +82,46 @@ impl UrlAttribution {
     }
 }
 
+/// One attribution header of a request: its value, and whether it was
+/// given more than once.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Found<'v> {
+    pub value: Option<&'v HeaderValue>,
+    pub repeated: bool,
+}
+
+/// The six attribution headers of a request, in [`AttributionHeaders::all`]'s
+/// order, each with its name. One look at each request header rather than
+/// a lookup by name for each of the six: a lookup hashes the name, and
+/// most calls carry one or two of the six among an SDK's dozen or so
+/// headers.
+pub fn find<'h, 'v>(
+    headers: &'v HeaderMap,
+    names: &'h AttributionHeaders,
+) -> [(&'h http::HeaderName, Found<'v>); 6] {
+    let mut found = names.all().map(|name| (name, Found::default()));
+    for (name, value) in headers {
+        if let Some((_, f)) = found.iter_mut().find(|(wanted, _)| *wanted == name) {
+            f.repeated |= f.value.is_some();
+            f.value.get_or_insert(value);
+        }
+    }
+    found
+}
+
 /// Reads and validates the attribution of a call.
 pub fn extract<'h>(
     headers: &HeaderMap,
     names: &'h AttributionHeaders,
     url: Option<&UrlAttribution>,
 ) -> Result<Attribution, ProxyError> {
-    // One look at each request header rather than a lookup by name for
-    // each of the six: a lookup hashes the name, and most calls carry
-    // one or two of the six among an SDK's dozen or so headers.
-    let all = names.all();
-    // Positions in `all`.
-    const RUN_ID: usize = 0;
-    const RELEASE: usize = 1;
-    const REQUEST_TYPE: usize = 2;
-    const BUDGET: usize = 3;
-    const RUN_STATUS: usize = 4;
-    const STOP_REASON: usize = 5;
-    let mut found: [Option<&HeaderValue>; 6] = [None; 6];
-    let mut repeated = [false; 6];
-    for (name, value) in headers {
-        if let Some(i) = all.iter().position(|wanted| *wanted == name) {
-            repeated[i] |= found[i].is_some();
-            found[i].get_or_insert(value);
-        }
-    }
+    let [run_id, release, request_type, budget, run_status, stop_reason] = find(headers, names);
     // The header's name goes with its value, for the error that names it.
-    let get = |i: usize,
+    let get = |(name, found): (&'h http::HeaderName, Found),
                from_url: Option<&String>|
      -> Result<Option<(&'h http::HeaderName, String)>, ProxyError> {
-        let name = all[i];
-        match found[i] {
-            Some(_) if repeated[i] => Err(ProxyError::BadHeader {
+        match found.value {
+            Some(_) if found.repeated => Err(ProxyError::BadHeader {
                 header: name.to_string(),
                 reason: "given more than once".into(),
             }),
@@ -130,18 +138,18 @@ pub fn extract<'h>(
     let no_url = UrlAttribution::default();
     let url = url.unwrap_or(&no_url);
 
-    let run_id = get(RUN_ID, url.run_id.as_ref())?
+    let run_id = get(run_id, url.run_id.as_ref())?
         .map(|(h, v)| label(h, v, 128))
         .transpose()?;
-    let release = get(RELEASE, url.release.as_ref())?
+    let release = get(release, url.release.as_ref())?
         .map(|(h, v)| label(h, v, 64))
         .transpose()?
         .unwrap_or_else(|| DEFAULT_RELEASE.to_string());
-    let request_type = get(REQUEST_TYPE, url.request_type.as_ref())?
+    let request_type = get(request_type, url.request_type.as_ref())?
         .map(|(h, v)| label(h, v, 64))
         .transpose()?
         .unwrap_or_else(|| DEFAULT_REQUEST_TYPE.to_string());
-    let budget = get(BUDGET, url.budget.as_ref())?
+    let budget = get(budget, url.budget.as_ref())?
         .map(|(h, v)| match Money::parse_usd(&v) {
             Ok(m) if m > Money::ZERO => Ok(m),
             _ => Err(ProxyError::BadHeader {
@@ -150,7 +158,7 @@ pub fn extract<'h>(
             }),
         })
         .transpose()?;
-    let status = get(RUN_STATUS, url.status.as_ref())?
+    let status = get(run_status, url.status.as_ref())?
         .map(|(h, v)| match v.as_str() {
             "completed" | "ok" => Ok(RunStatus::Ok),
             "error" => Ok(RunStatus::Error),
@@ -160,7 +168,7 @@ pub fn extract<'h>(
             }),
         })
         .transpose()?;
-    let stop_reason = get(STOP_REASON, url.stop_reason.as_ref())?
+    let stop_reason = get(stop_reason, url.stop_reason.as_ref())?
         .map(|(h, v)| {
             if STOP_REASONS.contains(&v.as_str()) {
                 Ok(v)

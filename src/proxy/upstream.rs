@@ -306,16 +306,10 @@ pub fn upstream_request(
     identity_encoding: bool,
 ) -> Request<Full<Bytes>> {
     strip_hop_by_hop(&mut headers);
-    // Removing a name hashes it, present or not; most calls carry one or
-    // two of the six, so look first.
-    let all = attribution.all();
-    let mut present = [false; 6];
-    for name in headers.keys() {
-        if let Some(i) = all.iter().position(|wanted| *wanted == name) {
-            present[i] = true;
-        }
-    }
-    for (name, present) in all.into_iter().zip(present) {
+    // Removing a name hashes it, present or not: only those present.
+    let present =
+        super::attribution::find(&headers, attribution).map(|(name, f)| (name, f.value.is_some()));
+    for (name, present) in present {
         if present {
             headers.remove(name);
         }
