@@ -28,12 +28,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use crate::money::Money;
 use crate::pricing::{ModelPrice, PriceTable};
+use crate::proxy::pool::UpstreamBody;
 use crate::proxy::settle::{CallMeter, End, Settled};
 use crate::usage::{Usage, UsageChunkFilter, UsageTap};
 
@@ -54,7 +54,7 @@ pub struct IdleTimeout(Duration);
 
 pin_project! {
     pub struct MeteredBody {
-        inner: Option<Incoming>,
+        inner: Option<UpstreamBody>,
         idle: Pin<Box<Sleep>>,
         idle_timeout: Duration,
         // When the idle timer is due: moved on by each frame, and given to
@@ -93,7 +93,7 @@ pin_project! {
 
 impl MeteredBody {
     pub fn new(
-        inner: Incoming,
+        inner: UpstreamBody,
         meter: CallMeter,
         tap: Option<UsageTap>,
         filter: Option<UsageChunkFilter>,

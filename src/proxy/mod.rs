@@ -21,6 +21,7 @@ pub mod body;
 pub mod egress;
 pub mod error;
 pub mod guards;
+pub mod pool;
 pub mod request;
 pub mod route;
 pub mod settle;
@@ -302,6 +303,7 @@ pub async fn handle(
     let limits = &config.raw.limits;
     let response = match upstream::send(
         &state.client,
+        route,
         upstream_request,
         limits.upstream_response_timeout(),
     )

@@ -1,14 +1,13 @@
-//! The upstream side: a pooled HTTP/1.1 + HTTP/2 client over rustls (webpki
-//! roots, ALPN), and the rewrite of a client request into the upstream one.
-//! Connect failures (a certificate that does not verify included) map to
-//! 502, a missing response head past the configured time to 504 (pingora's
-//! source-based mapping). Routes with `tls_insecure_skip_verify` use a second
-//! pooled client whose verifier accepts any certificate; the origins of
-//! routes with their own CA (`tls_ca_path`) each have a pooled client that
-//! verifies against it.
+//! The upstream side: a connection pool per origin ([`super::pool`]) over
+//! rustls (webpki roots, ALPN for HTTP/2), and the rewrite of a client
+//! request into the upstream one. Connect failures (a certificate that
+//! does not verify included) map to 502, a missing response head past the
+//! configured time to 504 (pingora's source-based mapping). The origins of
+//! routes with `tls_insecure_skip_verify` connect with a verifier that
+//! accepts any certificate; those of routes with their own CA
+//! (`tls_ca_path`) verify against it.
 
-use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,53 +17,81 @@ use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{AttributionHeaders, Route};
 use crate::proxy::egress::EgressConnector;
 use crate::proxy::error::ProxyError;
+use crate::proxy::pool::{Connector, OriginPool, PoolError, UpstreamBody};
 
-type PooledClient = Client<HttpsConnector<EgressConnector>, Full<Bytes>>;
 type EgressMatcher = Option<Arc<hyper_util::client::proxy::matcher::Matcher>>;
 
-type Origin = (Scheme, Authority);
-
-/// The shared upstream clients: one that verifies certificates against the
-/// webpki roots, one for the origins of routes that opted out, and one per
-/// origin whose routes name their own CA.
+/// The upstream connections: a pool per origin of the route table, each
+/// opening its connections with the certificate verification its routes
+/// ask for (the webpki roots, their own CA, or none).
 pub struct UpstreamClient {
-    verified: PooledClient,
-    insecure: PooledClient,
-    origins: ArcSwap<OriginTls>,
+    verified: Connector,
+    insecure: Connector,
+    pools: ArcSwap<Pools>,
     connect_timeout: Duration,
     egress: EgressMatcher,
 }
 
-/// The origins whose certificates are not verified against the webpki
-/// roots, from the route table.
+/// The pools of the route table's origins, by authority, then scheme.
 #[derive(Default)]
-struct OriginTls {
-    insecure: HashSet<Origin>,
-    own_ca: HashMap<Origin, PooledClient>,
+struct Pools(HashMap<Box<str>, Vec<OriginEntry>, foldhash::fast::FixedState>);
+
+struct OriginEntry {
+    scheme: Scheme,
+    verify: VerifyKind,
+    pool: Arc<OriginPool>,
 }
 
-/// How a pooled client verifies upstream certificates.
-enum Verify<'a> {
+/// How an origin's certificates are verified (routes sharing an origin
+/// agree: the config is validated so).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum VerifyKind {
+    WebpkiRoots,
+    OwnCa,
+    AcceptAny,
+}
+
+impl VerifyKind {
+    fn of(route: &Route) -> VerifyKind {
+        if route.tls_insecure_skip_verify {
+            VerifyKind::AcceptAny
+        } else if route.tls_ca.is_some() {
+            VerifyKind::OwnCa
+        } else {
+            VerifyKind::WebpkiRoots
+        }
+    }
+}
+
+impl Pools {
+    fn get(&self, scheme: &Scheme, authority: &Authority) -> Option<&OriginEntry> {
+        self.0
+            .get(authority.as_str())?
+            .iter()
+            .find(|entry| entry.scheme == *scheme)
+    }
+}
+
+/// How a connector verifies upstream certificates.
+pub(super) enum Verify<'a> {
     WebpkiRoots,
     Roots(&'a rustls::RootCertStore),
     AcceptAny,
 }
 
 impl UpstreamClient {
-    /// Takes the opt-outs and CAs of a (re)loaded route table, warning for
-    /// each opt-out. The clients of routes with their own CA are built
-    /// again, so a reload reads a rotated CA file.
+    /// Takes the origins of a (re)loaded route table, warning for each
+    /// route that opted out of verification. An origin whose verification
+    /// is unchanged keeps its pool and open connections; one with its own
+    /// CA gets a new pool, so a reload reads a rotated CA file.
     pub fn set_routes(&self, routes: &[Route]) {
-        let mut origins = OriginTls::default();
+        let current = self.pools.load();
+        let mut pools = Pools::default();
         for route in routes {
             if route.tls_insecure_skip_verify {
                 tracing::warn!(
@@ -72,54 +99,78 @@ impl UpstreamClient {
                     route = %route.name,
                     upstream = %format_args!("{}://{}", route.upstream_origin, route.upstream_authority),
                 );
-                origins.insecure.insert(origin_of(route));
             }
-            if let Some(ca) = &route.tls_ca {
-                // Routes sharing an origin name the same CA (validated).
-                origins.own_ca.entry(origin_of(route)).or_insert_with(|| {
-                    pooled_client(
-                        self.connect_timeout,
-                        Verify::Roots(&ca.roots),
-                        self.egress.clone(),
-                    )
+            if pools
+                .get(&route.upstream_origin, &route.upstream_authority)
+                .is_some()
+            {
+                continue;
+            }
+            let verify = VerifyKind::of(route);
+            let pool = match current.get(&route.upstream_origin, &route.upstream_authority) {
+                Some(kept) if kept.verify == verify && verify != VerifyKind::OwnCa => {
+                    Arc::clone(&kept.pool)
+                }
+                _ => Arc::new(self.new_pool(route)),
+            };
+            pools
+                .0
+                .entry(route.upstream_authority.as_str().into())
+                .or_default()
+                .push(OriginEntry {
+                    scheme: route.upstream_origin.clone(),
+                    verify,
+                    pool,
                 });
-            }
         }
-        self.origins.store(Arc::new(origins));
+        self.pools.store(Arc::new(pools));
     }
 
-    /// The client for `uri`'s origin: a client of a route's own CA is
-    /// cloned out of the table, which a reload may swap during the call.
-    fn for_uri(&self, uri: &Uri) -> Cow<'_, PooledClient> {
-        let origins = self.origins.load();
-        if origins.insecure.is_empty() && origins.own_ca.is_empty() {
-            return Cow::Borrowed(&self.verified);
+    /// The pool of `route`'s origin. A route the table does not hold (its
+    /// call began before a reload removed or changed it) gets a pool of
+    /// its own for this call.
+    fn pool_for(&self, route: &Route) -> Arc<OriginPool> {
+        match self
+            .pools
+            .load()
+            .get(&route.upstream_origin, &route.upstream_authority)
+        {
+            Some(entry) => Arc::clone(&entry.pool),
+            None => Arc::new(self.new_pool(route)),
         }
-        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
-            return Cow::Borrowed(&self.verified);
+    }
+
+    fn new_pool(&self, route: &Route) -> OriginPool {
+        let connector = match (&route.tls_ca, route.tls_insecure_skip_verify) {
+            (_, true) => self.insecure.clone(),
+            (Some(ca), false) => connector(
+                self.connect_timeout,
+                Verify::Roots(&ca.roots),
+                self.egress.clone(),
+            ),
+            (None, false) => self.verified.clone(),
         };
-        let origin = (scheme.clone(), authority.clone());
-        if let Some(client) = origins.own_ca.get(&origin) {
-            Cow::Owned(client.clone())
-        } else if origins.insecure.contains(&origin) {
-            Cow::Borrowed(&self.insecure)
-        } else {
-            Cow::Borrowed(&self.verified)
-        }
+        let origin = Uri::builder()
+            .scheme(route.upstream_origin.clone())
+            .authority(route.upstream_authority.clone())
+            .path_and_query("/")
+            .build()
+            .unwrap_or_default();
+        OriginPool::new(origin, connector)
     }
 }
 
-/// Builds the shared upstream clients for `routes`, connecting through the
-/// egress proxy where `egress` says so.
+/// Builds the upstream client for `routes`, connecting through the egress
+/// proxy where `egress` says so.
 pub fn build_client(
     connect_timeout: Duration,
     routes: &[Route],
     egress: EgressMatcher,
 ) -> UpstreamClient {
     let client = UpstreamClient {
-        verified: pooled_client(connect_timeout, Verify::WebpkiRoots, egress.clone()),
-        insecure: pooled_client(connect_timeout, Verify::AcceptAny, egress.clone()),
-        origins: ArcSwap::from_pointee(OriginTls::default()),
+        verified: connector(connect_timeout, Verify::WebpkiRoots, egress.clone()),
+        insecure: connector(connect_timeout, Verify::AcceptAny, egress.clone()),
+        pools: ArcSwap::from_pointee(Pools::default()),
         connect_timeout,
         egress,
     };
@@ -127,18 +178,11 @@ pub fn build_client(
     client
 }
 
-fn origin_of(route: &Route) -> Origin {
-    (
-        route.upstream_origin.clone(),
-        route.upstream_authority.clone(),
-    )
-}
-
-fn pooled_client(
+pub(super) fn connector(
     connect_timeout: Duration,
     verify: Verify<'_>,
     egress: EgressMatcher,
-) -> PooledClient {
+) -> Connector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -161,7 +205,7 @@ fn pooled_client(
                 .with_root_certificates(roots.clone())
                 .with_no_client_auth(),
         });
-    let connector = match tls {
+    match tls {
         Ok(tls) => hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -176,13 +220,7 @@ fn pooled_client(
             .enable_http1()
             .enable_http2()
             .wrap_connector(http),
-    };
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
+    }
 }
 
 /// The verifier of `tls_insecure_skip_verify` routes: any certificate is
@@ -333,32 +371,23 @@ pub fn upstream_request(
     request
 }
 
-/// Sends the request, waiting at most `timeout` for the response head.
+/// Sends the request on a connection of `route`'s origin, waiting at most
+/// `timeout` for the response head (connecting included).
 pub async fn send(
     client: &UpstreamClient,
+    route: &Route,
     request: Request<Full<Bytes>>,
     timeout: Duration,
-) -> Result<http::Response<Incoming>, ProxyError> {
-    let client = client.for_uri(request.uri());
-    match tokio::time::timeout(timeout, client.request(request)).await {
+) -> Result<http::Response<UpstreamBody>, ProxyError> {
+    let pool = client.pool_for(route);
+    match tokio::time::timeout(timeout, pool.send(request)).await {
         Err(_) => Err(ProxyError::UpstreamTimeout(timeout.as_millis() as u64)),
         Ok(Ok(response)) => Ok(response),
-        Ok(Err(e)) if e.is_connect() => Err(ProxyError::UpstreamConnect(error_chain(&e))),
-        Ok(Err(e)) => Err(ProxyError::Upstream(error_chain(&e))),
+        Ok(Err(e @ (PoolError::Connect(_) | PoolError::Handshake(_)))) => {
+            Err(ProxyError::UpstreamConnect(e.to_string()))
+        }
+        Ok(Err(e @ PoolError::Send(_))) => Err(ProxyError::Upstream(e.to_string())),
     }
-}
-
-/// The error and its causes on one line (hyper's top-level message alone,
-/// "client error (Connect)", does not say what happened).
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -1,0 +1,613 @@
+//! The upstream connection pool: the open connections to one origin
+//! (scheme and authority), kept between calls.
+//!
+//! - HTTP/1.1 connections carry one call at a time. A call takes the most
+//!   recently returned connection that is ready for a request, or opens
+//!   one; the response body hands its connection back once the upstream
+//!   has sent all of it ([`UpstreamBody`]). A body dropped before its end
+//!   closes its connection: what is left of the response would otherwise
+//!   arrive as the next call's reply.
+//! - An HTTPS connection whose TLS handshake chose HTTP/2 (ALPN) is shared:
+//!   every call opens a stream on it while it is open. Calls that find no
+//!   connection open one each; with HTTP/2 the last one opened is kept
+//!   and shared, the others close after their call.
+//! - A request the upstream never received, because an idle connection
+//!   closed just as it was taken, is sent again on another connection
+//!   (a fresh connection's failure is final), as hyper-util's client does.
+//! - Connections unused for 75 to 90 s are closed by a sweep that runs every
+//!   15 s while the pool exists (hyper-util's client: 90 s); at most
+//!   `MAX_IDLE` idle connections are kept per origin, the oldest closed first.
+//!
+//! hyper-util's pooled client (`client::legacy`) does this for any URI, at
+//! about 7,000 instructions more per proxied JSON call (BENCHMARKS.md,
+//! "Twenty-fourth round"): it finds the pool by hashing the origin byte by
+//! byte with SipHash at checkout and again at return, races the checkout
+//! against a connect in a `select`, spawns a task per call to return the
+//! connection once it is idle, and moves its futures many times. Here the
+//! route table names the origins, so each call finds its pool with one
+//! short string hash ([`super::upstream::UpstreamClient`]), and the
+//! response body, which sees the end of the reply anyway, returns the
+//! connection itself.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::Connection;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower_service::Service;
+
+use crate::proxy::egress::EgressConnector;
+
+/// Opens upstream connections: TCP (directly or through the egress proxy's
+/// tunnel), then TLS for `https` origins.
+pub type Connector = HttpsConnector<EgressConnector>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Http1Sender = http1::SendRequest<Full<Bytes>>;
+type Http2Sender = http2::SendRequest<Full<Bytes>>;
+
+/// Idle HTTP/1.1 connections kept per origin.
+const MAX_IDLE: usize = 256;
+/// How often the idle connections are looked at.
+const SWEEP_EVERY: Duration = Duration::from_secs(15);
+/// Sweeps a connection may stay unused through before it is closed.
+const IDLE_SWEEPS: u32 = 6;
+
+/// Why a call got no response head.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// No connection: TCP, the egress tunnel or TLS failed.
+    #[error("{}", chain(.0.as_ref()))]
+    Connect(BoxError),
+    /// The connection opened but the HTTP handshake failed.
+    #[error("{}", chain(.0))]
+    Handshake(hyper::Error),
+    /// The request was sent (or could not be) and no response head came.
+    #[error("{}", chain(.0))]
+    Send(hyper::Error),
+}
+
+/// The connections of one origin.
+pub struct OriginPool {
+    /// `scheme://authority`: what the connector is asked to open.
+    origin: Uri,
+    connector: Connector,
+    idle: Mutex<Idle>,
+    /// Sweeps done: the clock that idle connections are aged by (a counter
+    /// read with one load, where a timestamp would be a clock read per call).
+    sweeps: AtomicU32,
+    sweeping: AtomicBool,
+}
+
+#[derive(Default)]
+struct Idle {
+    http1: VecDeque<IdleConnection>,
+    /// The shared HTTP/2 connection and the sweep count at its last use.
+    http2: Option<(Http2Sender, u32)>,
+}
+
+struct IdleConnection {
+    sender: Http1Sender,
+    /// The sweep count when it was returned.
+    since: u32,
+}
+
+/// A connection taken for one call.
+enum Sender {
+    Http1(Http1Sender),
+    Http2(Http2Sender),
+}
+
+impl OriginPool {
+    /// An empty pool for `origin` (`scheme://authority`).
+    pub fn new(origin: Uri, connector: Connector) -> OriginPool {
+        OriginPool {
+            origin,
+            connector,
+            idle: Mutex::new(Idle::default()),
+            sweeps: AtomicU32::new(0),
+            sweeping: AtomicBool::new(false),
+        }
+    }
+
+    /// Sends `request` (absolute URI) on an idle connection or a new one
+    /// and returns the response head; the body returns the connection.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut request: Request<Full<Bytes>>,
+    ) -> Result<Response<UpstreamBody>, PoolError> {
+        loop {
+            let (connection, reused) = match self.take_idle() {
+                Some(connection) => (connection, true),
+                // Boxed: the handshakes' futures are large, and every
+                // call's future would carry (and move) their space.
+                None => (Box::pin(self.connect()).await?, false),
+            };
+            let (unsent, error) = match connection {
+                Sender::Http2(mut sender) => match sender.try_send_request(request).await {
+                    Ok(response) => return Ok(response.map(UpstreamBody::unpooled)),
+                    Err(mut failed) => (failed.take_message(), failed.into_error()),
+                },
+                Sender::Http1(mut sender) => {
+                    // HTTP/1.1 names only the path on the request line.
+                    let path = origin_form(request.uri());
+                    let absolute = std::mem::replace(request.uri_mut(), path);
+                    match sender.try_send_request(request).await {
+                        Ok(response) => {
+                            let pool = Arc::clone(self);
+                            return Ok(
+                                response.map(|body| UpstreamBody::pooled(body, pool, sender))
+                            );
+                        }
+                        Err(mut failed) => {
+                            let unsent = failed.take_message().map(|mut unsent| {
+                                *unsent.uri_mut() = absolute;
+                                unsent
+                            });
+                            (unsent, failed.into_error())
+                        }
+                    }
+                }
+            };
+            // hyper hands back a request it never began to write: one given
+            // to an idle connection the upstream had just closed goes out
+            // again on another.
+            match unsent {
+                Some(unsent) if reused => request = unsent,
+                _ => return Err(PoolError::Send(error)),
+            }
+        }
+    }
+
+    /// The most recently returned connection that can take a request now,
+    /// dropping those that closed.
+    fn take_idle(&self) -> Option<Sender> {
+        let mut idle = self.lock();
+        if let Some((sender, last_use)) = &mut idle.http2 {
+            if sender.is_ready() {
+                *last_use = self.sweeps.load(Ordering::Relaxed);
+                return Some(Sender::Http2(sender.clone()));
+            }
+            if sender.is_closed() {
+                idle.http2 = None;
+            }
+        }
+        let mut at = idle.http1.len();
+        while at > 0 {
+            at -= 1;
+            let sender = &idle.http1[at].sender;
+            if sender.is_ready() {
+                return idle
+                    .http1
+                    .remove(at)
+                    .map(|found| Sender::Http1(found.sender));
+            }
+            // Not ready and open: the end of its last reply is still on the
+            // way through hyper's connection task; it stays for a later call.
+            if sender.is_closed() {
+                idle.http1.remove(at);
+            }
+        }
+        None
+    }
+
+    /// Returns an HTTP/1.1 connection whose response has been read whole.
+    fn put_back(&self, sender: Http1Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let since = self.sweeps.load(Ordering::Relaxed);
+        let mut idle = self.lock();
+        if idle.http1.len() >= MAX_IDLE {
+            idle.http1.pop_front();
+        }
+        idle.http1.push_back(IdleConnection { sender, since });
+    }
+
+    async fn connect(self: &Arc<Self>) -> Result<Sender, PoolError> {
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(PoolError::Connect)?;
+        let io = connector
+            .call(self.origin.clone())
+            .await
+            .map_err(PoolError::Connect)?;
+        self.start_sweeping();
+        if io.connected().is_negotiated_h2() {
+            let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(PoolError::Handshake)?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(message = "upstream HTTP/2 connection ended", error = %e);
+                }
+            });
+            sender.ready().await.map_err(PoolError::Handshake)?;
+            let since = self.sweeps.load(Ordering::Relaxed);
+            self.lock().http2 = Some((sender.clone(), since));
+            Ok(Sender::Http2(sender))
+        } else {
+            let (sender, connection) = http1::handshake(io).await.map_err(PoolError::Handshake)?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(message = "upstream connection ended", error = %e);
+                }
+            });
+            Ok(Sender::Http1(sender))
+        }
+    }
+
+    /// Starts the idle sweep with the pool's first connection; it ends
+    /// with the pool.
+    fn start_sweeping(self: &Arc<Self>) {
+        if self.sweeping.load(Ordering::Relaxed) || self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let pool = Arc::downgrade(self);
+        tokio::spawn(sweep_while_alive(pool));
+    }
+
+    /// One sweep: closes the connections unused for `IDLE_SWEEPS` sweeps
+    /// and forgets those the upstream closed.
+    fn sweep(&self) {
+        let now = self.sweeps.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        let fresh = |since: u32| now.wrapping_sub(since) < IDLE_SWEEPS;
+        let mut idle = self.lock();
+        idle.http1
+            .retain(|c| fresh(c.since) && !c.sender.is_closed());
+        if idle
+            .http2
+            .as_ref()
+            .is_some_and(|(sender, since)| !fresh(*since) || sender.is_closed())
+        {
+            idle.http2 = None;
+        }
+    }
+
+    /// Idle HTTP/1.1 connections held now.
+    #[cfg(test)]
+    fn idle_http1(&self) -> usize {
+        self.lock().http1.len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Idle> {
+        // The lists stay consistent whatever a panicking holder did.
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+async fn sweep_while_alive(pool: Weak<OriginPool>) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        match pool.upgrade() {
+            Some(pool) => pool.sweep(),
+            None => return,
+        }
+    }
+}
+
+/// `/path?query` of an absolute URI.
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(path) if path.as_str() != "/" => {
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = Some(path.clone());
+            Uri::from_parts(parts).unwrap_or_default()
+        }
+        _ => Uri::default(),
+    }
+}
+
+/// The error and its causes on one line (hyper's top-level message alone,
+/// such as "error trying to connect", does not say what happened).
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// An upstream response body that returns its HTTP/1.1 connection to the
+/// pool once the upstream has sent all of it.
+pub struct UpstreamBody {
+    inner: Incoming,
+    connection: Option<(Arc<OriginPool>, Http1Sender)>,
+}
+
+impl UpstreamBody {
+    fn pooled(inner: Incoming, pool: Arc<OriginPool>, sender: Http1Sender) -> UpstreamBody {
+        UpstreamBody {
+            inner,
+            connection: Some((pool, sender)),
+        }
+    }
+
+    fn unpooled(inner: Incoming) -> UpstreamBody {
+        UpstreamBody {
+            inner,
+            connection: None,
+        }
+    }
+
+    fn put_back(&mut self) {
+        if let Some((pool, sender)) = self.connection.take() {
+            pool.put_back(sender);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.put_back(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.put_back(),
+            // A connection that failed mid-body is not reused.
+            Poll::Ready(Some(Err(_))) => this.connection = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // A body with nothing left to read (no body at all, or one whose
+        // last frame came without its end being polled) leaves a
+        // connection ready for the next request.
+        if self.connection.is_some() && self.inner.is_end_stream() {
+            self.put_back();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+
+    use futures_util::StreamExt;
+    use http_body_util::combinators::BoxBody;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::proxy::upstream::{connector, Verify};
+
+    /// What the test upstream saw: connections accepted, and each closed
+    /// connection reported on `closed`.
+    struct Upstream {
+        origin: Uri,
+        accepted: Arc<AtomicUsize>,
+        closed: mpsc::UnboundedReceiver<()>,
+    }
+
+    /// An HTTP/1.1 upstream answering each request by its path: `/close`
+    /// with `connection: close`, `/unfinished` with a chunk and then
+    /// nothing (the body never ends), anything else with its own path.
+    async fn upstream() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin: Uri = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (closed_tx, closed) = mpsc::unbounded_channel();
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let closed_tx = closed_tx.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(|request: Request<Incoming>| async move {
+                        let path = request.uri().path().to_string();
+                        let mut response = if path == "/unfinished" {
+                            let frames = futures_util::stream::iter([Ok::<_, Infallible>(
+                                Frame::data(Bytes::from_static(b"partial")),
+                            )])
+                            .chain(futures_util::stream::pending());
+                            Response::new(BoxBody::new(StreamBody::new(frames)))
+                        } else {
+                            Response::new(BoxBody::new(
+                                Full::new(Bytes::from(path.clone())).map_err(|n| match n {}),
+                            ))
+                        };
+                        if path == "/close" {
+                            response
+                                .headers_mut()
+                                .insert("connection", "close".parse().unwrap());
+                        }
+                        Ok::<_, Infallible>(response)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    let _ = closed_tx.send(());
+                });
+            }
+        });
+        Upstream {
+            origin,
+            accepted,
+            closed,
+        }
+    }
+
+    fn pool_for(upstream: &Upstream) -> Arc<OriginPool> {
+        let connector = connector(Duration::from_secs(5), Verify::WebpkiRoots, None);
+        Arc::new(OriginPool::new(upstream.origin.clone(), connector))
+    }
+
+    fn request(upstream: &Upstream, path: &str) -> Request<Full<Bytes>> {
+        let authority = upstream.origin.authority().unwrap().as_str();
+        Request::builder()
+            .uri(format!("http://{authority}{path}"))
+            .header("host", authority)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    }
+
+    async fn call(pool: &Arc<OriginPool>, upstream: &Upstream, path: &str) -> Bytes {
+        let response = pool
+            .send(request(upstream, path))
+            .await
+            .expect("a response");
+        response.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn calls_one_after_another_share_one_connection() {
+        let upstream = upstream().await;
+        let pool = pool_for(&upstream);
+        for n in 0..5 {
+            let path = format!("/call-{n}");
+            assert_eq!(call(&pool, &upstream, &path).await, path);
+        }
+        assert_eq!(upstream.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle_http1(), 1);
+    }
+
+    #[tokio::test]
+    async fn calls_in_flight_together_each_get_a_connection_kept_for_later() {
+        let upstream = upstream().await;
+        let pool = pool_for(&upstream);
+        // Four response heads held at once: their bodies are not read yet.
+        let mut bodies = Vec::new();
+        for n in 0..4 {
+            let response = pool
+                .send(request(&upstream, &format!("/{n}")))
+                .await
+                .unwrap();
+            bodies.push(response.into_body());
+        }
+        assert_eq!(upstream.accepted.load(Ordering::SeqCst), 4);
+        for body in bodies {
+            body.collect().await.unwrap();
+        }
+        assert_eq!(pool.idle_http1(), 4);
+        for n in 0..8 {
+            let path = format!("/again-{n}");
+            assert_eq!(call(&pool, &upstream, &path).await, path);
+        }
+        assert_eq!(upstream.accepted.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_closes_its_connection() {
+        let mut upstream = upstream().await;
+        let pool = pool_for(&upstream);
+        let response = pool.send(request(&upstream, "/unfinished")).await.unwrap();
+        let mut body = response.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "partial");
+        drop(body);
+        assert_eq!(pool.idle_http1(), 0, "an unfinished connection is not kept");
+        upstream
+            .closed
+            .recv()
+            .await
+            .expect("the upstream sees it closed");
+        // The next call gets its own reply on a new connection, not the
+        // rest of the unfinished one.
+        assert_eq!(call(&pool, &upstream, "/next").await, "/next");
+        assert_eq!(upstream.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_says_connection_close_gets_a_new_connection_each_call() {
+        let upstream = upstream().await;
+        let pool = pool_for(&upstream);
+        for _ in 0..3 {
+            assert_eq!(call(&pool, &upstream, "/close").await, "/close");
+        }
+        assert_eq!(upstream.accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_close_after_their_sweeps() {
+        let mut upstream = upstream().await;
+        let pool = pool_for(&upstream);
+        call(&pool, &upstream, "/first").await;
+        for _ in 1..IDLE_SWEEPS {
+            pool.sweep();
+        }
+        assert_eq!(pool.idle_http1(), 1, "still fresh");
+        // Used again: its age starts over.
+        call(&pool, &upstream, "/second").await;
+        for _ in 1..IDLE_SWEEPS {
+            pool.sweep();
+        }
+        assert_eq!(pool.idle_http1(), 1, "fresh since its last use");
+        pool.sweep();
+        assert_eq!(pool.idle_http1(), 0);
+        upstream
+            .closed
+            .recv()
+            .await
+            .expect("the upstream sees it closed");
+        assert_eq!(upstream.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let origin: Uri = format!("http://{address}/").parse().unwrap();
+        let connector = connector(Duration::from_secs(5), Verify::WebpkiRoots, None);
+        let pool = Arc::new(OriginPool::new(origin, connector));
+        let request = Request::builder()
+            .uri(format!("http://{address}/v1/chat/completions"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let error = pool.send(request).await.err().expect("no upstream");
+        assert!(matches!(error, PoolError::Connect(_)), "{error:?}");
+        assert!(error.to_string().contains("refused"), "{error}");
+    }
+
+    #[test]
+    fn origin_form_keeps_path_and_query() {
+        let uri: Uri = "https://api.example.com/v1/models?limit=2".parse().unwrap();
+        assert_eq!(origin_form(&uri), "/v1/models?limit=2");
+        let root: Uri = "https://api.example.com".parse().unwrap();
+        assert_eq!(origin_form(&root), "/");
+    }
+}
