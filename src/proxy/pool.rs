@@ -603,6 +603,77 @@ mod tests {
         assert!(error.to_string().contains("refused"), "{error}");
     }
 
+    /// An upstream that closes an idle connection without saying so, just
+    /// before a call takes it: the upstream runs on a thread of its own and
+    /// the test blocks its runtime until the close is sent, so hyper has not
+    /// read the close when the call sends. hyper then writes the request
+    /// and reads the close: that call fails (the upstream may have read
+    /// the request, and a POST is not sent twice), or, when hyper read the
+    /// close first and handed the request back unsent, it goes out on a new
+    /// connection. Either way the next call gets its reply.
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_costs_at_most_the_call_that_races_it() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let origin: Uri = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let (close_tx, close) = std::sync::mpsc::channel::<()>();
+        let (closed_tx, closed) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                // Closed once the reply has been read and its connection
+                // is back in the pool.
+                if close.recv().is_err() {
+                    return;
+                }
+                drop(stream);
+                if closed_tx.send(()).is_err() {
+                    return;
+                }
+            }
+        });
+        let upstream = Upstream {
+            origin,
+            accepted: Arc::new(AtomicUsize::new(0)),
+            closed: mpsc::unbounded_channel().1,
+        };
+        let pool = pool_for(&upstream);
+        let reply = call(&pool, &upstream, "/v1/chat/completions").await;
+        assert_eq!(reply, "ok");
+        for _ in 0..5 {
+            close_tx.send(()).unwrap();
+            // Blocks the runtime: hyper cannot see the close before the
+            // next call takes the connection.
+            closed
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the upstream closed it");
+            assert_eq!(pool.idle_http1(), 1, "the closed connection looks idle");
+            match pool.send(request(&upstream, "/v1/chat/completions")).await {
+                Ok(response) => {
+                    let reply = response.into_body().collect().await.unwrap().to_bytes();
+                    assert_eq!(reply, "ok");
+                }
+                Err(PoolError::Send(e)) => {
+                    assert!(e.is_incomplete_message(), "{e:?}");
+                    let reply = call(&pool, &upstream, "/v1/chat/completions").await;
+                    assert_eq!(reply, "ok");
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+    }
+
     #[test]
     fn origin_form_keeps_path_and_query() {
         let uri: Uri = "https://api.example.com/v1/models?limit=2".parse().unwrap();
