@@ -398,6 +398,55 @@ pub async fn send(
 mod tests {
     use super::*;
 
+    fn routes(skip_verify: bool) -> Vec<Route> {
+        let text = format!(
+            r#"
+[[routes]]
+name = "a"
+prefix = "/a"
+upstream = "https://llm.example.com"
+kind = "openai"
+tls_insecure_skip_verify = {skip_verify}
+
+[[routes]]
+name = "b"
+prefix = "/b"
+upstream = "https://llm.example.com/v2"
+kind = "openai"
+tls_insecure_skip_verify = {skip_verify}
+
+[[routes]]
+name = "c"
+prefix = "/c"
+upstream = "http://llm.example.com"
+kind = "openai"
+"#
+        );
+        crate::config::Config::from_toml(&text, "test.toml", ".".into())
+            .unwrap()
+            .routes
+    }
+
+    #[test]
+    fn routes_of_one_origin_share_a_pool_that_a_reload_keeps_unless_verification_changes() {
+        let client = build_client(Duration::from_secs(1), &routes(false), None);
+        let [a, b, c] = &routes(false)[..] else {
+            panic!("three routes")
+        };
+        let pool = client.pool_for(a);
+        assert!(Arc::ptr_eq(&pool, &client.pool_for(b)), "same origin");
+        assert!(!Arc::ptr_eq(&pool, &client.pool_for(c)), "another scheme");
+
+        client.set_routes(&routes(false));
+        assert!(Arc::ptr_eq(&pool, &client.pool_for(a)), "kept by a reload");
+
+        client.set_routes(&routes(true));
+        assert!(
+            !Arc::ptr_eq(&pool, &client.pool_for(a)),
+            "verification changed"
+        );
+    }
+
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {
         let mut headers = HeaderMap::new();
