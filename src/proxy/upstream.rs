@@ -47,25 +47,13 @@ struct OriginEntry {
     pool: Arc<OriginPool>,
 }
 
-/// How an origin's certificates are verified (routes sharing an origin
-/// agree: the config is validated so).
+/// What a reload compares of an origin's verification (routes sharing an
+/// origin agree: the config is validated so).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum VerifyKind {
     WebpkiRoots,
     OwnCa,
     AcceptAny,
-}
-
-impl VerifyKind {
-    fn of(route: &Route) -> VerifyKind {
-        if route.tls_insecure_skip_verify {
-            VerifyKind::AcceptAny
-        } else if route.tls_ca.is_some() {
-            VerifyKind::OwnCa
-        } else {
-            VerifyKind::WebpkiRoots
-        }
-    }
 }
 
 impl Pools {
@@ -82,6 +70,24 @@ pub(super) enum Verify<'a> {
     WebpkiRoots,
     Roots(&'a rustls::RootCertStore),
     AcceptAny,
+}
+
+impl<'a> Verify<'a> {
+    fn of(route: &'a Route) -> Verify<'a> {
+        match &route.tls_ca {
+            _ if route.tls_insecure_skip_verify => Verify::AcceptAny,
+            Some(ca) => Verify::Roots(&ca.roots),
+            None => Verify::WebpkiRoots,
+        }
+    }
+
+    fn kind(&self) -> VerifyKind {
+        match self {
+            Verify::WebpkiRoots => VerifyKind::WebpkiRoots,
+            Verify::Roots(_) => VerifyKind::OwnCa,
+            Verify::AcceptAny => VerifyKind::AcceptAny,
+        }
+    }
 }
 
 impl UpstreamClient {
@@ -106,7 +112,7 @@ impl UpstreamClient {
             {
                 continue;
             }
-            let verify = VerifyKind::of(route);
+            let verify = Verify::of(route).kind();
             let pool = match current.get(&route.upstream_origin, &route.upstream_authority) {
                 Some(kept) if kept.verify == verify && verify != VerifyKind::OwnCa => {
                     Arc::clone(&kept.pool)
@@ -141,14 +147,10 @@ impl UpstreamClient {
     }
 
     fn new_pool(&self, route: &Route) -> OriginPool {
-        let connector = match (&route.tls_ca, route.tls_insecure_skip_verify) {
-            (_, true) => self.insecure.clone(),
-            (Some(ca), false) => connector(
-                self.connect_timeout,
-                Verify::Roots(&ca.roots),
-                self.egress.clone(),
-            ),
-            (None, false) => self.verified.clone(),
+        let connector = match Verify::of(route) {
+            Verify::AcceptAny => self.insecure.clone(),
+            Verify::WebpkiRoots => self.verified.clone(),
+            own_ca => connector(self.connect_timeout, own_ca, self.egress.clone()),
         };
         let origin = Uri::builder()
             .scheme(route.upstream_origin.clone())
