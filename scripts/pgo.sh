@@ -15,7 +15,9 @@
 # llvm-profdata. Both builds compile every dependency again with their own
 # flags: ~20 minutes on the 2-core machine of BENCHMARKS.md.
 #
-# Environment (defaults): TRAIN_SECS=3 (per training step)
+# The Docker image is built with it (Dockerfile).
+#
+# Environment (defaults): TRAIN_SECS=3 (per training step) PREBUILT=0
 
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -29,7 +31,12 @@ profdata="$sysroot/lib/rustlib/$host/bin/llvm-profdata"
 }
 
 harness_init pgo
-build_dist --example loadgen
+# The training's mock upstream and load generator; the plain tollgate binary
+# is not needed (PREBUILT=1 uses the examples target/dist already holds).
+if [[ ${PREBUILT:-0} != 1 ]]; then
+    echo "building the training's tools (dist profile)..." >&2
+    cargo build --profile dist --locked --quiet --example mock_upstream --example loadgen
+fi
 
 profiles="$root/target/pgo/profiles"
 rm -rf "$profiles" "$root"/target/pgo/*.profdata
