@@ -18,7 +18,13 @@
 # linked with no list, for A/B runs (one more build). Prints over how many
 # 64 KiB blocks the functions that ran lie, before and after.
 #
-# Environment (defaults): UNORDERED=0, TRAIN_SECS=3 (per training step)
+# With ALSO=<another tollgate binary> (the profile-guided build,
+# target/pgo/dist/tollgate) that binary serves the training too, and the
+# functions it ran that the list lacks go after the list's: its compiler
+# inlines differently, and what it runs out of line would otherwise lie
+# among the cold code. Build it again afterwards to lay it out.
+#
+# Environment (defaults): UNORDERED=0, TRAIN_SECS=3 (per training step), ALSO=
 
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -49,19 +55,27 @@ echo "building with the current list..." >&2
 build
 cp "$binary" "$work/tollgate-before"
 
-cat >"$work/valgrind" <<VEOF
+# Runs binary $1 under callgrind with the training load, in the work
+# directory $2 (created): writes $2/ran.txt, the binary's functions that
+# ran, hottest first, and $2/hot-functions.txt, the same as the list keeps
+# them.
+functions_that_ran() {
+    local saved_work=$work
+    work=$2
+    mkdir -p "$work"
+    cat >"$work/valgrind" <<VEOF
 #!/bin/sh
-exec valgrind --tool=callgrind --demangle=no --callgrind-out-file=$work/callgrind.out "$work/tollgate-before" "\$@"
+exec valgrind --tool=callgrind --demangle=no --callgrind-out-file=$work/callgrind.out "$1" "\$@"
 VEOF
-chmod +x "$work/valgrind"
-WAIT_SECS=120 start_training "$work/valgrind"
-run_training
-# callgrind writes its file when the process exits.
-kill -TERM "$tollgate_pid"
-wait "$tollgate_pid" || true
+    chmod +x "$work/valgrind"
+    WAIT_SECS=120 start_training "$work/valgrind"
+    run_training
+    # callgrind writes its file when the process exits.
+    kill -TERM "$tollgate_pid"
+    wait "$tollgate_pid" || true
 
-# The binary's functions that ran, by their own instructions, hottest first.
-python3 - "$work/callgrind.out" "$work/tollgate-before" >"$work/ran.txt" <<'PYEOF'
+    # The binary's functions that ran, by their own instructions, hottest first.
+    python3 - "$work/callgrind.out" "$1" >"$work/ran.txt" <<'PYEOF'
 import re, sys
 
 path, binary = sys.argv[1], sys.argv[2]
@@ -109,9 +123,9 @@ for fn, _ in sorted(total.items(), key=lambda kv: -kv[1]):
     print(fn)
 PYEOF
 
-# Each function that ran as the list keeps it: its size, as nm prints it,
-# and its name as `nm -C` prints it, without the hash.
-python3 - "$work/tollgate-before" "$work/ran.txt" >"$work/hot-functions.txt" <<'PYEOF'
+    # Each function that ran as the list keeps it: its size, as nm prints it,
+    # and its name as `nm -C` prints it, without the hash.
+    python3 - "$1" "$work/ran.txt" >"$work/hot-functions.txt" <<'PYEOF'
 import re, subprocess, sys
 
 binary, ran = sys.argv[1], sys.argv[2]
@@ -136,12 +150,29 @@ for line in open(ran):
         print(entry[line.strip()])
 PYEOF
 
+    work=$saved_work
+}
+
+functions_that_ran "$work/tollgate-before" "$work/dist"
+cp "$work/dist/hot-functions.txt" "$work/hot-functions.txt"
+if [[ -n ${ALSO:-} ]]; then
+    # What the other build ran that the list does not hold goes after it:
+    # names it alone ran, and sizes of its own for names both ran (its
+    # copy of a function differs in size; link/linker.sh places the copies
+    # of every listed size, at the name's first place).
+    cp "$ALSO" "$work/tollgate-also"
+    functions_that_ran "$work/tollgate-also" "$work/also"
+    awk '!seen[$0]++' "$work/hot-functions.txt" "$work/also/hot-functions.txt" >"$work/merged.txt"
+    echo "$(($(wc -l <"$work/merged.txt") - $(wc -l <"$work/hot-functions.txt"))) entries that only $ALSO ran added" >&2
+    mv "$work/merged.txt" "$work/hot-functions.txt"
+fi
+
 [[ -s $work/hot-functions.txt ]] || {
     echo "no function of the binary ran under callgrind: link/hot-functions.txt is left as it was" >&2
     exit 1
 }
 echo "before, the functions that ran:" >&2
-scripts/check-layout.sh "$work/tollgate-before" "$work/ran.txt" 2>/dev/null || true
+scripts/check-layout.sh "$work/tollgate-before" "$work/dist/ran.txt" 2>/dev/null || true
 cp "$work/hot-functions.txt" "$list"
 echo "linking with the new list ($(wc -l <"$list") functions)..." >&2
 build
