@@ -13,7 +13,7 @@
 #
 # Needs the toolchain's llvm-tools (`rustup component add llvm-tools`) for
 # llvm-profdata. Both builds compile every dependency again with their own
-# flags: ~20 minutes on the 2-core machine of BENCHMARKS.md.
+# flags: ~12 minutes on the 2-core machine of BENCHMARKS.md.
 #
 # The Docker image is built with it (Dockerfile).
 #
