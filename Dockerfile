@@ -6,8 +6,8 @@
 # mock upstream on the build container's loopback, then the dist build is
 # made again with the profile it wrote: 1.07-1.39x the plain build's JSON
 # throughput for 0.67-0.91x its CPU per call on the benchmark machine
-# (BENCHMARKS.md), for 3.5x the build time (12 minutes on 2 cores). `--build-arg PGO=0`
-# builds the plain dist binary.
+# (BENCHMARKS.md), for 3.5x the build time (12 minutes on 2 cores).
+# `--build-arg PGO=0` builds the plain dist binary.
 FROM rust:1-bookworm AS build
 ARG PGO=1
 WORKDIR /src

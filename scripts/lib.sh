@@ -49,19 +49,26 @@ print_load_average() {
     echo "load average $1: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 }
 
-# Builds the tollgate binary and examples/mock_upstream with the dist profile
-# (release with link-time optimisation, what production runs), plus
-# whatever else "$@" names (e.g. --example loadgen). PREBUILT=1 skips the
-# build and uses what target/dist already holds (to measure binaries given
-# as TOLLGATE= / BEFORE= without building the checkout first).
+# Builds the tollgate binary and the harness's tools (build_dist_tools) with
+# the dist profile (release with link-time optimisation, what production
+# runs). PREBUILT=1 skips the build and uses what target/dist already holds
+# (to measure binaries given as TOLLGATE= / BEFORE= without building the
+# checkout first).
 build_dist() {
     [[ ${PREBUILT:-0} == 1 ]] && return 0
     echo "building (dist profile; the first build takes minutes)..." >&2
     # tollgate alone, as users and the Docker image build it: built in one
     # command with the examples, it would get the features their
     # dependencies enable (a larger binary; BENCHMARKS.md, "Fifteenth round").
-    cargo build --profile dist --quiet --bin tollgate
-    cargo build --profile dist --quiet --example mock_upstream "$@"
+    cargo build --profile dist --locked --quiet --bin tollgate
+    build_dist_tools "$@"
+}
+
+# Builds examples/mock_upstream with the dist profile, plus whatever else
+# "$@" names (e.g. --example loadgen); PREBUILT=1 skips it.
+build_dist_tools() {
+    [[ ${PREBUILT:-0} == 1 ]] && return 0
+    cargo build --profile dist --locked --quiet --example mock_upstream "$@"
 }
 
 # Waits (at most WAIT_SECS, default 10 s) until file $1 has a line matching

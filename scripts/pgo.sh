@@ -33,10 +33,8 @@ profdata="$sysroot/lib/rustlib/$host/bin/llvm-profdata"
 harness_init pgo
 # The training's mock upstream and load generator; the plain tollgate binary
 # is not needed (PREBUILT=1 uses the examples target/dist already holds).
-if [[ ${PREBUILT:-0} != 1 ]]; then
-    echo "building the training's tools (dist profile)..." >&2
-    cargo build --profile dist --locked --quiet --example mock_upstream --example loadgen
-fi
+echo "building the training's tools (dist profile)..." >&2
+build_dist_tools --example loadgen
 
 profiles="$root/target/pgo/profiles"
 rm -rf "$profiles" "$root"/target/pgo/*.profdata
