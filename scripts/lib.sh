@@ -131,6 +131,26 @@ set_mock_provider_args() {
     esac
 }
 
+# Starts one busy loop per core at the SCHED_IDLE policy, which any other
+# thread preempts, to keep a VM's cores out of their idle state (load.sh's
+# KEEP_AWAKE); sets $awake.
+awake=()
+keep_awake() {
+    local i
+    for i in $(seq "$(nproc)"); do
+        chrt --idle 0 bash -c 'while :; do :; done' &
+        awake+=($!)
+        pids+=($!)
+    done
+}
+# Stops them.
+let_sleep() {
+    ((${#awake[@]})) || return 0
+    kill "${awake[@]}" 2>/dev/null || true
+    wait "${awake[@]}" 2>/dev/null || true
+    awake=()
+}
+
 # Writes tollgate config $1: both listeners on 127.0.0.1:0, the route
 # "openai" (prefix /openai) to the mock at $2 (host:port), the repository's
 # pricing and a budget no test reaches; then the rest of the config, TOML

@@ -20,9 +20,15 @@
 #                 below saturation): latency counts from the scheduled send,
 #                 so the added p50/p99 are the proxy's own latency
 #   stream-paced  the stream call with the mock pausing PACE_US between
-#                 events (request header x-mock-chunk-delay-us): TTFB
-#                 overhead and the gaps between body frames as the client
-#                 sees them, direct vs proxied
+#                 events (request header x-mock-chunk-delay-us), started
+#                 open loop at PACED_RATE streams/s, spread evenly over the
+#                 connections (each starts one every CONNECTIONS/PACED_RATE
+#                 s, by default 1 s, longer than a paced stream's 0.74 s):
+#                 TTFB overhead and the gaps between body frames as the
+#                 client sees them, direct vs proxied. Started back to back
+#                 instead, streams of one length keep the connections in
+#                 step, and every first byte would be one of a burst of
+#                 CONNECTIONS requests queued at once
 #
 # Targets: direct; nginx (NGINX=1, default: proxy_pass to the mock through an
 # upstream keepalive pool of 64, HTTP/1.1 upstream, proxy_buffering off,
@@ -44,15 +50,20 @@
 #
 # Environment (defaults): CONNECTIONS=32 DURATION=10 WARMUP=1 ROUNDS=3
 #   SCENARIOS="json stream stream-inject json-rate stream-paced" RATE=500
-#   PACE_US=20000 CHUNK_DELAY_US=0 NGINX=1 BARE=1 NGINX_WORKERS=$(nproc) QUIET=0
-#   NO_LEDGER=1 LOADGEN_THREADS=2 MOCK_THREADS=1 KEEP_AWAKE=0
+#   PACE_US=20000 PACED_RATE=32 CHUNK_DELAY_US=0 NGINX=1 BARE=1
+#   NGINX_WORKERS=$(nproc) QUIET=0 NO_LEDGER=1 LOADGEN_THREADS=2
+#   MOCK_THREADS=1 KEEP_AWAKE=0
 #   TOLLGATE=target/dist/tollgate BEFORE= OUT=<temp dir>/results.jsonl
 # KEEP_AWAKE=1 runs the paced scenarios (json-rate, stream-paced) beside one
 # busy loop per core at the SCHED_IDLE policy, which any other thread
-# preempts at once: on a VM whose idle virtual CPUs wake late, the cores
-# stay awake, so the percentiles measure the proxies rather than the
-# wake-ups (CPU per call is each process's own time and unaffected; the
-# machine's idle time is not reported for these scenarios).
+# should preempt at once: on a VM whose idle virtual CPUs wake late, the
+# cores stay awake (CPU per call is each process's own time and
+# unaffected; the machine's idle time is not reported for these
+# scenarios). It can make the tails worse: on the VM of BENCHMARKS.md's
+# twenty-sixth round, a thread woken onto a core running a loop at times
+# waited up to 4 ms (a scheduler tick) before it ran, for every target
+# (scripts/wakeup-delays.sh shows such waits); there the p99s are measured
+# without the loops.
 # Every measurement is bounded (WARMUP + DURATION + 5 s grace, and killed
 # after 30 s more); everything started here is stopped on exit.
 
@@ -65,6 +76,7 @@ ROUNDS=${ROUNDS:-3}
 SCENARIOS=${SCENARIOS:-"json stream stream-inject json-rate stream-paced"}
 RATE=${RATE:-500}
 PACE_US=${PACE_US:-20000}
+PACED_RATE=${PACED_RATE:-32}
 CHUNK_DELAY_US=${CHUNK_DELAY_US:-0}
 NGINX=${NGINX:-1}
 BARE=${BARE:-1}
@@ -231,23 +243,6 @@ ledger_ticks() {
 idle_ticks() {
     awk '/^cpu /{ print $5 }' /proc/stat
 }
-# Starts one SCHED_IDLE busy loop per core (see KEEP_AWAKE above); sets $awake.
-awake=()
-keep_awake() {
-    local i
-    for i in $(seq "$(nproc)"); do
-        chrt --idle 0 bash -c 'while :; do :; done' &
-        awake+=($!)
-        pids+=($!)
-    done
-}
-# Stops them.
-let_sleep() {
-    ((${#awake[@]})) || return 0
-    kill "${awake[@]}" 2>/dev/null || true
-    wait "${awake[@]}" 2>/dev/null || true
-    awake=()
-}
 limit=$(python3 -c 'import math,sys; print(math.ceil(sum(map(float,sys.argv[1:])) + 35))' "$WARMUP" "$DURATION")
 for round in $(seq "$ROUNDS"); do
     # Alternate the order of the targets from round to round.
@@ -262,7 +257,8 @@ for round in $(seq "$ROUNDS"); do
         stream) flags=(--stream --include-usage) ;;
         stream-inject) flags=(--stream) ;;
         json-rate) flags=(--rate "$RATE") ;;
-        stream-paced) flags=(--stream --include-usage --header "x-mock-chunk-delay-us: $PACE_US") ;;
+        stream-paced) flags=(--stream --include-usage --header "x-mock-chunk-delay-us: $PACE_US"
+            --rate "$PACED_RATE") ;;
         *)
             echo "unknown scenario $scenario" >&2
             exit 2
