@@ -131,6 +131,14 @@ set_mock_provider_args() {
     esac
 }
 
+# The paced streams' rate for $1 connections and pauses of $2 µs (load.sh
+# and wakeup-delays.sh): a connection starts a stream every 50 pauses
+# (pauses under 1 ms count as 1 ms), and a stream has 37, so each ends
+# before the next is due; 32 streams/s for 32 connections and 20 ms.
+paced_rate() {
+    python3 -c 'import sys; c, p = map(int, sys.argv[1:]); print(c * 1e6 / (50 * max(p, 1000)))' "$1" "$2"
+}
+
 # Starts one busy loop per core at the SCHED_IDLE policy, which any other
 # thread preempts, to keep a VM's cores out of their idle state (load.sh's
 # KEEP_AWAKE); sets $awake.

@@ -23,7 +23,8 @@
 #                 events (request header x-mock-chunk-delay-us), started
 #                 open loop at PACED_RATE streams/s, spread evenly over the
 #                 connections (each starts one every CONNECTIONS/PACED_RATE
-#                 s, by default 1 s, longer than a paced stream's 0.74 s):
+#                 s; by default every 50 × PACE_US, 1 s, longer than a paced
+#                 stream's 37 pauses, 0.74 s):
 #                 TTFB overhead and the gaps between body frames as the
 #                 client sees them, direct vs proxied. Started back to back
 #                 instead, streams of one length keep the connections in
@@ -50,9 +51,9 @@
 #
 # Environment (defaults): CONNECTIONS=32 DURATION=10 WARMUP=1 ROUNDS=3
 #   SCENARIOS="json stream stream-inject json-rate stream-paced" RATE=500
-#   PACE_US=20000 PACED_RATE=32 CHUNK_DELAY_US=0 NGINX=1 BARE=1
-#   NGINX_WORKERS=$(nproc) QUIET=0 NO_LEDGER=1 LOADGEN_THREADS=2
-#   MOCK_THREADS=1 KEEP_AWAKE=0
+#   PACE_US=20000 PACED_RATE=<CONNECTIONS / (50 × PACE_US)> CHUNK_DELAY_US=0
+#   NGINX=1 BARE=1 NGINX_WORKERS=$(nproc) QUIET=0 NO_LEDGER=1
+#   LOADGEN_THREADS=2 MOCK_THREADS=1 KEEP_AWAKE=0
 #   TOLLGATE=target/dist/tollgate BEFORE= OUT=<temp dir>/results.jsonl
 # KEEP_AWAKE=1 runs the paced scenarios (json-rate, stream-paced) beside one
 # busy loop per core at the SCHED_IDLE policy, which any other thread
@@ -76,7 +77,6 @@ ROUNDS=${ROUNDS:-3}
 SCENARIOS=${SCENARIOS:-"json stream stream-inject json-rate stream-paced"}
 RATE=${RATE:-500}
 PACE_US=${PACE_US:-20000}
-PACED_RATE=${PACED_RATE:-32}
 CHUNK_DELAY_US=${CHUNK_DELAY_US:-0}
 NGINX=${NGINX:-1}
 BARE=${BARE:-1}
@@ -90,6 +90,7 @@ KEEP_AWAKE=${KEEP_AWAKE:-0}
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 harness_init load
+PACED_RATE=${PACED_RATE:-$(paced_rate "$CONNECTIONS" "$PACE_US")}
 OUT=${OUT:-$work/results.jsonl}
 
 print_load_average "at the start"

@@ -20,7 +20,8 @@
 # Needs perf (Debian: linux-perf) and the sched tracepoints (root).
 #
 # Environment (defaults): TARGET=tollgate KEEP_AWAKE=0 SECS=10
-#   CONNECTIONS=32 PACED_RATE=32 PACE_US=20000 TOLLGATE=target/dist/tollgate
+#   CONNECTIONS=32 PACE_US=20000 PACED_RATE=<as load.sh's>
+#   TOLLGATE=target/dist/tollgate
 
 set -euo pipefail
 
@@ -28,7 +29,6 @@ TARGET=${TARGET:-tollgate}
 KEEP_AWAKE=${KEEP_AWAKE:-0}
 SECS=${SECS:-10}
 CONNECTIONS=${CONNECTIONS:-32}
-PACED_RATE=${PACED_RATE:-32}
 PACE_US=${PACE_US:-20000}
 
 command -v perf >/dev/null || {
@@ -38,6 +38,7 @@ command -v perf >/dev/null || {
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 harness_init wakeup-delays
+PACED_RATE=${PACED_RATE:-$(paced_rate "$CONNECTIONS" "$PACE_US")}
 build_dist --example loadgen --example bare_proxy
 
 start_mock "$work" --threads 1
