@@ -23,13 +23,12 @@
 #                 events (request header x-mock-chunk-delay-us), started
 #                 open loop at PACED_RATE streams/s, spread evenly over the
 #                 connections (each starts one every CONNECTIONS/PACED_RATE
-#                 s; by default every 50 × PACE_US, 1 s, longer than a paced
-#                 stream's 37 pauses, 0.74 s):
-#                 TTFB overhead and the gaps between body frames as the
-#                 client sees them, direct vs proxied. Started back to back
-#                 instead, streams of one length keep the connections in
-#                 step, and every first byte would be one of a burst of
-#                 CONNECTIONS requests queued at once
+#                 s; by default every 50 × PACE_US, 1 s, longer than a
+#                 paced stream's 37 pauses, 0.74 s): TTFB overhead and the
+#                 gaps between body frames as the client sees them, direct
+#                 vs proxied. Started back to back instead, streams of one
+#                 length keep the connections in step, and every first byte
+#                 would be one of a burst of CONNECTIONS requests at once
 #
 # Targets: direct; nginx (NGINX=1, default: proxy_pass to the mock through an
 # upstream keepalive pool of 64, HTTP/1.1 upstream, proxy_buffering off,
@@ -62,7 +61,7 @@
 # unaffected; the machine's idle time is not reported for these
 # scenarios). It can make the tails worse: on the VM of BENCHMARKS.md's
 # twenty-sixth round, a thread woken onto a core running a loop at times
-# waited up to 4 ms (a scheduler tick) before it ran, for every target
+# waited 4–5 ms (about a scheduler tick) before it ran, for every target
 # (scripts/wakeup-delays.sh shows such waits); there the p99s are measured
 # without the loops.
 # Every measurement is bounded (WARMUP + DURATION + 5 s grace, and killed

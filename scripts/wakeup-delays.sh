@@ -11,11 +11,11 @@
 # (CONNECTIONS connections, PACED_RATE streams/s, PACE_US between events)
 # for SECS seconds under `perf sched record`, and prints the load
 # generator's TTFB and chunk percentiles and, per process, the wake-up
-# delays (perf's "sch delay": woken to running) as p50, p99, p99.9,
-# longest and how many exceeded 1 ms, split by what the core ran before
-# the thread got it: a busy loop, nothing (idle) or another thread. A busy
-# loop that a woken thread should preempt at once, yet ran for
-# milliseconds first, shows in a process's "busy loop" row.
+# delays (perf's "sch delay": from being woken, or preempted, to running)
+# as p50, p99, p99.9, longest and how many exceeded 1 ms, split by what
+# the core ran before the thread got it: a busy loop, nothing (idle) or
+# another thread. A busy loop that a woken thread should preempt at once,
+# yet ran for milliseconds first, shows in a process's "busy loop" row.
 #
 # Needs perf (Debian: linux-perf) and the sched tracepoints (root).
 #
