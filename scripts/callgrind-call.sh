@@ -97,12 +97,9 @@ vg_wrapper() {
 declare -A per_call
 names=()
 if [[ $BARE == 1 ]]; then
-    valgrind --tool=callgrind --instr-atstart=no \
-        --callgrind-out-file="$work/callgrind.hyper-bare.out" \
-        "$bin/examples/bare_proxy" "$mock_addr" >"$work/bare.out" 2>"$work/bare.err" &
-    pids+=($!)
-    bare_addr=$(wait_line "$work/bare.out" '^127\.')
-    total=$(measure "${pids[-1]}" "http://$bare_addr/openai/v1/chat/completions" hyper-bare)
+    start_bare_proxy valgrind --tool=callgrind --instr-atstart=no \
+        --callgrind-out-file="$work/callgrind.hyper-bare.out"
+    total=$(measure "$bare_pid" "http://$bare_addr/openai/v1/chat/completions" hyper-bare)
     per_call[hyper-bare]=$((total / CALLS))
     names+=(hyper-bare)
 fi

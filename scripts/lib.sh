@@ -131,12 +131,26 @@ set_mock_provider_args() {
     esac
 }
 
-# The paced streams' rate for $1 connections and pauses of $2 µs (load.sh
-# and wakeup-delays.sh): a connection starts a stream every 50 pauses
-# (pauses under 1 ms count as 1 ms), and a stream has 37, so each ends
-# before the next is due; 32 streams/s for 32 connections and 20 ms.
-paced_rate() {
-    python3 -c 'import sys; c, p = map(int, sys.argv[1:]); print(c * 1e6 / (50 * max(p, 1000)))' "$1" "$2"
+# Starts examples/bare_proxy (hyper forwarding alone) to the mock at
+# $mock_addr, run by the command "$@" when given (valgrind, say); sets
+# $bare_pid and $bare_addr (host:port).
+start_bare_proxy() {
+    "$@" "$bin/examples/bare_proxy" "$mock_addr" >"$work/bare.out" 2>"$work/bare.err" &
+    bare_pid=$!
+    pids+=("$bare_pid")
+    bare_addr=$(wait_line "$work/bare.out" '^127\.')
+}
+
+# Sets $paced_args to the load generator's arguments for the paced streams
+# (load.sh's stream-paced, wakeup-delays.sh): the mock pausing $PACE_US µs
+# between events, and streams started open loop at $PACED_RATE a second,
+# spread over the connections. By default a connection starts a stream
+# every 50 pauses (pauses under 1 ms count as 1 ms): a stream has 37, so
+# each ends before the next is due; 32 streams/s for $CONNECTIONS=32 and
+# 20 ms.
+set_paced_args() {
+    local rate=${PACED_RATE:-$(python3 -c 'import sys; c, p = map(int, sys.argv[1:]); print(c * 1e6 / (50 * max(p, 1000)))' "$CONNECTIONS" "$PACE_US")}
+    paced_args=(--stream --include-usage --header "x-mock-chunk-delay-us: $PACE_US" --rate "$rate")
 }
 
 # Starts one busy loop per core at the SCHED_IDLE policy, which any other

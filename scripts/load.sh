@@ -89,7 +89,6 @@ KEEP_AWAKE=${KEEP_AWAKE:-0}
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 harness_init load
-PACED_RATE=${PACED_RATE:-$(paced_rate "$CONNECTIONS" "$PACE_US")}
 OUT=${OUT:-$work/results.jsonl}
 
 print_load_average "at the start"
@@ -181,10 +180,9 @@ if [[ $NGINX == 1 ]]; then
     echo "nginx on $agent ($NGINX_WORKERS worker processes)" >&2
 fi
 if [[ $BARE == 1 ]]; then
-    "$bin/examples/bare_proxy" "$mock_addr" >"$work/bare.out" 2>"$work/bare.err" &
-    pids+=($!)
-    url[hyper-bare]="http://$(wait_line "$work/bare.out" '^127\.')/openai/v1/chat/completions"
-    pid_of[hyper-bare]=${pids[-1]}
+    start_bare_proxy
+    url[hyper-bare]="http://$bare_addr/openai/v1/chat/completions"
+    pid_of[hyper-bare]=$bare_pid
     targets+=(hyper-bare)
 fi
 targets+=(tollgate)
@@ -243,6 +241,7 @@ ledger_ticks() {
 idle_ticks() {
     awk '/^cpu /{ print $5 }' /proc/stat
 }
+set_paced_args
 limit=$(python3 -c 'import math,sys; print(math.ceil(sum(map(float,sys.argv[1:])) + 35))' "$WARMUP" "$DURATION")
 for round in $(seq "$ROUNDS"); do
     # Alternate the order of the targets from round to round.
@@ -257,8 +256,7 @@ for round in $(seq "$ROUNDS"); do
         stream) flags=(--stream --include-usage) ;;
         stream-inject) flags=(--stream) ;;
         json-rate) flags=(--rate "$RATE") ;;
-        stream-paced) flags=(--stream --include-usage --header "x-mock-chunk-delay-us: $PACE_US"
-            --rate "$PACED_RATE") ;;
+        stream-paced) flags=("${paced_args[@]}") ;;
         *)
             echo "unknown scenario $scenario" >&2
             exit 2

@@ -57,10 +57,8 @@ measure() {
 
 names=()
 if [[ $BARE == 1 ]]; then
-    "$bin/examples/bare_proxy" "$mock_addr" >"$work/bare.out" 2>"$work/bare.err" &
-    pids+=($!)
-    bare_addr=$(wait_line "$work/bare.out" '^127\.')
-    measure "${pids[-1]}" "http://$bare_addr/openai/v1/chat/completions" hyper-bare
+    start_bare_proxy
+    measure "$bare_pid" "http://$bare_addr/openai/v1/chat/completions" hyper-bare
     names+=(hyper-bare)
 fi
 targets=("tollgate=$tollgate_bin")

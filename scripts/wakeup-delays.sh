@@ -38,7 +38,6 @@ command -v perf >/dev/null || {
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 harness_init wakeup-delays
-PACED_RATE=${PACED_RATE:-$(paced_rate "$CONNECTIONS" "$PACE_US")}
 build_dist --example loadgen --example bare_proxy
 
 start_mock "$work" --threads 1
@@ -50,10 +49,9 @@ tollgate)
     addr=$tollgate_agent
     ;;
 hyper-bare)
-    "$bin/examples/bare_proxy" "$mock_addr" >"$work/bare.out" 2>"$work/bare.err" &
-    proxy_pid=$!
-    pids+=("$proxy_pid")
-    addr=$(wait_line "$work/bare.out" '^127\.')
+    start_bare_proxy
+    proxy_pid=$bare_pid
+    addr=$bare_addr
     ;;
 direct)
     proxy_pid=
@@ -67,12 +65,11 @@ esac
 if [[ $KEEP_AWAKE == 1 ]]; then
     keep_awake
 fi
+set_paced_args
 
 "$bin/examples/loadgen" --url "http://$addr/openai/v1/chat/completions" \
     --connections "$CONNECTIONS" --duration-secs "$SECS" --warmup-secs 1 --threads 2 \
-    --header 'x-agent-run-id: wake-{conn}' --stream --include-usage \
-    --header "x-mock-chunk-delay-us: $PACE_US" --rate "$PACED_RATE" \
-    --label "$TARGET" >"$work/loadgen.json" &
+    --header 'x-agent-run-id: wake-{conn}' "${paced_args[@]}" --label "$TARGET" >"$work/loadgen.json" &
 loadgen_pid=$!
 pids+=("$loadgen_pid")
 # Record the measured part only: the warm-up second is left out.
@@ -82,17 +79,18 @@ wait "$loadgen_pid"
 perf sched timehist -i "$work/perf.data" >"$work/timehist.txt" 2>/dev/null
 
 python3 - "$work/loadgen.json" "$work/timehist.txt" "$mock_pid" "$proxy_pid" \
-    "$loadgen_pid" "$TARGET" "$KEEP_AWAKE" <<'EOF'
+    "$loadgen_pid" "$TARGET" "$KEEP_AWAKE" "${awake[*]}" <<'EOF'
 import collections, json, re, sys
 result = json.load(open(sys.argv[1]))
 names = {sys.argv[3]: "mock", sys.argv[4]: sys.argv[6], sys.argv[5]: "loadgen"}
+busy_loops = set(sys.argv[8].split())
 ttfb, chunk = result["ttfb_ms"], result["chunk_delay_ms"]
 print(f"{sys.argv[6]}, KEEP_AWAKE={sys.argv[7]}: {result['requests']} streams; "
       f"TTFB p50 {ttfb['p50']:.3f} ms, p99 {ttfb['p99']:.3f}, longest {ttfb['max']:.3f}; "
       f"chunk p50 {chunk['p50']:.3f} ms, p99 {chunk['p99']:.3f}, p99.9 {chunk['p999']:.3f}")
 # timehist lines: time [cpu] comm[tid/pid] wait sch-delay run-time, one per
 # switch away from a thread (the idle task's comm is "<idle>", no ids); the
-# previous line of the same core is what ran there before it.
+# previous line of the same core says what ran there before it.
 line = re.compile(r"^\s*[\d.]+\s+\[(\d+)\]\s+(\S.*?)(?:\[(\d+)(?:/(\d+))?\])?\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
 before_on = {}
 delays = collections.defaultdict(list)
@@ -102,10 +100,9 @@ for text in open(sys.argv[2]):
         continue
     cpu, comm, tid, pid, _, delay, _ = m.groups()
     pid = pid or tid
-    if pid is not None and pid in names:
-        before = {"bash": "busy loop", "<idle>": "idle"}.get(before_on.get(cpu), "other")
-        delays[(names[pid], before)].append(float(delay))
-    before_on[cpu] = comm
+    if pid in names:
+        delays[(names[pid], before_on.get(cpu, "other"))].append(float(delay))
+    before_on[cpu] = "busy loop" if pid in busy_loops else "idle" if comm == "<idle>" else "other"
 print("wake-up delay, ms   | ran before  | wake-ups |   p50 |   p99 | p99.9 | longest | > 1 ms")
 for (name, before), d in sorted(delays.items()):
     d.sort()
