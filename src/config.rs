@@ -55,6 +55,9 @@ pub struct ServerConfig {
     pub listen: String,
     /// TLS termination on the agent listener; plain HTTP when absent.
     pub tls: Option<ServerTlsConfig>,
+    /// Threads serving agent connections, each with its own event loop;
+    /// one per CPU core when absent.
+    pub workers: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -62,9 +65,14 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "127.0.0.1:8787".into(),
             tls: None,
+            workers: None,
         }
     }
 }
+
+/// Most `server.workers` accepted: a thread each, and an idle list in
+/// every upstream pool each.
+const MAX_WORKERS: usize = 1024;
 
 /// `[server.tls]`: PEM files for the agent listener's certificate chain
 /// (leaf first) and its private key (PKCS#8, PKCS#1 or SEC1).
@@ -461,6 +469,8 @@ pub struct Config {
     pub base_dir: PathBuf,
     /// TLS for the agent listener, built from `[server.tls]`.
     pub server_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// `server.workers`, or the number of CPU cores.
+    pub workers: usize,
     /// Which upstream connections go through `[egress] proxy`.
     pub egress: Option<std::sync::Arc<hyper_util::client::proxy::matcher::Matcher>>,
 }
@@ -866,6 +876,18 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
         None => None,
     };
 
+    let workers = match raw.server.workers {
+        Some(n) if !(1..=MAX_WORKERS).contains(&n) => {
+            push(
+                "server.workers",
+                format!("must be between 1 and {MAX_WORKERS}"),
+            );
+            1
+        }
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, usize::from),
+    };
+
     for message in raw.budget.validate("budget") {
         problems.push(split_key_message(message));
     }
@@ -981,6 +1003,7 @@ fn validate(raw: RawConfig, base_dir: PathBuf) -> Result<Config, Vec<(String, St
             },
             base_dir,
             server_tls,
+            workers,
             egress,
             raw,
         }),
@@ -1220,6 +1243,20 @@ mod tests {
         assert_eq!(config.listen.port(), 8787);
         assert_eq!(config.admin_listen.port(), 9787);
         assert!(config.routes.is_empty());
+    }
+
+    #[test]
+    fn workers_default_to_the_cores_and_out_of_range_names_the_key() {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(load("").unwrap().workers, cores);
+        assert_eq!(load("[server]\nworkers = 3\n").unwrap().workers, 3);
+        for bad in ["0", "1025"] {
+            let err = load(&format!("[server]\nworkers = {bad}\n")).unwrap_err();
+            assert_eq!(err.issues.len(), 1, "{bad}");
+            assert_eq!(err.issues[0].key, "server.workers");
+            assert_eq!(err.issues[0].line, Some(2));
+            assert!(err.issues[0].message.contains("between 1 and 1024"));
+        }
     }
 
     #[test]

@@ -101,10 +101,18 @@ impl Tollgate {
             move || state.config.load().raw.limits.clone()
         };
 
+        let workers = match server::Workers::start(state.workers()) {
+            Ok(workers) => Some(Arc::new(workers)),
+            Err(error) => {
+                tracing::warn!(message = "cannot start the worker threads; serving agent connections on the main runtime", %error);
+                None
+            }
+        };
         let agent_state = state.clone();
         let agent = tokio::spawn(server::serve_tls(
             listeners.agent,
             state.config.load().server_tls.clone(),
+            workers.clone(),
             limits(&state),
             move |request| proxy::handle(agent_state.clone(), request),
             stopped(stop_rx.clone()),
@@ -144,6 +152,10 @@ impl Tollgate {
         tracing::info!(message = "shutting down: no new connections, draining in-flight calls");
         let _ = stop_tx.send(true);
         let _ = tokio::join!(agent, admin, sweeper);
+        // The agent loop has drained and dropped its share of the workers.
+        if let Some(workers) = workers.and_then(Arc::into_inner) {
+            let _ = tokio::task::spawn_blocking(move || workers.stop()).await;
+        }
         for worker in shared_workers {
             let _ = worker.await;
         }

@@ -1,7 +1,8 @@
 //! Accept loop shared by the agent and admin listeners: hyper-util's
 //! auto (HTTP/1.1 + h2c) connection builder, limits on header size, count and
 //! read time (read at each accept, so a reload applies to new connections),
-//! one task per connection, and graceful shutdown that stops
+//! one task per connection (for the agent listener, on the next of the
+//! worker threads: `workers`), and graceful shutdown that stops
 //! accepting and drains open connections up to a bound. With a TLS config
 //! (`[server.tls]`) each accepted stream is a TLS handshake first (ALPN `h2`
 //! and `http/1.1`, within the header read time); a failed handshake drops
@@ -40,12 +41,15 @@ use crate::config::LimitsConfig;
 use crate::proxy::{ConnInfo, ProxyBody};
 
 mod self_wake;
+pub mod workers;
 
 use self_wake::SelfWakes;
+pub use workers::Workers;
 
 /// Serves `listener` with `handler` until `shutdown` resolves, then drains.
 /// `limits` is read at each accept and at shutdown, so a reloaded config
 /// applies to the connections accepted after it (open ones keep theirs).
+/// The connections run on the runtime this is polled on.
 pub async fn serve<H, Fut, L>(
     listener: TcpListener,
     limits: L,
@@ -56,13 +60,15 @@ pub async fn serve<H, Fut, L>(
     Fut: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
     L: Fn() -> LimitsConfig,
 {
-    serve_tls(listener, None, limits, handler, shutdown).await
+    serve_tls(listener, None, None, limits, handler, shutdown).await
 }
 
-/// As [`serve`], terminating TLS with `tls` when given.
+/// As [`serve`], terminating TLS with `tls` when given, and running each
+/// connection on the next of `workers` when given.
 pub async fn serve_tls<H, Fut, L>(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    workers: Option<Arc<Workers>>,
     limits: L,
     handler: H,
     shutdown: impl Future<Output = ()>,
@@ -98,6 +104,18 @@ pub async fn serve_tls<H, Fut, L>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        // A connection bound for a worker leaves this runtime's reactor
+        // here and joins the worker's on its first poll there.
+        let (stream, worker) = match &workers {
+            Some(workers) => match stream.into_std() {
+                Ok(stream) => (Accepted::Moving(stream), Some(workers.next())),
+                Err(error) => {
+                    tracing::debug!(message = "cannot hand the connection to a worker", %remote, %error);
+                    continue;
+                }
+            },
+            None => (Accepted::Here(stream), None),
+        };
         let current = limits();
         if !builders.fit(&current) {
             builders = Builders::new(&current);
@@ -120,7 +138,10 @@ pub async fn serve_tls<H, Fut, L>(
             let watcher = graceful.watcher();
             let sniffed = Arc::clone(&builders.sniffed);
             let mut stop = stop_rx.clone();
-            connections.spawn(async move {
+            let task = async move {
+                let Some(stream) = stream.settle() else {
+                    return;
+                };
                 let protocol = tokio::select! {
                     protocol = tokio::time::timeout(handshake_timeout, sniff(&stream)) => match protocol {
                         Ok(protocol) => protocol,
@@ -144,7 +165,8 @@ pub async fn serve_tls<H, Fut, L>(
                 if let Err(error) = SelfWakes::new(watcher.watch(connection)).await {
                     tracing::debug!(message = "connection ended with an error", %error);
                 }
-            });
+            };
+            spawn_on(&mut connections, worker, task);
             continue;
         };
         // The handshake runs on the connection's own task so a slow client
@@ -152,7 +174,10 @@ pub async fn serve_tls<H, Fut, L>(
         // for it like for any open connection.
         let watcher = graceful.watcher();
         let sniffed = Arc::clone(&builders.sniffed);
-        connections.spawn(async move {
+        let task = async move {
+            let Some(stream) = stream.settle() else {
+                return;
+            };
             let stream =
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => stream,
@@ -173,7 +198,8 @@ pub async fn serve_tls<H, Fut, L>(
             if let Err(error) = SelfWakes::new(watcher.watch(connection)).await {
                 tracing::debug!(message = "connection ended with an error", %error);
             }
-        });
+        };
+        spawn_on(&mut connections, worker, task);
     }
     drop(listener);
     let _ = stop_tx.send(true);
@@ -188,6 +214,40 @@ pub async fn serve_tls<H, Fut, L>(
 }
 
 type HandlerFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+/// An accepted connection, registered with the runtime it runs on.
+enum Accepted {
+    Here(TcpStream),
+    /// On its way to a worker: registered there by [`Accepted::settle`].
+    Moving(std::net::TcpStream),
+}
+
+impl Accepted {
+    /// The stream, registered with the runtime of the calling task; `None`
+    /// (the connection closes) when that fails.
+    fn settle(self) -> Option<TcpStream> {
+        match self {
+            Accepted::Here(stream) => Some(stream),
+            Accepted::Moving(stream) => TcpStream::from_std(stream)
+                .inspect_err(|error| {
+                    tracing::debug!(message = "worker cannot take the connection", %error);
+                })
+                .ok(),
+        }
+    }
+}
+
+/// Spawns a connection's task on `worker`, or on this runtime.
+fn spawn_on(
+    connections: &mut tokio::task::JoinSet<()>,
+    worker: Option<&tokio::runtime::Handle>,
+    task: impl Future<Output = ()> + Send + 'static,
+) {
+    match worker {
+        Some(worker) => connections.spawn_on(task, worker),
+        None => connections.spawn(task),
+    };
+}
 
 /// Connection builders for the limits they were made with: for the
 /// connections whose protocol the peek told (their first read then gets the
@@ -285,5 +345,57 @@ mod tests {
         assert_eq!(classify(b"PRX"), Some(Protocol::Http1));
         assert_eq!(classify(b"PRI * HTTP/2.0"), None);
         assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
+    }
+
+    /// Each accepted connection is served on the next worker in turn, and
+    /// all of its requests on that worker.
+    #[tokio::test]
+    async fn connections_are_served_on_the_workers_in_turn() {
+        use http_body_util::{BodyExt, Empty};
+
+        let workers = Arc::new(Workers::start(2).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_tls(
+            listener,
+            None,
+            Some(Arc::clone(&workers)),
+            LimitsConfig::default,
+            |_request| async {
+                let slot = workers::slot().to_string();
+                Ok(Response::new(crate::proxy::full_body(slot.into())))
+            },
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let mut slots = Vec::new();
+        for _ in 0..4 {
+            let stream = TcpStream::connect(address).await.unwrap();
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            let mut served = Vec::new();
+            for _ in 0..2 {
+                let request = Request::get("/")
+                    .body(Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                let response = sender.send_request(request).await.unwrap();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                served.push(String::from_utf8(body.to_vec()).unwrap());
+            }
+            assert_eq!(served[0], served[1], "one connection, one worker");
+            slots.push(served.swap_remove(0));
+        }
+        assert_eq!(slots, ["0", "1", "0", "1"]);
+        let _ = stop.send(());
+        server.await.unwrap();
+        let workers = Arc::into_inner(workers).expect("the server let go of the workers");
+        tokio::task::spawn_blocking(move || workers.stop())
+            .await
+            .unwrap();
     }
 }

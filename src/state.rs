@@ -122,6 +122,7 @@ impl AppState {
             config.raw.limits.upstream_connect_timeout(),
             &config.routes,
             config.egress.clone(),
+            config.workers,
         );
         let config = Arc::new(config);
         Ok(Arc::new(AppState {
@@ -179,13 +180,15 @@ impl AppState {
             .map_err(|e| format!("budget: {}", e.join("; ")))?;
         let started = &self.started;
         let (new, old) = (&config.raw, &started.raw);
-        // What is built once at start: the listeners, the ledger writer, the
-        // shared state connection, the metric families' label caps and the
-        // upstream clients' connectors (their timeout and egress proxy).
+        // What is built once at start: the listeners, the worker threads,
+        // the ledger writer, the shared state connection, the metric
+        // families' label caps and the upstream clients' connectors (their
+        // timeout and egress proxy).
         let needs_restart = [
             ("server.listen", config.listen != started.listen),
             ("admin.listen", config.admin_listen != started.admin_listen),
             ("server.tls", new.server.tls != old.server.tls),
+            ("server.workers", config.workers != started.workers),
             ("ledger", new.ledger != old.ledger),
             ("state", new.state != old.state),
             ("metrics.max_label_values", new.metrics != old.metrics),
@@ -204,6 +207,12 @@ impl AppState {
         self.pricing.store(Arc::new(pricing));
         self.config.store(Arc::new(config));
         Ok(needs_restart)
+    }
+
+    /// Worker threads serving agent connections (`server.workers` as
+    /// started).
+    pub fn workers(&self) -> usize {
+        self.started.workers
     }
 
     pub fn reject_unknown_models(&self) -> bool {

@@ -84,7 +84,9 @@ pub struct OriginPool {
     /// `scheme://authority`: what the connector is asked to open.
     origin: Uri,
     connector: Connector,
-    idle: Mutex<Idle>,
+    /// One list per worker thread (`server::workers`): a call takes the
+    /// connections whose tasks run on its own thread.
+    idle: Box<[Mutex<Idle>]>,
     /// Sweeps done: the clock that idle connections are aged by (a counter
     /// read with one load, where a timestamp would be a clock read per call).
     sweeps: AtomicU32,
@@ -111,12 +113,15 @@ enum Sender {
 }
 
 impl OriginPool {
-    /// An empty pool for `origin` (`scheme://authority`).
-    pub fn new(origin: Uri, connector: Connector) -> OriginPool {
+    /// An empty pool for `origin` (`scheme://authority`), with an idle
+    /// list for each of `workers` threads.
+    pub fn new(origin: Uri, connector: Connector, workers: usize) -> OriginPool {
         OriginPool {
             origin,
             connector,
-            idle: Mutex::new(Idle::default()),
+            idle: (0..workers.max(1))
+                .map(|_| Mutex::new(Idle::default()))
+                .collect(),
             sweeps: AtomicU32::new(0),
             sweeping: AtomicBool::new(false),
         }
@@ -261,15 +266,17 @@ impl OriginPool {
     fn sweep(&self) {
         let now = self.sweeps.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         let fresh = |since: u32| now.wrapping_sub(since) < IDLE_SWEEPS;
-        let mut idle = self.lock();
-        idle.http1
-            .retain(|c| fresh(c.since) && !c.sender.is_closed());
-        if idle
-            .http2
-            .as_ref()
-            .is_some_and(|(sender, since)| !fresh(*since) || sender.is_closed())
-        {
-            idle.http2 = None;
+        for idle in self.idle.iter() {
+            let mut idle = idle.lock().unwrap_or_else(PoisonError::into_inner);
+            idle.http1
+                .retain(|c| fresh(c.since) && !c.sender.is_closed());
+            if idle
+                .http2
+                .as_ref()
+                .is_some_and(|(sender, since)| !fresh(*since) || sender.is_closed())
+            {
+                idle.http2 = None;
+            }
         }
     }
 
@@ -279,9 +286,12 @@ impl OriginPool {
         self.lock().http1.len()
     }
 
+    /// The idle list of the calling thread's worker (the first list off
+    /// the workers, or when the pool has fewer lists than workers run).
     fn lock(&self) -> MutexGuard<'_, Idle> {
+        let list = &self.idle[crate::server::workers::slot() % self.idle.len()];
         // The lists stay consistent whatever a panicking holder did.
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+        list.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -478,7 +488,7 @@ mod tests {
 
     fn pool_for(upstream: &Upstream) -> Arc<OriginPool> {
         let connector = connector(Duration::from_secs(5), Verify::WebpkiRoots, None);
-        Arc::new(OriginPool::new(upstream.origin.clone(), connector))
+        Arc::new(OriginPool::new(upstream.origin.clone(), connector, 1))
     }
 
     fn request(upstream: &Upstream, path: &str) -> Request<Full<Bytes>> {
@@ -496,6 +506,35 @@ mod tests {
             .await
             .expect("a response");
         response.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    /// A call takes only connections opened on its own worker thread,
+    /// whose tasks run there.
+    #[tokio::test]
+    async fn each_worker_keeps_its_own_connections() {
+        let upstream = upstream().await;
+        let connector = connector(Duration::from_secs(5), Verify::WebpkiRoots, None);
+        let pool = Arc::new(OriginPool::new(upstream.origin.clone(), connector, 2));
+        let workers = crate::server::Workers::start(2).unwrap();
+        let mut opened = Vec::new();
+        for n in 0..6 {
+            let (pool, request) = (Arc::clone(&pool), request(&upstream, &format!("/{n}")));
+            let body = workers
+                .next()
+                .spawn(async move {
+                    let response = pool.send(request).await.expect("a response");
+                    response.into_body().collect().await.unwrap().to_bytes()
+                })
+                .await
+                .unwrap();
+            assert_eq!(body, format!("/{n}"));
+            opened.push(upstream.accepted.load(Ordering::SeqCst));
+        }
+        // Workers 0, 1, 0, 1, 0, 1: each opens one connection, then reuses it.
+        assert_eq!(opened, [1, 2, 2, 2, 2, 2]);
+        tokio::task::spawn_blocking(move || workers.stop())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
@@ -598,7 +637,7 @@ mod tests {
         drop(listener);
         let origin: Uri = format!("http://{address}/").parse().unwrap();
         let connector = connector(Duration::from_secs(5), Verify::WebpkiRoots, None);
-        let pool = Arc::new(OriginPool::new(origin, connector));
+        let pool = Arc::new(OriginPool::new(origin, connector, 1));
         let request = Request::builder()
             .uri(format!("http://{address}/v1/chat/completions"))
             .body(Full::new(Bytes::new()))

@@ -35,6 +35,8 @@ pub struct UpstreamClient {
     pools: ArcSwap<Pools>,
     connect_timeout: Duration,
     egress: EgressMatcher,
+    /// Worker threads, each with its own idle list in every pool.
+    workers: usize,
 }
 
 /// The pools of the route table's origins, by authority, then scheme.
@@ -158,16 +160,17 @@ impl UpstreamClient {
             .path_and_query("/")
             .build()
             .unwrap_or_default();
-        OriginPool::new(origin, connector)
+        OriginPool::new(origin, connector, self.workers)
     }
 }
 
 /// Builds the upstream client for `routes`, connecting through the egress
-/// proxy where `egress` says so.
+/// proxy where `egress` says so, for calls on `workers` worker threads.
 pub fn build_client(
     connect_timeout: Duration,
     routes: &[Route],
     egress: EgressMatcher,
+    workers: usize,
 ) -> UpstreamClient {
     let client = UpstreamClient {
         verified: connector(connect_timeout, Verify::WebpkiRoots, egress.clone()),
@@ -175,6 +178,7 @@ pub fn build_client(
         pools: ArcSwap::from_pointee(Pools::default()),
         connect_timeout,
         egress,
+        workers,
     };
     client.set_routes(routes);
     client
@@ -431,7 +435,7 @@ kind = "openai"
 
     #[test]
     fn routes_of_one_origin_share_a_pool_that_a_reload_keeps_unless_verification_changes() {
-        let client = build_client(Duration::from_secs(1), &routes(false), None);
+        let client = build_client(Duration::from_secs(1), &routes(false), None, 1);
         let [a, b, c] = &routes(false)[..] else {
             panic!("three routes")
         };

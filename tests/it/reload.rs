@@ -326,18 +326,23 @@ async fn a_reload_applies_runs_and_names_what_needs_a_restart() {
     );
     assert_eq!(tollgate.state.budgets.runs_config().idle_timeout_secs, 300);
 
-    // `[runs]` applies at once; the ledger, the label cap and the upstream
-    // connectors (egress proxy) are built at start, and the answer says so.
+    // `[runs]` applies at once; the worker threads, the ledger, the label
+    // cap and the upstream connectors (egress proxy) are built at start,
+    // and the answer says so.
     let ledger_section = base.find("[ledger]").unwrap();
     let changed = format!(
         "{}retention_days = 7\n{}\n[runs]\nidle_timeout_secs = 60\nmax_body_hashes_per_run = 0\n[metrics]\nmax_label_values = 50\n[egress]\nproxy = \"http://127.0.0.1:9\"\n",
         &base[..ledger_section + "[ledger]\n".len()],
         &base[ledger_section + "[ledger]\n".len()..],
+    )
+    .replace(
+        "[admin]",
+        &format!("workers = {}\n[admin]", tollgate.state.workers() + 1),
     );
     std::fs::write(&config_path, changed).unwrap();
     assert_eq!(
         reload().await,
-        serde_json::json!({"reloaded": true, "needs_restart": ["ledger", "metrics.max_label_values", "egress"]})
+        serde_json::json!({"reloaded": true, "needs_restart": ["server.workers", "ledger", "metrics.max_label_values", "egress"]})
     );
     let runs = tollgate.state.budgets.runs_config();
     assert_eq!(
@@ -347,7 +352,12 @@ async fn a_reload_applies_runs_and_names_what_needs_a_restart() {
     // Compared with what runs, not with the last reload: still named.
     assert_eq!(
         reload().await["needs_restart"],
-        serde_json::json!(["ledger", "metrics.max_label_values", "egress"])
+        serde_json::json!([
+            "server.workers",
+            "ledger",
+            "metrics.max_label_values",
+            "egress"
+        ])
     );
     // The file as started again: nothing left to restart for.
     std::fs::write(&config_path, &base).unwrap();
