@@ -16,7 +16,12 @@
 //!   (a fresh connection's failure is final), as hyper-util's client does.
 //! - Connections unused for 75 to 90 s are closed by a sweep that runs every
 //!   15 s while the pool exists (hyper-util's client: 90 s); at most
-//!   `MAX_IDLE` idle connections are kept per origin, the oldest closed first.
+//!   `MAX_IDLE` idle connections are kept per origin and worker, the oldest
+//!   closed first.
+//! - Each worker thread (`server::workers`) has idle lists of its own, and
+//!   its own shared HTTP/2 connection: a connection's task runs on the
+//!   worker that opened it, and only that worker's calls use it, as each
+//!   of Envoy's workers has its own connection pools.
 //!
 //! hyper-util's pooled client (`client::legacy`) does this for any URI, at
 //! about 7,000 instructions more per proxied JSON call (BENCHMARKS.md,
