@@ -291,8 +291,9 @@ impl OriginPool {
         self.lock().http1.len()
     }
 
-    /// The idle list of the calling thread's worker (the first list off
-    /// the workers, or when the pool has fewer lists than workers run).
+    /// The idle list of the calling thread's worker; off the workers, the
+    /// first. (Pools have a list per worker; the modulo only keeps a
+    /// mismatched slot from panicking.)
     fn lock(&self) -> MutexGuard<'_, Idle> {
         let list = &self.idle[crate::server::workers::slot() % self.idle.len()];
         // The lists stay consistent whatever a panicking holder did.
