@@ -14,7 +14,11 @@
 //! read of the head doubled hyper's 8 KiB read buffer to 16 KiB), and the
 //! handler's future is boxed, so its ~5 KiB are freed once the response
 //! head is out instead of staying in hyper's per-connection slot for the
-//! life of the connection.
+//! life of the connection. A connection the peek tells is HTTP/1.1 is
+//! served by hyper's own HTTP/1.1 connection rather than hyper-util's
+//! auto-detecting one, whose state is sized for HTTP/2 and for the
+//! detection (a larger task for every connection, and a wrapper around
+//! every read).
 //!
 //! Each connection is polled through `SelfWakes`: hyper wakes the
 //! connection's own task when the handler reads the request body, and
@@ -154,7 +158,15 @@ pub async fn serve_tls<H, Fut, L>(
                     _ = stop.wait_for(|stop| *stop) => return,
                 };
                 let builder = match protocol {
-                    Some(Protocol::Http1) => &sniffed.h1,
+                    Some(Protocol::Http1) => {
+                        // hyper's own HTTP/1.1 connection: no version
+                        // detection state or read wrapper, and a smaller
+                        // task (module notes).
+                        let connection = sniffed.h1.serve_connection(TokioIo::new(stream), service);
+                        drop(sniffed);
+                        note_end(SelfWakes::new(watcher.watch(connection)).await);
+                        return;
+                    }
                     Some(Protocol::Http2) => &sniffed.h2,
                     None => &sniffed.auto,
                 };
@@ -162,9 +174,9 @@ pub async fn serve_tls<H, Fut, L>(
                     .serve_connection(TokioIo::new(stream), service)
                     .into_owned();
                 drop(sniffed);
-                if let Err(error) = SelfWakes::new(watcher.watch(connection)).await {
-                    tracing::debug!(message = "connection ended with an error", %error);
-                }
+                // Boxed: held inline, the auto connection (~1.5 KiB) would
+                // size the task of every HTTP/1.1 connection too.
+                note_end(Box::pin(SelfWakes::new(watcher.watch(connection))).await);
             };
             spawn_on(&mut connections, worker, task);
             continue;
@@ -195,9 +207,7 @@ pub async fn serve_tls<H, Fut, L>(
                 .serve_connection(TokioIo::new(stream), service)
                 .into_owned();
             drop(sniffed);
-            if let Err(error) = SelfWakes::new(watcher.watch(connection)).await {
-                tracing::debug!(message = "connection ended with an error", %error);
-            }
+            note_end(SelfWakes::new(watcher.watch(connection)).await);
         };
         spawn_on(&mut connections, worker, task);
     }
@@ -211,6 +221,13 @@ pub async fn serve_tls<H, Fut, L>(
     }
     connections.abort_all();
     while connections.join_next().await.is_some() {}
+}
+
+/// How a connection ended, for the debug log.
+fn note_end(served: Result<(), impl std::fmt::Display>) {
+    if let Err(error) = served {
+        tracing::debug!(message = "connection ended with an error", %error);
+    }
 }
 
 type HandlerFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
@@ -253,7 +270,7 @@ fn spawn_on(
 /// connections whose protocol the peek told (their first read then gets the
 /// request head whole), and the auto-detecting one for the rest (and TLS).
 struct Sniffed {
-    h1: Builder<TokioExecutor>,
+    h1: hyper::server::conn::http1::Builder,
     h2: Builder<TokioExecutor>,
     auto: Builder<TokioExecutor>,
 }
@@ -266,6 +283,12 @@ struct Builders {
 
 impl Builders {
     fn new(limits: &LimitsConfig) -> Builders {
+        // The same HTTP/1.1 settings as the auto builder's below.
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout())
+            .max_buf_size(limits.max_header_bytes)
+            .max_headers(limits.max_headers);
         let mut builder = Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -280,7 +303,7 @@ impl Builders {
         Builders {
             made_for: Builders::key(limits),
             sniffed: Arc::new(Sniffed {
-                h1: builder.clone().http1_only(),
+                h1,
                 h2: builder.clone().http2_only(),
                 auto: builder,
             }),
