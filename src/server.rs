@@ -1,5 +1,6 @@
-//! Accept loop shared by the agent and admin listeners: hyper-util's
-//! auto (HTTP/1.1 + h2c) connection builder, limits on header size, count and
+//! Accept loop shared by the agent and admin listeners: hyper's HTTP/1.1
+//! connection, or hyper-util's auto (HTTP/1.1 + h2c) connection builder
+//! where a peek cannot tell and for TLS, limits on header size, count and
 //! read time (read at each accept, so a reload applies to new connections),
 //! one task per connection (for the agent listener, on the next of the
 //! worker threads: `workers`), and graceful shutdown that stops
@@ -283,19 +284,21 @@ struct Builders {
 
 impl Builders {
     fn new(limits: &LimitsConfig) -> Builders {
-        // The same HTTP/1.1 settings as the auto builder's below.
+        // hyper's HTTP/1.1 builder and hyper-util's wrapper of it share
+        // these methods but no trait: one list of settings for both.
+        macro_rules! http1_limits {
+            ($builder:expr) => {
+                $builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout())
+                    .max_buf_size(limits.max_header_bytes)
+                    .max_headers(limits.max_headers)
+            };
+        }
         let mut h1 = hyper::server::conn::http1::Builder::new();
-        h1.timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout())
-            .max_buf_size(limits.max_header_bytes)
-            .max_headers(limits.max_headers);
+        http1_limits!(h1);
         let mut builder = Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout())
-            .max_buf_size(limits.max_header_bytes)
-            .max_headers(limits.max_headers);
+        http1_limits!(builder.http1());
         builder
             .http2()
             .timer(TokioTimer::new())
