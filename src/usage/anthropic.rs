@@ -18,7 +18,7 @@
 //! the compaction iterations out.
 
 use super::extract::{trim, Extractor};
-use super::wire::{add_opt, error_label, for_each_member, string_at, Count};
+use super::wire::{add_opt, error_label, string_at, Count};
 use super::Usage;
 use serde::Deserialize;
 use serde_json::Value;
@@ -253,17 +253,21 @@ pub(crate) fn sse_event(ex: &mut Extractor, name: &[u8], data: &[u8], at_eof: bo
     }
 }
 
+/// Generated text in a content delta, its walk started past the opening it
+/// shares with the delta before.
 fn count_text(ex: &mut Extractor, data: &[u8]) {
     let mut n = 0u64;
-    for_each_member(data, |k, v| {
-        if matches!(k, b"text" | b"thinking" | b"partial_json") {
-            let (len, next) = string_at(data, v)?;
-            n = n.saturating_add(len);
-            return Some(next);
-        }
-        None
+    ex.opening.walk(data, text_key, |_, v| {
+        let (len, next) = string_at(data, v)?;
+        n = n.saturating_add(len);
+        Some(next)
     });
     ex.add_text(n);
+}
+
+/// Keys whose string values are generated text in content deltas.
+fn text_key(k: &[u8]) -> bool {
+    matches!(k, b"text" | b"thinking" | b"partial_json")
 }
 
 #[cfg(test)]

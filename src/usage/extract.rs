@@ -13,7 +13,7 @@ use super::gemini;
 use super::json_scan::{JsonSink, Key};
 use super::openai;
 use super::sse::SseSink;
-use super::wire::{error_label, Count};
+use super::wire::{error_label, Count, SharedOpening};
 use super::{Dialect, Usage};
 use serde::Deserialize;
 
@@ -39,6 +39,10 @@ pub(crate) struct Extractor {
     /// Raw bytes of the latest Gemini `usageMetadata` seen in a stream,
     /// decoded by [`Extractor::settle`].
     gemini_usage: Option<Vec<u8>>,
+    /// The opening bytes a dialect's most frequent events repeat, walked
+    /// with one key predicate per dialect: OpenAI chat chunks, Anthropic
+    /// content deltas.
+    pub(crate) opening: SharedOpening,
 }
 
 impl Extractor {
@@ -57,6 +61,7 @@ impl Extractor {
             anthropic: anthropic::Fields::default(),
             stray: gemini::Stray::new(max_stray_bytes),
             gemini_usage: None,
+            opening: SharedOpening::default(),
         }
     }
 

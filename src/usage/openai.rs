@@ -6,7 +6,8 @@
 //! 1. `data: [DONE]` is the terminator of chat/completions streams.
 //! 2. Generated text is measured cheaply (string values of `content`,
 //!    `text`, `reasoning`… in chat chunks; `delta` of Responses `*.delta`
-//!    events) without parsing.
+//!    events) without parsing. A chat chunk's walk starts past the opening
+//!    bytes it shares with the chunk before (`wire::SharedOpening`).
 //! 3. The event is deserialized only if it can matter: it has a non-null
 //!    `usage` or `error`, it is a Responses terminal or `error` event, or no
 //!    model has been seen yet. Content deltas — nearly every event — stop at
@@ -21,7 +22,7 @@
 
 use super::extract::{trim, Extractor};
 use super::strict_json::{Seen, Walk};
-use super::wire::{error_label, for_each_member, non_null_at, string_at, Count};
+use super::wire::{error_label, for_each_member, non_null_at, string_at, Count, SharedOpening};
 use super::Usage;
 use serde::Deserialize;
 use serde_json::Value;
@@ -242,7 +243,7 @@ fn chat_text_key(k: &[u8]) -> bool {
 }
 
 /// What one pass over an event's members found.
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq)]
 struct Scan {
     text: u64,
     usage: bool,
@@ -253,29 +254,58 @@ struct Scan {
 
 fn scan(data: &[u8], text_key: fn(&[u8]) -> bool) -> Scan {
     let mut s = Scan::default();
-    for_each_member(data, |k, v| {
-        match k {
-            b"usage" => s.usage |= non_null_at(data, v),
-            b"error" => s.error |= non_null_at(data, v),
-            b"type" => {
-                let end = string_at(data, v)?.1;
-                let value = data.get(v + 1..end - 1)?;
-                s.terminal_type |= matches!(
-                    value,
-                    b"response.completed" | b"response.incomplete" | b"response.failed" | b"error"
-                );
-                return Some(end);
-            }
-            k if text_key(k) => {
-                let (n, next) = string_at(data, v)?;
-                s.text = s.text.saturating_add(n);
-                return Some(next);
-            }
-            _ => {}
-        }
-        None
+    for_each_member(data, |k, v| member(&mut s, data, text_key, k, v));
+    s
+}
+
+/// [`scan`] of a chat chunk, started past the opening it shares with the
+/// chunk before.
+fn scan_chat(opening: &mut SharedOpening, data: &[u8]) -> Scan {
+    let mut s = Scan::default();
+    opening.walk(data, chat_member, |k, v| {
+        member(&mut s, data, chat_text_key, k, v)
     });
     s
+}
+
+/// The keys [`member`] acts on in a chat chunk.
+fn chat_member(k: &[u8]) -> bool {
+    matches!(k, b"usage" | b"error" | b"type") || chat_text_key(k)
+}
+
+/// One member of a [`scan`]: `k` is the key, `v` where its value starts.
+///
+/// `#[inline(always)]`: with two walks calling it, the compiler left it out
+/// of line, a call per key that cost the Responses event walk 10 %
+/// (`scripts/callgrind-usage.sh`).
+#[inline(always)]
+fn member(
+    s: &mut Scan,
+    data: &[u8],
+    text_key: fn(&[u8]) -> bool,
+    k: &[u8],
+    v: usize,
+) -> Option<usize> {
+    match k {
+        b"usage" => s.usage |= non_null_at(data, v),
+        b"error" => s.error |= non_null_at(data, v),
+        b"type" => {
+            let end = string_at(data, v)?.1;
+            let value = data.get(v + 1..end - 1)?;
+            s.terminal_type |= matches!(
+                value,
+                b"response.completed" | b"response.incomplete" | b"response.failed" | b"error"
+            );
+            return Some(end);
+        }
+        k if text_key(k) => {
+            let (n, next) = string_at(data, v)?;
+            s.text = s.text.saturating_add(n);
+            return Some(next);
+        }
+        _ => {}
+    }
+    None
 }
 
 pub(crate) fn sse_event(ex: &mut Extractor, name: &[u8], data: &[u8], at_eof: bool) {
@@ -284,6 +314,7 @@ pub(crate) fn sse_event(ex: &mut Extractor, name: &[u8], data: &[u8], at_eof: bo
         ex.terminal = true;
         return;
     }
+    let chat = name.is_empty() || name == b"message";
     let text_key: fn(&[u8]) -> bool = if name.starts_with(b"response.") {
         // Only deltas count: the `.done` events and `response.completed`
         // repeat the whole text. Audio deltas are base64, not text.
@@ -292,12 +323,16 @@ pub(crate) fn sse_event(ex: &mut Extractor, name: &[u8], data: &[u8], at_eof: bo
         } else {
             |_| false
         }
-    } else if name.is_empty() || name == b"message" {
+    } else if chat {
         chat_text_key
     } else {
         |_| false
     };
-    let s = scan(body, text_key);
+    let s = if chat {
+        scan_chat(&mut ex.opening, body)
+    } else {
+        scan(body, text_key)
+    };
     ex.add_text(s.text);
 
     let error_event = name == b"error";
@@ -535,6 +570,29 @@ mod tests {
         }
     }
 
+    #[test]
+    fn chunks_of_a_stream_start_their_walk_at_the_content() {
+        let stream = include_str!(
+            "../../tests/fixtures/providers/openai/chat-completions.stream-include-usage.sse"
+        );
+        let chunks: Vec<&[u8]> = stream
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(str::as_bytes)
+            .collect();
+        let mut opening = SharedOpening::default();
+        // The first chunk opens with a `role` the others do not have.
+        assert_eq!(opening.start(chunks[1]), 0);
+        scan_chat(&mut opening, chunks[0]);
+        assert_eq!(opening.start(chunks[1]), 0);
+        scan_chat(&mut opening, chunks[1]);
+        let third = chunks[2];
+        let content = memchr::memmem::find(third, b"\"content\"").unwrap();
+        assert!(content > 150, "{content}");
+        assert_eq!(opening.start(third), content);
+        assert_eq!(scan_chat(&mut opening, third).text, " unable".len() as u64);
+    }
+
     mod generated {
         use super::*;
         use proptest::prelude::*;
@@ -614,6 +672,53 @@ mod tests {
                     raw = crate::usage::strict_json::damage(raw, at, how, STEERING_BYTES);
                 }
                 plain_agrees(&raw);
+            }
+        }
+
+        /// Chat chunks as a stream sends them: a few openings, shared or
+        /// not, and the endings that matter to the scan.
+        const OPENINGS: &[&str] = &[
+            r#"{"id":"c-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"#,
+            r#"{"id":"c-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","#,
+            r#"{"id":"c-2","choices":[{"delta":{"#,
+            r#"{"#,
+        ];
+        const ENDINGS: &[&str] = &[
+            r#""content":"Hi"},"finish_reason":null}]}"#,
+            r#""content":"a \"b\": c","refusal":null},"logprobs":null}]}"#,
+            r#""reasoning":"x","text":"yz"}}]}"#,
+            r#"},"finish_reason":"stop"}]}"#,
+            r#"}}],"usage":{"prompt_tokens":1}}"#,
+            r#"}}],"usage":null,"error":{"message":"m"}}"#,
+            r#""type":"error"}}]}"#,
+            r#"""#,
+        ];
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+
+            /// Skipping the opening a chunk shares with the last one finds
+            /// what a walk of the whole chunk finds, on damaged chunks too.
+            #[test]
+            fn skipping_the_shared_opening_changes_no_scan(
+                chunks in prop::collection::vec(
+                    (
+                        0..OPENINGS.len(),
+                        0..ENDINGS.len(),
+                        prop::collection::vec((any::<usize>(), any::<u8>()), 0..2),
+                    ),
+                    1..8,
+                ),
+            ) {
+                let mut shared = SharedOpening::default();
+                for (start, end, damages) in chunks {
+                    let mut chunk = format!("{}{}", OPENINGS[start], ENDINGS[end]).into_bytes();
+                    for (at, how) in damages {
+                        chunk = crate::usage::strict_json::damage(chunk, at, how, STEERING_BYTES);
+                    }
+                    let whole = scan(&chunk, chat_text_key);
+                    prop_assert_eq!(scan_chat(&mut shared, &chunk), whole);
+                }
             }
         }
 

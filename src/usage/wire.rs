@@ -235,10 +235,28 @@ pub(crate) fn for_each_member<F>(buf: &[u8], mut f: F)
 where
     F: FnMut(&[u8], usize) -> Option<usize>,
 {
+    for_each_member_from(buf, 0, |_, k, v| f(k, v));
+}
+
+/// [`for_each_member`] from index `start` on, with the index of each key's
+/// opening quote passed to `f` first.
+///
+/// What the walk does before it reaches the key whose quote is at `open`
+/// depends on the bytes up to `open` and on nothing else (the byte at
+/// `open` included: it tells whether the string before is a key). So a walk
+/// of a document that opens with the same bytes as another one, through
+/// such a quote, reaches that key exactly as the walk of the other one did,
+/// and may start there if the callbacks before it had no effect
+/// ([`SharedOpening`]).
+#[inline]
+fn for_each_member_from<F>(buf: &[u8], start: usize, mut f: F)
+where
+    F: FnMut(usize, &[u8], usize) -> Option<usize>,
+{
     // Outside strings every `"` opens one, so the walk jumps from string to
     // string: the next quote is usually a few bytes away (`": [{"`), found a
     // word at a time, and a string's end is found past its escapes.
-    let mut i = 0usize;
+    let mut i = start;
     loop {
         let Some(open) = quote(buf, i) else {
             return;
@@ -254,8 +272,66 @@ where
         let key = buf.get(open + 1..close).unwrap_or_default();
         let value = skip_ws(buf, colon + 1);
         i = colon + 1;
-        if let Some(resume) = f(key, value) {
+        if let Some(resume) = f(open, key, value) {
             i = i.max(resume);
+        }
+    }
+}
+
+/// The opening bytes of the last document a [`SharedOpening::walk`] went
+/// through, up to and including the quote of the first key it acted on.
+///
+/// The events of one stream often open alike. OpenAI chat chunks repeat
+/// `id`, `object`, `created`, `model`, `system_fingerprint` and the opening
+/// of `choices`: about 200 of a chunk's 250 bytes, and most of the strings
+/// a walk steps through. Anthropic text deltas repeat
+/// `{"type":"content_block_delta","index":0,"delta":{"type":"text_delta",`.
+/// A walk of an event that starts with the kept bytes would step through
+/// them to the same key with nothing acted on (see
+/// [`for_each_member_from`]), so it starts at that key, after one
+/// comparison of the bytes.
+#[derive(Debug, Default)]
+pub(crate) struct SharedOpening(Vec<u8>);
+
+impl SharedOpening {
+    /// Longest opening kept, so a stream's metering state stays bounded.
+    const MAX: usize = 512;
+
+    /// [`for_each_member`] over `buf`, calling `f` only for the keys `acts`
+    /// holds for and passing over the others. One `SharedOpening` must
+    /// always be walked with the same `acts`: what it keeps is where that
+    /// predicate first held.
+    #[inline]
+    pub(crate) fn walk<F>(&mut self, buf: &[u8], acts: fn(&[u8]) -> bool, mut f: F)
+    where
+        F: FnMut(&[u8], usize) -> Option<usize>,
+    {
+        let start = self.start(buf);
+        let mut first = None;
+        for_each_member_from(buf, start, |open, k, v| {
+            if !acts(k) {
+                return None;
+            }
+            first.get_or_insert(open);
+            f(k, v)
+        });
+        // A walk that started at the kept quote and acted there first
+        // would keep the same bytes again.
+        if let Some(open) = first.filter(|&open| open != start || start == 0) {
+            if open < Self::MAX {
+                self.0.clear();
+                self.0
+                    .extend_from_slice(buf.get(..=open).unwrap_or_default());
+            }
+        }
+    }
+
+    /// Where a walk of `buf` may start: at the kept quote if `buf` opens
+    /// with the kept bytes.
+    pub(super) fn start(&self, buf: &[u8]) -> usize {
+        match self.0.len() {
+            n if n > 0 && buf.starts_with(&self.0) => n - 1,
+            _ => 0,
         }
     }
 }
@@ -354,6 +430,31 @@ mod tests {
         assert_eq!(seen, ["s", "k2", "k3"]);
     }
 
+    #[test]
+    fn shared_opening_starts_only_where_the_whole_walk_would_arrive() {
+        fn acts(k: &[u8]) -> bool {
+            k == b"k"
+        }
+        let keys = |shared: &mut SharedOpening, doc: &[u8]| {
+            let mut seen = Vec::new();
+            shared.walk(doc, acts, |_, v| {
+                seen.push(v);
+                None
+            });
+            seen
+        };
+        let mut shared = SharedOpening::default();
+        assert_eq!(keys(&mut shared, br#"{"id":"a","k":1}"#), [14]);
+        assert_eq!(shared.start(br#"{"id":"a","k":2}"#), 10);
+        assert_eq!(keys(&mut shared, br#"{"id":"a","k":2}"#), [14]);
+        assert_eq!(shared.start(br#"{"id":"b","k":2}"#), 0);
+        // The kept quote is part of the comparison: here the byte after the
+        // first `"k"` makes it a key, which a walk from that byte would miss.
+        assert_eq!(keys(&mut shared, br#"["k""k":1]"#), [8]);
+        assert_eq!(shared.start(br#"["k":1]"#), 0);
+        assert_eq!(keys(&mut shared, br#"["k":1]"#), [5]);
+    }
+
     /// The walk as first written: a `memchr` iterator over every quote,
     /// a close quote being one not preceded by an odd run of backslashes.
     fn walk_by_quote_iterator(buf: &[u8], skip: fn(&[u8]) -> bool) -> Vec<(Vec<u8>, usize)> {
@@ -409,6 +510,46 @@ mod tests {
                 if skips(k) { value_end(&raw, v) } else { None }
             });
             proptest::prop_assert_eq!(seen, walk_by_quote_iterator(&raw, skips));
+        }
+
+        /// A [`SharedOpening`] walk sees the keys, value positions and
+        /// skips a whole walk sees, over documents that open with the
+        /// same bytes (or with one of a few, in any order), on any bytes.
+        #[test]
+        fn shared_opening_walks_agree_with_whole_walks(
+            openings in proptest::collection::vec(
+                proptest::collection::vec(proptest::sample::select(b"\"\\{}[],: ak".to_vec()), 0..60),
+                1..4,
+            ),
+            docs in proptest::collection::vec(
+                (
+                    proptest::prelude::any::<proptest::sample::Index>(),
+                    proptest::collection::vec(proptest::sample::select(b"\"\\{}[],: ak".to_vec()), 0..30),
+                ),
+                1..8,
+            ),
+        ) {
+            fn acts(k: &[u8]) -> bool {
+                k.contains(&b'k')
+            }
+            let mut shared = SharedOpening::default();
+            for (which, tail) in docs {
+                let doc = [openings[which.index(openings.len())].as_slice(), &tail].concat();
+                let mut whole = Vec::new();
+                for_each_member(&doc, |k, v| {
+                    if !acts(k) {
+                        return None;
+                    }
+                    whole.push((k.to_vec(), v));
+                    if skips(k) { value_end(&doc, v) } else { None }
+                });
+                let mut walked = Vec::new();
+                shared.walk(&doc, acts, |k, v| {
+                    walked.push((k.to_vec(), v));
+                    if skips(k) { value_end(&doc, v) } else { None }
+                });
+                proptest::prop_assert_eq!(walked, whole);
+            }
         }
     }
 
