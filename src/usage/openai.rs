@@ -268,12 +268,16 @@ fn scan_chat(opening: &mut SharedOpening, data: &[u8]) -> Scan {
     s
 }
 
-/// The keys [`member`] acts on in a chat chunk.
+/// The keys [`member`] acts on in a chat chunk: a chat chunk's walk passes
+/// over every other key without calling it, so a key `member` learns to
+/// act on belongs here too.
 fn chat_member(k: &[u8]) -> bool {
     matches!(k, b"usage" | b"error" | b"type") || chat_text_key(k)
 }
 
 /// One member of a [`scan`]: `k` is the key, `v` where its value starts.
+/// It does nothing for a key it does not match ([`chat_member`] lists the
+/// ones it does for chat chunks).
 ///
 /// `#[inline(always)]`: with two walks calling it, the compiler left it out
 /// of line, a call per key that cost the Responses event walk 10 %
