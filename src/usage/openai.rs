@@ -268,16 +268,34 @@ fn scan_chat(opening: &mut SharedOpening, data: &[u8]) -> Scan {
     s
 }
 
-/// The keys [`member`] acts on in a chat chunk: a chat chunk's walk passes
-/// over every other key without calling it, so a key `member` learns to
-/// act on belongs here too.
+/// The keys [`member`] acts on in a chat chunk (a chat chunk's walk passes
+/// over every other key without calling it).
 fn chat_member(k: &[u8]) -> bool {
-    matches!(k, b"usage" | b"error" | b"type") || chat_text_key(k)
+    role(k, chat_text_key) != Role::Other
+}
+
+/// What [`member`] does with a key.
+#[derive(PartialEq)]
+enum Role {
+    Usage,
+    Error,
+    Type,
+    Text,
+    Other,
+}
+
+#[inline(always)]
+fn role(k: &[u8], text_key: fn(&[u8]) -> bool) -> Role {
+    match k {
+        b"usage" => Role::Usage,
+        b"error" => Role::Error,
+        b"type" => Role::Type,
+        k if text_key(k) => Role::Text,
+        _ => Role::Other,
+    }
 }
 
 /// One member of a [`scan`]: `k` is the key, `v` where its value starts.
-/// It does nothing for a key it does not match ([`chat_member`] lists the
-/// ones it does for chat chunks).
 ///
 /// `#[inline(always)]`: with two walks calling it, the compiler left it out
 /// of line, a call per key that cost the Responses event walk 10 %
@@ -290,10 +308,10 @@ fn member(
     k: &[u8],
     v: usize,
 ) -> Option<usize> {
-    match k {
-        b"usage" => s.usage |= non_null_at(data, v),
-        b"error" => s.error |= non_null_at(data, v),
-        b"type" => {
+    match role(k, text_key) {
+        Role::Usage => s.usage |= non_null_at(data, v),
+        Role::Error => s.error |= non_null_at(data, v),
+        Role::Type => {
             let end = string_at(data, v)?.1;
             let value = data.get(v + 1..end - 1)?;
             s.terminal_type |= matches!(
@@ -302,12 +320,12 @@ fn member(
             );
             return Some(end);
         }
-        k if text_key(k) => {
+        Role::Text => {
             let (n, next) = string_at(data, v)?;
             s.text = s.text.saturating_add(n);
             return Some(next);
         }
-        _ => {}
+        Role::Other => {}
     }
     None
 }
