@@ -5,6 +5,11 @@
 //! the figure reflects the steady state of a long generation rather than the
 //! fixed cost of creating a tap. The stream is fed in 16 KiB reads, roughly
 //! what hyper hands the proxy per frame.
+//!
+//! A non-streamed reply (`application/json`) is one call's body: its cases
+//! read the captured reply whole, one tap per copy, as many copies as make
+//! about 1 MiB, so that their figure is the cost of a call's usage read,
+//! tap creation and finish included.
 
 use criterion::{criterion_group, Criterion, Throughput};
 use std::hint::black_box;
@@ -24,6 +29,13 @@ struct Case {
     /// an ordinary content record (Ollama NDJSON): every record but the
     /// tail repeats.
     keep_first: bool,
+}
+
+impl Case {
+    /// A non-streamed reply: each copy is a call of its own.
+    fn per_call(&self) -> bool {
+        self.content_type == "application/json"
+    }
 }
 
 const CASES: &[Case] = &[
@@ -122,6 +134,35 @@ const CASES: &[Case] = &[
         content_type: "application/x-ndjson",
         keep_first: false,
     },
+    // Non-streamed replies, one tap per body.
+    Case {
+        name: "openai/chat-json",
+        path: "openai/chat-completions.nonstream.json",
+        dialect: Dialect::OpenAi,
+        content_type: "application/json",
+        keep_first: true,
+    },
+    Case {
+        name: "openai/responses-json",
+        path: "openai/responses.nonstream.json",
+        dialect: Dialect::OpenAi,
+        content_type: "application/json",
+        keep_first: true,
+    },
+    Case {
+        name: "anthropic/json",
+        path: "anthropic/messages.nonstream.cache.json",
+        dialect: Dialect::Anthropic,
+        content_type: "application/json",
+        keep_first: true,
+    },
+    Case {
+        name: "gemini/json",
+        path: "gemini/generateContent.json",
+        dialect: Dialect::Gemini,
+        content_type: "application/json",
+        keep_first: true,
+    },
 ];
 
 /// Splits a body into records: SSE events end at a blank line (LF or CRLF
@@ -188,6 +229,36 @@ fn inflate(body: &[u8], ndjson: bool, keep_first: bool) -> Vec<u8> {
     out
 }
 
+/// The bodies one iteration reads, one tap each: a stream inflated to
+/// ~1 MiB, or copies of a non-streamed reply making ~1 MiB.
+fn bodies(case: &Case, raw: &[u8]) -> Vec<Vec<u8>> {
+    if case.per_call() {
+        vec![raw.to_vec(); TARGET.div_ceil(raw.len().max(1))]
+    } else {
+        vec![inflate(
+            raw,
+            case.content_type.contains("ndjson"),
+            case.keep_first,
+        )]
+    }
+}
+
+/// Reads each body through a tap of its own, in `READ`-sized reads.
+fn read_all(case: &Case, bodies: &[Vec<u8>]) {
+    for body in bodies {
+        let mut tap = UsageTap::new(
+            case.dialect,
+            BodyFormat::from_content_type(Some(case.content_type)),
+            None,
+            TapLimits::default(),
+        );
+        for chunk in body.chunks(READ) {
+            tap.feed(black_box(chunk));
+        }
+        black_box(tap.finish());
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/providers");
     let mut group = c.benchmark_group("usage_tap");
@@ -196,22 +267,10 @@ fn bench(c: &mut Criterion) {
             Ok(raw) => raw,
             Err(_) => continue,
         };
-        let body = inflate(&raw, case.content_type.contains("ndjson"), case.keep_first);
-        group.throughput(Throughput::Bytes(body.len() as u64));
-        group.bench_function(case.name, |b| {
-            b.iter(|| {
-                let mut tap = UsageTap::new(
-                    case.dialect,
-                    BodyFormat::from_content_type(Some(case.content_type)),
-                    None,
-                    TapLimits::default(),
-                );
-                for chunk in body.chunks(READ) {
-                    tap.feed(black_box(chunk));
-                }
-                black_box(tap.finish())
-            })
-        });
+        let bodies = bodies(case, &raw);
+        let bytes: usize = bodies.iter().map(Vec::len).sum();
+        group.throughput(Throughput::Bytes(bytes as u64));
+        group.bench_function(case.name, |b| b.iter(|| read_all(case, &bodies)));
     }
     group.finish();
 }
@@ -235,20 +294,12 @@ fn fixed_run() -> bool {
         let Ok(raw) = std::fs::read(root.join(case.path)) else {
             continue;
         };
-        let body = inflate(&raw, case.content_type.contains("ndjson"), case.keep_first);
+        let bodies = bodies(case, &raw);
         for _ in 0..iters {
-            let mut tap = UsageTap::new(
-                case.dialect,
-                BodyFormat::from_content_type(Some(case.content_type)),
-                None,
-                TapLimits::default(),
-            );
-            for chunk in body.chunks(READ) {
-                tap.feed(black_box(chunk));
-            }
-            black_box(tap.finish());
+            read_all(case, &bodies);
         }
-        println!("{} bytes x {iters}", body.len());
+        let bytes: usize = bodies.iter().map(Vec::len).sum();
+        println!("{bytes} bytes x {iters}");
     }
     true
 }

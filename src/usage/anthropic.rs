@@ -18,24 +18,25 @@
 //! the compaction iterations out.
 
 use super::extract::{trim, Extractor};
-use super::wire::{add_opt, error_label, string_at, Count};
+use super::strict_json::{Seen, Walk};
+use super::wire::{add_opt, error_label, one_plain_count, plain_count, string_at, Count};
 use super::Usage;
 use serde::Deserialize;
 use serde_json::Value;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(default)]
 pub(crate) struct CacheCreation {
     ephemeral_1h_input_tokens: Count,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(default)]
 pub(crate) struct OutputDetails {
     thinking_tokens: Count,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(default)]
 pub(crate) struct Iteration {
     input_tokens: Count,
@@ -45,7 +46,7 @@ pub(crate) struct Iteration {
     cache_creation: Option<CacheCreation>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(default)]
 pub(crate) struct AnthUsage {
     input_tokens: Count,
@@ -55,6 +56,71 @@ pub(crate) struct AnthUsage {
     cache_creation: Option<CacheCreation>,
     output_tokens_details: Option<OutputDetails>,
     iterations: Option<Vec<Iteration>>,
+}
+
+impl AnthUsage {
+    /// serde_json's reading of a captured `usage` value (`null` or an
+    /// object) when its counts are plain integers or `null`, as they nearly
+    /// always are; `None` leaves the value to serde_json (other shapes,
+    /// duplicate members, `iterations` that are not `null`, invalid JSON).
+    pub(crate) fn read_plain(raw: &[u8]) -> Option<Option<AnthUsage>> {
+        let mut w = Walk::new(raw);
+        w.ws();
+        let usage = w.nullable(AnthUsage::walk)?;
+        w.at_end().then_some(usage)
+    }
+
+    fn walk(w: &mut Walk) -> Option<AnthUsage> {
+        let mut u = AnthUsage::default();
+        let mut seen = Seen::default();
+        w.object(|w, key| {
+            match key {
+                b"input_tokens" => {
+                    seen.once(0)?;
+                    u.input_tokens = plain_count(w)?;
+                }
+                b"cache_creation_input_tokens" => {
+                    seen.once(1)?;
+                    u.cache_creation_input_tokens = plain_count(w)?;
+                }
+                b"cache_read_input_tokens" => {
+                    seen.once(2)?;
+                    u.cache_read_input_tokens = plain_count(w)?;
+                }
+                b"output_tokens" => {
+                    seen.once(3)?;
+                    u.output_tokens = plain_count(w)?;
+                }
+                b"cache_creation" => {
+                    seen.once(4)?;
+                    u.cache_creation = w.nullable(|w| {
+                        let count = one_plain_count(w, b"ephemeral_1h_input_tokens")?;
+                        Some(CacheCreation {
+                            ephemeral_1h_input_tokens: count,
+                        })
+                    })?;
+                }
+                b"output_tokens_details" => {
+                    seen.once(5)?;
+                    u.output_tokens_details = w.nullable(|w| {
+                        let count = one_plain_count(w, b"thinking_tokens")?;
+                        Some(OutputDetails {
+                            thinking_tokens: count,
+                        })
+                    })?;
+                }
+                // Compaction's per-iteration usage is rare: serde_json
+                // reads it.
+                b"iterations" => {
+                    seen.once(6)?;
+                    u.iterations = w.nullable(|_| None)?;
+                }
+                _ => w.value()?,
+            }
+            Some(())
+        })?;
+        Some(u)
+    }
 }
 
 /// Summed usage of `usage.iterations`.
@@ -310,6 +376,104 @@ mod tests {
         assert_eq!(u.cache_write_input_tokens, Some(418));
         assert_eq!(u.cache_write_1h_input_tokens, Some(400));
         assert_eq!(u.reasoning_tokens, Some(12));
+    }
+
+    fn plain_agrees(raw: &[u8]) -> bool {
+        crate::usage::strict_json::plain::agrees(AnthUsage::read_plain, raw)
+    }
+
+    #[test]
+    fn plain_usage_read_without_serde() {
+        let fixture =
+            include_str!("../../tests/fixtures/providers/anthropic/messages.nonstream.cache.json");
+        let usage = &fixture[fixture.find("\"usage\": ").unwrap() + 9..fixture.rfind('}').unwrap()];
+        let cases: &[&str] = &[
+            "null",
+            "{}",
+            usage,
+            r#"{"input_tokens":3,"cache_creation_input_tokens":418,"cache_read_input_tokens":1111,
+            "cache_creation":{"ephemeral_5m_input_tokens":18,"ephemeral_1h_input_tokens":400},
+            "output_tokens":33,"output_tokens_details":{"thinking_tokens":12}}"#,
+            r#"{"input_tokens":null,"cache_creation":null,"output_tokens_details":null,"iterations":null,
+            "server_tool_use":{"web_search_requests":1},"service_tier":"standard"}"#,
+            r#"{"output_tokens":9999999999999999999}"#,
+        ];
+        for case in cases {
+            assert!(plain_agrees(case.as_bytes()), "declined {case:?}");
+        }
+        assert!(
+            AnthUsage::read_plain(usage.as_bytes())
+                .unwrap()
+                .unwrap()
+                .cache_read_input_tokens
+                .get()
+                == Some(1111)
+        );
+    }
+
+    #[test]
+    fn other_usage_shapes_go_to_serde() {
+        let cases: &[&str] = &[
+            // Shapes `Count` reads leniently: serde_json decides.
+            r#"{"input_tokens":12.0}"#,
+            r#"{"input_tokens":-3}"#,
+            r#"{"output_tokens":"12"}"#,
+            r#"{"cache_creation":{"ephemeral_1h_input_tokens":true}}"#,
+            r#"{"output_tokens_details":{"thinking_tokens":[1]}}"#,
+            // Iterations, duplicates, escaped keys.
+            r#"{"iterations":[{"input_tokens":1}]}"#,
+            r#"{"input_tokens":1,"input_tokens":2}"#,
+            r#"{"cache_creation":{"ephemeral_1h_input_tokens":1,"ephemeral_1h_input_tokens":2}}"#,
+            r#"{"cache_creation":null,"cache_creation":{}}"#,
+            r#"{"output_tokens_details":{},"output_tokens_details":null}"#,
+            r#"{"iterations":null,"iterations":null}"#,
+            r#"{"input\u005ftokens":1}"#,
+            // Not an object, invalid JSON.
+            "[]",
+            r#"{"input_tokens":1,}"#,
+            r#"{"input_tokens":01}"#,
+        ];
+        for case in cases {
+            assert!(!plain_agrees(case.as_bytes()), "read {case:?}");
+        }
+    }
+
+    mod generated {
+        use super::*;
+        use crate::usage::strict_json::plain::{self, object, value};
+        use proptest::prelude::*;
+
+        const KEYS: &[&str] = &[
+            "input_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+            "output_tokens",
+            "cache_creation",
+            "ephemeral_1h_input_tokens",
+            "ephemeral_5m_input_tokens",
+            "output_tokens_details",
+            "thinking_tokens",
+            "iterations",
+            "service_tier",
+        ];
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn plain_read_agrees_with_serde(
+                raw in object(KEYS, value(KEYS)),
+                damages in prop::collection::vec((any::<usize>(), any::<u8>()), 0..2),
+            ) {
+                plain::agrees_damaged(AnthUsage::read_plain, raw, damages);
+            }
+        }
+
+        #[test]
+        fn generated_usage_is_often_read_plain() {
+            let read = plain::read_of_400(AnthUsage::read_plain, KEYS);
+            assert!(read > 80, "{read} of 400 generated usage values read plain");
+        }
     }
 
     #[test]

@@ -75,9 +75,22 @@ impl Extractor {
     /// End of body: decodes state kept raw during the stream.
     pub(crate) fn settle(&mut self) {
         if let Some(raw) = self.gemini_usage.take() {
-            if let Some(Some(u)) = self.parse::<Option<gemini::GemUsage>>(&raw, false) {
+            if let Some(u) = self.read_usage(gemini::GemUsage::read_plain, &raw) {
                 self.set_usage(u.to_usage());
             }
+        }
+    }
+
+    /// A captured usage value (`null` or an object): read by the dialect's
+    /// strict walk `read_plain`, or by serde_json when that declines it.
+    fn read_usage<T: serde::de::DeserializeOwned>(
+        &mut self,
+        read_plain: fn(&[u8]) -> Option<Option<T>>,
+        raw: &[u8],
+    ) -> Option<T> {
+        match read_plain(raw) {
+            Some(usage) => usage,
+            None => self.parse::<Option<T>>(raw, false).flatten(),
         }
     }
 
@@ -171,24 +184,20 @@ impl JsonSink for Extractor {
         match key {
             Key::Usage => match self.dialect {
                 Dialect::Anthropic => {
-                    if let Some(Some(u)) = self.parse::<Option<anthropic::AnthUsage>>(raw, false) {
+                    if let Some(u) = self.read_usage(anthropic::AnthUsage::read_plain, raw) {
                         self.anthropic.set(&u);
                         let usage = self.anthropic.to_usage();
                         self.set_usage(usage);
                     }
                 }
                 Dialect::OpenAi | Dialect::Gemini => {
-                    let usage = match openai::OaUsage::read_plain(raw) {
-                        Some(usage) => Some(usage),
-                        None => self.parse::<Option<openai::OaUsage>>(raw, false),
-                    };
-                    if let Some(Some(u)) = usage {
+                    if let Some(u) = self.read_usage(openai::OaUsage::read_plain, raw) {
                         self.set_usage(u.to_usage());
                     }
                 }
             },
             Key::UsageMetadata => {
-                if let Some(Some(u)) = self.parse::<Option<gemini::GemUsage>>(raw, false) {
+                if let Some(u) = self.read_usage(gemini::GemUsage::read_plain, raw) {
                     self.set_usage(u.to_usage());
                 }
             }

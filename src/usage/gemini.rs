@@ -23,14 +23,16 @@
 
 use super::extract::{trim, Extractor};
 use super::openai;
+use super::strict_json::{Seen, Walk};
 use super::wire::{
-    add_opt, error_label, finders, for_each_member, non_null_at, string_at, value_end, Count,
+    add_opt, error_label, finders, for_each_member, non_null_at, plain_count, string_at, value_end,
+    Count,
 };
 use super::Usage;
 use serde::Deserialize;
 use serde_json::Value;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub(crate) struct GemUsage {
     prompt_token_count: Count,
@@ -41,6 +43,36 @@ pub(crate) struct GemUsage {
 }
 
 impl GemUsage {
+    /// serde_json's reading of a `usageMetadata` value (`null` or an object)
+    /// when its counts are plain integers or `null`, as they nearly always
+    /// are; `None` leaves the value to serde_json (other shapes, duplicate
+    /// members, invalid JSON). The per-modality details are skipped.
+    pub(crate) fn read_plain(raw: &[u8]) -> Option<Option<GemUsage>> {
+        let mut w = Walk::new(raw);
+        w.ws();
+        let usage = w.nullable(GemUsage::walk)?;
+        w.at_end().then_some(usage)
+    }
+
+    fn walk(w: &mut Walk) -> Option<GemUsage> {
+        let mut u = GemUsage::default();
+        let mut seen = Seen::default();
+        w.object(|w, key| {
+            let (bit, count) = match key {
+                b"promptTokenCount" => (0, &mut u.prompt_token_count),
+                b"candidatesTokenCount" => (1, &mut u.candidates_token_count),
+                b"thoughtsTokenCount" => (2, &mut u.thoughts_token_count),
+                b"toolUsePromptTokenCount" => (3, &mut u.tool_use_prompt_token_count),
+                b"cachedContentTokenCount" => (4, &mut u.cached_content_token_count),
+                _ => return w.value(),
+            };
+            seen.once(bit)?;
+            *count = plain_count(w)?;
+            Some(())
+        })?;
+        Some(u)
+    }
+
     pub(crate) fn to_usage(&self) -> Option<Usage> {
         let input = add_opt(
             self.prompt_token_count.get(),
@@ -264,6 +296,84 @@ pub(crate) fn finish_stray(ex: &mut Extractor) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn plain_agrees(raw: &[u8]) -> bool {
+        crate::usage::strict_json::plain::agrees(GemUsage::read_plain, raw)
+    }
+
+    #[test]
+    fn plain_usage_read_without_serde() {
+        let fixture = include_str!("../../tests/fixtures/providers/gemini/generateContent.json");
+        let start = fixture.find("\"usageMetadata\": ").unwrap() + 17;
+        let end = fixture.find(",\n  \"modelVersion\"").unwrap();
+        let usage = &fixture[start..end];
+        let cases: &[&str] = &[
+            "null",
+            "{}",
+            usage,
+            r#"{"promptTokenCount":15,"candidatesTokenCount":102,"toolUsePromptTokenCount":424,
+                "thoughtsTokenCount":142,"totalTokenCount":683,"cachedContentTokenCount":5,
+                "cacheTokensDetails":[{"modality":"TEXT","tokenCount":5}],"trafficType":"ON_DEMAND"}"#,
+            r#"{"promptTokenCount":null,"candidatesTokenCount":9999999999999999999}"#,
+        ];
+        for case in cases {
+            assert!(plain_agrees(case.as_bytes()), "declined {case:?}");
+        }
+        let read = GemUsage::read_plain(usage.as_bytes()).unwrap().unwrap();
+        assert_eq!(read.candidates_token_count.get(), Some(22));
+    }
+
+    #[test]
+    fn other_usage_shapes_go_to_serde() {
+        let cases: &[&str] = &[
+            r#"{"promptTokenCount":12.0}"#,
+            r#"{"candidatesTokenCount":"12"}"#,
+            r#"{"thoughtsTokenCount":-1}"#,
+            r#"{"promptTokenCount":1,"promptTokenCount":2}"#,
+            r#"{"cachedContentTokenCount":1,"cachedContentTokenCount":null}"#,
+            r#"{"prompt\u0054okenCount":1}"#,
+            "[]",
+            r#"{"promptTokenCount":1,}"#,
+        ];
+        for case in cases {
+            assert!(!plain_agrees(case.as_bytes()), "read {case:?}");
+        }
+    }
+
+    mod generated {
+        use super::*;
+        use crate::usage::strict_json::plain::{self, object, value};
+        use proptest::prelude::*;
+
+        const KEYS: &[&str] = &[
+            "promptTokenCount",
+            "candidatesTokenCount",
+            "thoughtsTokenCount",
+            "toolUsePromptTokenCount",
+            "cachedContentTokenCount",
+            "totalTokenCount",
+            "promptTokensDetails",
+            "modality",
+        ];
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn plain_read_agrees_with_serde(
+                raw in object(KEYS, value(KEYS)),
+                damages in prop::collection::vec((any::<usize>(), any::<u8>()), 0..2),
+            ) {
+                plain::agrees_damaged(GemUsage::read_plain, raw, damages);
+            }
+        }
+
+        #[test]
+        fn generated_usage_is_often_read_plain() {
+            let read = plain::read_of_400(GemUsage::read_plain, KEYS);
+            assert!(read > 80, "{read} of 400 generated usage values read plain");
+        }
+    }
 
     #[test]
     fn usage_mapping() {

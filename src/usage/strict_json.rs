@@ -286,3 +286,123 @@ pub(crate) fn damage(mut body: Vec<u8>, at: usize, how: u8, bytes: &[u8]) -> Vec
     }
     body
 }
+
+/// Test support for the readers that take a usage value from serde_json
+/// when they decline it (`read_plain`): their contract, and generated
+/// usage objects to check it on.
+#[cfg(test)]
+pub(crate) mod plain {
+    use proptest::prelude::*;
+    use serde::de::DeserializeOwned;
+    use std::fmt::Debug;
+
+    /// The contract of a `read_plain`: what it reads is serde_json's
+    /// reading, and serde_json accepts the value. Returns whether it read it.
+    pub(crate) fn agrees<T: DeserializeOwned + PartialEq + Debug>(
+        read_plain: fn(&[u8]) -> Option<Option<T>>,
+        raw: &[u8],
+    ) -> bool {
+        match read_plain(raw) {
+            Some(u) => {
+                let serde = serde_json::from_slice::<Option<T>>(raw);
+                assert_eq!(serde.ok(), Some(u), "{:?}", String::from_utf8_lossy(raw));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// [`agrees`] on `raw` with `damages` done to it (see [`super::damage`]).
+    pub(crate) fn agrees_damaged<T: DeserializeOwned + PartialEq + Debug>(
+        read_plain: fn(&[u8]) -> Option<Option<T>>,
+        raw: String,
+        damages: Vec<(usize, u8)>,
+    ) {
+        let mut raw = raw.into_bytes();
+        for (at, how) in damages {
+            raw = super::damage(raw, at, how, STEERING_BYTES);
+        }
+        agrees(read_plain, &raw);
+    }
+
+    /// How many of 400 generated usage objects with `keys` `read_plain`
+    /// reads (checking each against serde_json): the property test is
+    /// only as good as this share.
+    pub(crate) fn read_of_400<T: DeserializeOwned + PartialEq + Debug>(
+        read_plain: fn(&[u8]) -> Option<Option<T>>,
+        keys: &'static [&'static str],
+    ) -> usize {
+        use proptest::strategy::ValueTree;
+        use proptest::test_runner::TestRunner;
+        let mut runner = TestRunner::deterministic();
+        let strategy = object(keys, value(keys));
+        (0..400)
+            .filter(|_| match strategy.new_tree(&mut runner) {
+                Ok(tree) => agrees(read_plain, tree.current().as_bytes()),
+                Err(e) => panic!("{e}"),
+            })
+            .count()
+    }
+
+    /// What usage members nearly always hold.
+    const COUNTS: &[&str] = &["null", "0", "16", "363"];
+    /// Scalars a usage member can hold: counts, and the shapes serde reads
+    /// leniently or refuses.
+    const SCALARS: &[&str] = &[
+        "null",
+        "0",
+        "16",
+        "363",
+        "-1",
+        "1.0",
+        "2e1",
+        "\"7\"",
+        "true",
+        "01",
+        "18446744073709551615",
+        "99999999999999999999",
+        "\"a\\\"b\"",
+        "\"\\u00e9\"",
+    ];
+    const WS: &[&str] = &["", "", " ", "\n  ", "\t"];
+
+    /// The bytes that steer a strict reader, for the damage property tests do.
+    pub(crate) const STEERING_BYTES: &[u8] = b"\"\\{}[],:\n 1-.e";
+
+    fn ws() -> impl Strategy<Value = String> {
+        prop::sample::select(WS).prop_map(str::to_owned)
+    }
+
+    /// A JSON value: a scalar (most often a plain count, so that most
+    /// values are ones a `read_plain` reads), or arrays and objects (with
+    /// `keys`) of them.
+    pub(crate) fn value(keys: &'static [&'static str]) -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            3 => prop::sample::select(COUNTS),
+            1 => prop::sample::select(SCALARS),
+        ]
+        .prop_map(str::to_owned);
+        leaf.prop_recursive(2, 16, 5, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3)
+                    .prop_map(|v| format!("[{}]", v.join(","))),
+                object(keys, inner),
+            ]
+        })
+    }
+
+    /// An object of up to five members named from `keys` (duplicates
+    /// included), with values from `value`.
+    pub(crate) fn object(
+        keys: &'static [&'static str],
+        value: impl Strategy<Value = String>,
+    ) -> impl Strategy<Value = String> {
+        prop::collection::vec((prop::sample::select(keys), ws(), value), 0..6).prop_map(|v| {
+            let items: Vec<String> = v
+                .into_iter()
+                .map(|(k, a, x)| format!("{a}\"{k}\"{a}:{a}{x}{a}"))
+                .collect();
+            format!("{{{}}}", items.join(","))
+        })
+    }
+}

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use std::fmt;
 use std::sync::OnceLock;
 
+use super::strict_json::Walk;
 use super::word_scan::{quote, skip_ws, string_end, structure};
 
 /// A token count as reported on the wire. `Count(None)` means absent, null or
@@ -25,6 +26,31 @@ impl Count {
     pub(crate) fn get(self) -> Option<u64> {
         self.0
     }
+}
+
+/// A count that is `null` or a plain non-negative integer, read by a
+/// strict walk as serde_json reads it into [`Count`]; `None` leaves the
+/// value to serde_json (the shapes `Count` reads leniently, invalid JSON).
+pub(crate) fn plain_count(w: &mut Walk) -> Option<Count> {
+    w.nullable(Walk::count).map(Count)
+}
+
+/// An object of which only the member `name` is read, a count as
+/// [`plain_count`] reads it (`Count(None)` when absent); `None` as there,
+/// or when `name` comes twice (an error to serde_json).
+pub(crate) fn one_plain_count(w: &mut Walk, name: &[u8]) -> Option<Count> {
+    let mut count = None;
+    w.object(|w, key| {
+        if key == name {
+            if count.is_some() {
+                return None;
+            }
+            count = Some(plain_count(w)?);
+            return Some(());
+        }
+        w.value()
+    })?;
+    Some(count.unwrap_or_default())
 }
 
 impl<'de> Deserialize<'de> for Count {
