@@ -1,7 +1,9 @@
 //! Anthropic Messages: JSON bodies and `event:`-named SSE streams.
 //!
 //! Flow per SSE event, dispatched on the event name (which equals the JSON
-//! `type`; the JSON is read only when the name is missing):
+//! `type`; the JSON is read only when the name is missing). The events read
+//! are read by a strict walk (`Event::read_plain`), or by serde_json when
+//! it declines them (errors, escaped strings, other shapes):
 //! - `message_start`: model and the starting usage (`message.usage`).
 //! - `message_delta`: cumulative usage; each field present replaces the
 //!   start value (current streams repeat the input side and it can *grow*
@@ -113,7 +115,7 @@ impl AnthUsage {
                 // reads it.
                 b"iterations" => {
                     seen.once(6)?;
-                    u.iterations = w.nullable(|_| None)?;
+                    u.iterations = w.null()?;
                 }
                 _ => w.value()?,
             }
@@ -239,14 +241,36 @@ impl Fields {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(default)]
 struct Message {
     model: Option<String>,
     usage: Option<AnthUsage>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+impl Message {
+    fn walk(w: &mut Walk) -> Option<Message> {
+        let mut m = Message::default();
+        let mut seen = Seen::default();
+        w.object(|w, key| {
+            match key {
+                b"model" => {
+                    seen.once(0)?;
+                    m.model = w.nullable_string()?;
+                }
+                b"usage" => {
+                    seen.once(1)?;
+                    m.usage = w.nullable(AnthUsage::walk)?;
+                }
+                _ => w.value()?,
+            }
+            Some(())
+        })?;
+        Some(m)
+    }
+}
+
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(default)]
 struct Event {
     #[serde(rename = "type")]
@@ -254,6 +278,41 @@ struct Event {
     message: Option<Message>,
     usage: Option<AnthUsage>,
     error: Option<Value>,
+}
+
+impl Event {
+    /// serde_json's reading of an event's data when its strings hold no
+    /// escape, its counts are plain and it has no `error` (as the events
+    /// read here nearly always are); `None` leaves it to serde_json.
+    fn read_plain(data: &[u8]) -> Option<Event> {
+        let mut w = Walk::new(data);
+        w.ws();
+        let mut ev = Event::default();
+        let mut seen = Seen::default();
+        w.object(|w, key| {
+            match key {
+                b"type" => {
+                    seen.once(0)?;
+                    ev.kind = w.nullable_string()?;
+                }
+                b"message" => {
+                    seen.once(1)?;
+                    ev.message = w.nullable(Message::walk)?;
+                }
+                b"usage" => {
+                    seen.once(2)?;
+                    ev.usage = w.nullable(AnthUsage::walk)?;
+                }
+                b"error" => {
+                    seen.once(3)?;
+                    ev.error = w.null()?;
+                }
+                _ => w.value()?,
+            }
+            Some(())
+        })?;
+        w.at_end().then_some(ev)
+    }
 }
 
 pub(crate) fn sse_event(ex: &mut Extractor, name: &[u8], data: &[u8], at_eof: bool) {
@@ -276,7 +335,7 @@ pub(crate) fn sse_event(ex: &mut Extractor, name: &[u8], data: &[u8], at_eof: bo
         }
         return;
     }
-    let Some(ev) = ex.parse::<Event>(body, at_eof) else {
+    let Some(ev) = Event::read_plain(body).or_else(|| ex.parse::<Event>(body, at_eof)) else {
         if name == b"error" && !at_eof {
             ex.fail(Some("error".to_owned()));
         }
@@ -438,10 +497,121 @@ mod tests {
         }
     }
 
+    fn read_event(data: &[u8]) -> Option<Option<Event>> {
+        Event::read_plain(data).map(Some)
+    }
+
+    /// `(event name, data)` of every event of a captured stream.
+    fn events(sse: &str) -> Vec<(&str, &str)> {
+        let mut name = "";
+        let mut out = Vec::new();
+        for line in sse.lines() {
+            if let Some(n) = line.strip_prefix("event: ") {
+                name = n;
+            } else if let Some(data) = line.strip_prefix("data: ") {
+                out.push((name, data));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn captured_events_read_without_serde() {
+        let streams = [
+            include_str!("../../tests/fixtures/providers/anthropic/messages.stream.basic.sse"),
+            include_str!("../../tests/fixtures/providers/anthropic/messages.stream.cache.sse"),
+            include_str!("../../tests/fixtures/providers/anthropic/messages.stream.padded.sse"),
+            include_str!(
+                "../../tests/fixtures/providers/anthropic/messages.stream.midstream-error.sse"
+            ),
+        ];
+        let mut starts_and_deltas = 0;
+        for (name, data) in streams.iter().flat_map(|s| events(s)) {
+            let read = crate::usage::strict_json::plain::agrees(read_event, data.as_bytes());
+            if matches!(name, "message_start" | "message_delta") {
+                assert!(read, "declined {data}");
+                starts_and_deltas += 1;
+            }
+        }
+        assert!(starts_and_deltas >= 7, "{starts_and_deltas}");
+    }
+
+    #[test]
+    fn duplicate_fields_go_to_serde() {
+        use crate::usage::strict_json::plain::declines_duplicates;
+        let usage = [
+            "input_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+            "output_tokens",
+            "cache_creation",
+            "output_tokens_details",
+            "iterations",
+        ];
+        declines_duplicates(AnthUsage::read_plain, &usage);
+        declines_duplicates(read_event, &["type", "message", "usage", "error"]);
+        for field in usage {
+            let raw = format!(r#"{{"message":{{"usage":{{"{field}":null,"{field}":null}}}}}}"#);
+            assert!(Event::read_plain(raw.as_bytes()).is_none(), "{raw}");
+        }
+        let raw = r#"{"message":{"model":null,"model":null}}"#;
+        assert!(Event::read_plain(raw.as_bytes()).is_none());
+    }
+
+    #[test]
+    fn other_events_go_to_serde() {
+        let cases: &[&str] = &[
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+            r#"{"type":"message_start","message":{"model":"claude\u002d3","usage":{}}}"#,
+            r#"{"type":"message_start","message":{"model":"m"},"message":{"model":"m"}}"#,
+            r#"{"type":"message_delta","usage":{"output_tokens":"9"}}"#,
+            r#"{"type":"message_delta","usage":{"output_tokens":9}"#,
+            r#"{"type":7}"#,
+            r#"["message_start"]"#,
+        ];
+        for case in cases {
+            assert!(
+                !crate::usage::strict_json::plain::agrees(read_event, case.as_bytes()),
+                "read {case:?}"
+            );
+        }
+    }
+
     mod generated {
         use super::*;
         use crate::usage::strict_json::plain::{self, object, value};
         use proptest::prelude::*;
+
+        const EVENT_KEYS: &[&str] = &[
+            "type",
+            "message",
+            "usage",
+            "error",
+            "model",
+            "input_tokens",
+            "output_tokens",
+            "cache_creation",
+            "ephemeral_1h_input_tokens",
+            "content",
+        ];
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn plain_event_read_agrees_with_serde(
+                raw in object(EVENT_KEYS, value(EVENT_KEYS)),
+                damages in prop::collection::vec((any::<usize>(), any::<u8>()), 0..2),
+            ) {
+                plain::agrees_damaged(read_event, raw, damages);
+            }
+        }
+
+        #[test]
+        fn generated_events_are_often_read_plain() {
+            let read = plain::read_of_400(read_event, EVENT_KEYS);
+            assert!(read > 80, "{read} of 400 generated events read plain");
+        }
 
         const KEYS: &[&str] = &[
             "input_tokens",

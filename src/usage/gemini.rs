@@ -324,6 +324,20 @@ mod tests {
     }
 
     #[test]
+    fn duplicate_fields_go_to_serde() {
+        crate::usage::strict_json::plain::declines_duplicates(
+            GemUsage::read_plain,
+            &[
+                "promptTokenCount",
+                "candidatesTokenCount",
+                "thoughtsTokenCount",
+                "toolUsePromptTokenCount",
+                "cachedContentTokenCount",
+            ],
+        );
+    }
+
+    #[test]
     fn other_usage_shapes_go_to_serde() {
         let cases: &[&str] = &[
             r#"{"promptTokenCount":12.0}"#,

@@ -11,7 +11,9 @@
 //! 3. The event is deserialized only if it can matter: it has a non-null
 //!    `usage` or `error`, it is a Responses terminal or `error` event, or no
 //!    model has been seen yet. Content deltas — nearly every event — stop at
-//!    step 2.
+//!    step 2. A strict walk (`Event::read_plain`) reads the plain events;
+//!    serde_json the ones it declines (errors, escaped strings, other
+//!    shapes), and decides what is malformed.
 //! 4. Usage: the last non-null `usage` wins (never a sum: vLLM's continuous
 //!    usage stats repeat running totals), falling back to Groq's duplicate
 //!    `x_groq.usage`. Responses API usage comes only from
@@ -202,13 +204,13 @@ fn xai_output(
     completion
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(default)]
 struct XGroq {
     usage: Option<OaUsage>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(default)]
 struct ResponseObject {
     model: Option<String>,
@@ -217,7 +219,7 @@ struct ResponseObject {
 }
 
 /// One chat/completions chunk or one Responses API event.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(default)]
 struct Event {
     model: Option<String>,
@@ -229,6 +231,92 @@ struct Event {
     /// Flat Responses `error` event: `{"type":"error","code",...}`.
     code: Option<Value>,
     response: Option<ResponseObject>,
+}
+
+impl Event {
+    /// serde_json's reading of an event's data when its strings hold no
+    /// escape, its counts are plain and it has no `error` or `code` (as
+    /// the events read here nearly always are); `None` leaves it to
+    /// serde_json.
+    fn read_plain(data: &[u8]) -> Option<Event> {
+        let mut w = Walk::new(data);
+        w.ws();
+        let mut ev = Event::default();
+        let mut seen = Seen::default();
+        w.object(|w, key| {
+            match key {
+                b"model" => {
+                    seen.once(0)?;
+                    ev.model = w.nullable_string()?;
+                }
+                b"usage" => {
+                    seen.once(1)?;
+                    ev.usage = w.nullable(OaUsage::walk)?;
+                }
+                b"x_groq" => {
+                    seen.once(2)?;
+                    ev.x_groq = w.nullable(|w| {
+                        let mut x = XGroq::default();
+                        let mut seen = Seen::default();
+                        w.object(|w, key| {
+                            if key != b"usage" {
+                                return w.value();
+                            }
+                            seen.once(0)?;
+                            x.usage = w.nullable(OaUsage::walk)?;
+                            Some(())
+                        })?;
+                        Some(x)
+                    })?;
+                }
+                b"error" => {
+                    seen.once(3)?;
+                    ev.error = w.null()?;
+                }
+                b"type" => {
+                    seen.once(4)?;
+                    ev.kind = w.nullable_string()?;
+                }
+                b"code" => {
+                    seen.once(5)?;
+                    ev.code = w.null()?;
+                }
+                b"response" => {
+                    seen.once(6)?;
+                    ev.response = w.nullable(ResponseObject::walk)?;
+                }
+                _ => w.value()?,
+            }
+            Some(())
+        })?;
+        w.at_end().then_some(ev)
+    }
+}
+
+impl ResponseObject {
+    fn walk(w: &mut Walk) -> Option<ResponseObject> {
+        let mut r = ResponseObject::default();
+        let mut seen = Seen::default();
+        w.object(|w, key| {
+            match key {
+                b"model" => {
+                    seen.once(0)?;
+                    r.model = w.nullable_string()?;
+                }
+                b"usage" => {
+                    seen.once(1)?;
+                    r.usage = w.nullable(OaUsage::walk)?;
+                }
+                b"error" => {
+                    seen.once(2)?;
+                    r.error = w.null()?;
+                }
+                _ => w.value()?,
+            }
+            Some(())
+        })?;
+        Some(r)
+    }
 }
 
 /// Keys whose string values are generated text in chat/completions chunks.
@@ -374,7 +462,7 @@ pub(crate) fn sse_event(ex: &mut Extractor, name: &[u8], data: &[u8], at_eof: bo
         }
         return;
     }
-    let Some(ev) = ex.parse::<Event>(body, at_eof) else {
+    let Some(ev) = Event::read_plain(body).or_else(|| ex.parse::<Event>(body, at_eof)) else {
         if error_event && !at_eof {
             ex.fail(None);
         }
@@ -552,6 +640,94 @@ mod tests {
         }
     }
 
+    fn read_event(data: &[u8]) -> Option<Option<Event>> {
+        Event::read_plain(data).map(Some)
+    }
+
+    #[test]
+    fn captured_events_read_without_serde() {
+        let streams = [
+            include_str!(
+                "../../tests/fixtures/providers/openai/chat-completions.stream-include-usage.sse"
+            ),
+            include_str!(
+                "../../tests/fixtures/providers/openai/chat-completions.stream-no-usage.sse"
+            ),
+            include_str!("../../tests/fixtures/providers/openai/completions.stream.sse"),
+            include_str!("../../tests/fixtures/providers/openai/responses.stream.sse"),
+            include_str!("../../tests/fixtures/providers/azure/responses.stream.sse"),
+            include_str!("../../tests/fixtures/providers/groq/chat-completions.stream.sse"),
+            include_str!("../../tests/fixtures/providers/mistral/chat-completions.stream.sse"),
+            include_str!("../../tests/fixtures/providers/openrouter/chat-completions.stream.sse"),
+        ];
+        let mut events = 0;
+        for data in streams
+            .iter()
+            .flat_map(|s| s.lines())
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+        {
+            let read = crate::usage::strict_json::plain::agrees(read_event, data.as_bytes());
+            assert!(read, "declined {data}");
+            events += 1;
+        }
+        assert!(events > 100, "{events}");
+    }
+
+    #[test]
+    fn other_events_go_to_serde() {
+        let cases: &[&str] = &[
+            r#"{"error":{"message":"upstream failed","code":502},"usage":null}"#,
+            r#"{"type":"error","code":"server_error","message":"m"}"#,
+            r#"{"type":"response.failed","response":{"error":{"code":"server_error"}}}"#,
+            r#"{"model":"gpt\u002d4o","choices":[]}"#,
+            r#"{"model":4,"choices":[]}"#,
+            r#"{"x_groq":{"usage":{"prompt_tokens":1},"usage":null}}"#,
+            r#"{"usage":{"prompt_tokens":1.5}}"#,
+            r#"{"choices":[],}"#,
+        ];
+        for case in cases {
+            assert!(
+                !crate::usage::strict_json::plain::agrees(read_event, case.as_bytes()),
+                "read {case:?}"
+            );
+        }
+        crate::usage::strict_json::plain::declines_duplicates(
+            read_event,
+            &[
+                "model", "usage", "x_groq", "error", "type", "code", "response",
+            ],
+        );
+        for field in ["model", "usage", "error"] {
+            let raw = format!(r#"{{"response":{{"{field}":null,"{field}":null}}}}"#);
+            assert!(Event::read_plain(raw.as_bytes()).is_none(), "{raw}");
+        }
+    }
+
+    #[test]
+    fn duplicate_fields_go_to_serde() {
+        use crate::usage::strict_json::plain::declines_duplicates;
+        declines_duplicates(
+            OaUsage::read_plain,
+            &[
+                "prompt_tokens",
+                "completion_tokens",
+                "total_tokens",
+                "prompt_tokens_details",
+                "completion_tokens_details",
+                "prompt_cache_hit_tokens",
+                "input_tokens",
+                "output_tokens",
+                "input_tokens_details",
+                "output_tokens_details",
+            ],
+        );
+        for field in ["cached_tokens", "cache_write_tokens", "reasoning_tokens"] {
+            let raw = format!(r#"{{"prompt_tokens_details":{{"{field}":null,"{field}":null}}}}"#);
+            assert!(OaUsage::read_plain(raw.as_bytes()).is_none(), "{raw}");
+        }
+    }
+
     #[test]
     fn other_usage_shapes_go_to_serde() {
         let cases: &[&str] = &[
@@ -624,6 +800,36 @@ mod tests {
             "audio_tokens",
         ];
         use crate::usage::strict_json::plain::{self, object, value, STEERING_BYTES};
+
+        const EVENT_KEYS: &[&str] = &[
+            "model",
+            "usage",
+            "x_groq",
+            "error",
+            "type",
+            "code",
+            "response",
+            "prompt_tokens",
+            "choices",
+        ];
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn plain_event_read_agrees_with_serde(
+                raw in object(EVENT_KEYS, value(EVENT_KEYS)),
+                damages in prop::collection::vec((any::<usize>(), any::<u8>()), 0..2),
+            ) {
+                plain::agrees_damaged(read_event, raw, damages);
+            }
+        }
+
+        #[test]
+        fn generated_events_are_often_read_plain() {
+            let read = plain::read_of_400(read_event, EVENT_KEYS);
+            assert!(read > 60, "{read} of 400 generated events read plain");
+        }
 
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(512))]

@@ -133,6 +133,18 @@ impl<'a> Walk<'a> {
         std::str::from_utf8(s).ok()
     }
 
+    /// `null` or a string without escapes, owned: serde_json's reading
+    /// into `Option<String>` of the values it takes.
+    pub(crate) fn nullable_string(&mut self) -> Option<Option<String>> {
+        self.nullable(|w| w.plain_string().map(str::to_owned))
+    }
+
+    /// `null` only: a field the caller leaves to serde_json when it holds
+    /// anything else (its reading is `None` then).
+    pub(crate) fn null<T>(&mut self) -> Option<Option<T>> {
+        self.nullable(|_| None)
+    }
+
     pub(crate) fn boolean(&mut self) -> Option<bool> {
         match self.peek()? {
             b't' => self.eat(b"true").map(|()| true),
@@ -309,6 +321,18 @@ pub(crate) mod plain {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Checks that `read_plain` leaves to serde_json (which refuses them)
+    /// objects that name one of `fields` twice, both times `null`.
+    pub(crate) fn declines_duplicates<T: DeserializeOwned + PartialEq + Debug>(
+        read_plain: fn(&[u8]) -> Option<Option<T>>,
+        fields: &[&str],
+    ) {
+        for field in fields {
+            let raw = format!(r#"{{"{field}":null,"x":1,"{field}":null}}"#);
+            assert!(!agrees(read_plain, raw.as_bytes()), "read {raw}");
         }
     }
 
