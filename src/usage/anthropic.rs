@@ -66,10 +66,7 @@ impl AnthUsage {
     /// always are; `None` leaves the value to serde_json (other shapes,
     /// duplicate members, `iterations` that are not `null`, invalid JSON).
     pub(crate) fn read_plain(raw: &[u8]) -> Option<Option<AnthUsage>> {
-        let mut w = Walk::new(raw);
-        w.ws();
-        let usage = w.nullable(AnthUsage::walk)?;
-        w.at_end().then_some(usage)
+        Walk::document(raw, |w| w.nullable(AnthUsage::walk))
     }
 
     fn walk(w: &mut Walk) -> Option<AnthUsage> {
@@ -285,8 +282,10 @@ impl Event {
     /// escape, its counts are plain and it has no `error` (as the events
     /// read here nearly always are); `None` leaves it to serde_json.
     fn read_plain(data: &[u8]) -> Option<Event> {
-        let mut w = Walk::new(data);
-        w.ws();
+        Walk::document(data, Event::walk)
+    }
+
+    fn walk(w: &mut Walk) -> Option<Event> {
         let mut ev = Event::default();
         let mut seen = Seen::default();
         w.object(|w, key| {
@@ -311,7 +310,7 @@ impl Event {
             }
             Some(())
         })?;
-        w.at_end().then_some(ev)
+        Some(ev)
     }
 }
 
@@ -579,8 +578,7 @@ mod tests {
 
     mod generated {
         use super::*;
-        use crate::usage::strict_json::plain::{self, object, value};
-        use proptest::prelude::*;
+        use crate::usage::strict_json::plain::read_plain_tests;
 
         const EVENT_KEYS: &[&str] = &[
             "type",
@@ -595,23 +593,13 @@ mod tests {
             "content",
         ];
 
-        proptest! {
-            #![proptest_config(ProptestConfig::with_cases(512))]
-
-            #[test]
-            fn plain_event_read_agrees_with_serde(
-                raw in object(EVENT_KEYS, value(EVENT_KEYS)),
-                damages in prop::collection::vec((any::<usize>(), any::<u8>()), 0..2),
-            ) {
-                plain::agrees_damaged(read_event, raw, damages);
-            }
-        }
-
-        #[test]
-        fn generated_events_are_often_read_plain() {
-            let read = plain::read_of_400(read_event, EVENT_KEYS);
-            assert!(read > 80, "{read} of 400 generated events read plain");
-        }
+        read_plain_tests!(
+            plain_event_read_agrees_with_serde,
+            generated_events_are_often_read_plain,
+            read_event,
+            EVENT_KEYS,
+            80
+        );
 
         const KEYS: &[&str] = &[
             "input_tokens",
@@ -627,23 +615,13 @@ mod tests {
             "service_tier",
         ];
 
-        proptest! {
-            #![proptest_config(ProptestConfig::with_cases(512))]
-
-            #[test]
-            fn plain_read_agrees_with_serde(
-                raw in object(KEYS, value(KEYS)),
-                damages in prop::collection::vec((any::<usize>(), any::<u8>()), 0..2),
-            ) {
-                plain::agrees_damaged(AnthUsage::read_plain, raw, damages);
-            }
-        }
-
-        #[test]
-        fn generated_usage_is_often_read_plain() {
-            let read = plain::read_of_400(AnthUsage::read_plain, KEYS);
-            assert!(read > 80, "{read} of 400 generated usage values read plain");
-        }
+        read_plain_tests!(
+            plain_read_agrees_with_serde,
+            generated_usage_is_often_read_plain,
+            AnthUsage::read_plain,
+            KEYS,
+            80
+        );
     }
 
     #[test]

@@ -48,10 +48,7 @@ impl GemUsage {
     /// are; `None` leaves the value to serde_json (other shapes, duplicate
     /// members, invalid JSON). The per-modality details are skipped.
     pub(crate) fn read_plain(raw: &[u8]) -> Option<Option<GemUsage>> {
-        let mut w = Walk::new(raw);
-        w.ws();
-        let usage = w.nullable(GemUsage::walk)?;
-        w.at_end().then_some(usage)
+        Walk::document(raw, |w| w.nullable(GemUsage::walk))
     }
 
     fn walk(w: &mut Walk) -> Option<GemUsage> {
@@ -356,8 +353,7 @@ mod tests {
 
     mod generated {
         use super::*;
-        use crate::usage::strict_json::plain::{self, object, value};
-        use proptest::prelude::*;
+        use crate::usage::strict_json::plain::read_plain_tests;
 
         const KEYS: &[&str] = &[
             "promptTokenCount",
@@ -370,23 +366,13 @@ mod tests {
             "modality",
         ];
 
-        proptest! {
-            #![proptest_config(ProptestConfig::with_cases(512))]
-
-            #[test]
-            fn plain_read_agrees_with_serde(
-                raw in object(KEYS, value(KEYS)),
-                damages in prop::collection::vec((any::<usize>(), any::<u8>()), 0..2),
-            ) {
-                plain::agrees_damaged(GemUsage::read_plain, raw, damages);
-            }
-        }
-
-        #[test]
-        fn generated_usage_is_often_read_plain() {
-            let read = plain::read_of_400(GemUsage::read_plain, KEYS);
-            assert!(read > 80, "{read} of 400 generated usage values read plain");
-        }
+        read_plain_tests!(
+            plain_read_agrees_with_serde,
+            generated_usage_is_often_read_plain,
+            GemUsage::read_plain,
+            KEYS,
+            80
+        );
     }
 
     #[test]

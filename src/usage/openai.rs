@@ -89,10 +89,7 @@ impl OaUsage {
     /// always are; `None` leaves the value to serde_json (other shapes,
     /// duplicate members, invalid JSON).
     pub(crate) fn read_plain(raw: &[u8]) -> Option<Option<OaUsage>> {
-        let mut w = Walk::new(raw);
-        w.ws();
-        let usage = w.nullable(OaUsage::walk)?;
-        w.at_end().then_some(usage)
+        Walk::document(raw, |w| w.nullable(OaUsage::walk))
     }
 
     fn walk(w: &mut Walk) -> Option<OaUsage> {
@@ -239,8 +236,10 @@ impl Event {
     /// the events read here nearly always are); `None` leaves it to
     /// serde_json.
     fn read_plain(data: &[u8]) -> Option<Event> {
-        let mut w = Walk::new(data);
-        w.ws();
+        Walk::document(data, Event::walk)
+    }
+
+    fn walk(w: &mut Walk) -> Option<Event> {
         let mut ev = Event::default();
         let mut seen = Seen::default();
         w.object(|w, key| {
@@ -289,7 +288,7 @@ impl Event {
             }
             Some(())
         })?;
-        w.at_end().then_some(ev)
+        Some(ev)
     }
 }
 
@@ -781,6 +780,7 @@ mod tests {
 
     mod generated {
         use super::*;
+        use crate::usage::strict_json::plain::{read_plain_tests, STEERING_BYTES};
         use proptest::prelude::*;
 
         const KEYS: &[&str] = &[
@@ -799,7 +799,6 @@ mod tests {
             "reasoning_tokens",
             "audio_tokens",
         ];
-        use crate::usage::strict_json::plain::{self, object, value, STEERING_BYTES};
 
         const EVENT_KEYS: &[&str] = &[
             "model",
@@ -813,35 +812,21 @@ mod tests {
             "choices",
         ];
 
-        proptest! {
-            #![proptest_config(ProptestConfig::with_cases(512))]
+        read_plain_tests!(
+            plain_event_read_agrees_with_serde,
+            generated_events_are_often_read_plain,
+            read_event,
+            EVENT_KEYS,
+            60
+        );
 
-            #[test]
-            fn plain_event_read_agrees_with_serde(
-                raw in object(EVENT_KEYS, value(EVENT_KEYS)),
-                damages in prop::collection::vec((any::<usize>(), any::<u8>()), 0..2),
-            ) {
-                plain::agrees_damaged(read_event, raw, damages);
-            }
-        }
-
-        #[test]
-        fn generated_events_are_often_read_plain() {
-            let read = plain::read_of_400(read_event, EVENT_KEYS);
-            assert!(read > 60, "{read} of 400 generated events read plain");
-        }
-
-        proptest! {
-            #![proptest_config(ProptestConfig::with_cases(512))]
-
-            #[test]
-            fn plain_read_agrees_with_serde(
-                raw in object(KEYS, value(KEYS)),
-                damages in prop::collection::vec((any::<usize>(), any::<u8>()), 0..2),
-            ) {
-                plain::agrees_damaged(OaUsage::read_plain, raw, damages);
-            }
-        }
+        read_plain_tests!(
+            plain_read_agrees_with_serde,
+            generated_usage_is_often_read_plain,
+            OaUsage::read_plain,
+            KEYS,
+            80
+        );
 
         /// Chat chunks as a stream sends them: a few openings, shared or
         /// not, and the endings that matter to the scan.
@@ -888,12 +873,6 @@ mod tests {
                     prop_assert_eq!(scan_chat(&mut shared, &chunk), whole);
                 }
             }
-        }
-
-        #[test]
-        fn generated_usage_is_often_read_plain() {
-            let read = plain::read_of_400(OaUsage::read_plain, KEYS);
-            assert!(read > 80, "{read} of 400 generated usage values read plain");
         }
     }
 }

@@ -34,14 +34,18 @@ pub(crate) struct Walk<'a> {
 }
 
 impl<'a> Walk<'a> {
-    pub(crate) fn new(buf: &'a [u8]) -> Self {
-        Walk { buf, i: 0 }
-    }
-
-    /// Only whitespace is left.
-    pub(crate) fn at_end(&mut self) -> bool {
-        self.ws();
-        self.i == self.buf.len()
+    /// The whole of `buf` as one JSON value read by `read`, whitespace
+    /// around it allowed (as serde_json's `from_slice` reads a document);
+    /// `None` when `read` declines it or more than whitespace follows.
+    pub(crate) fn document<T>(
+        buf: &'a [u8],
+        read: impl FnOnce(&mut Self) -> Option<T>,
+    ) -> Option<T> {
+        let mut w = Walk { buf, i: 0 };
+        w.ws();
+        let value = read(&mut w)?;
+        w.ws();
+        (w.i == w.buf.len()).then_some(value)
     }
 
     fn peek(&self) -> Option<u8> {
@@ -367,6 +371,39 @@ pub(crate) mod plain {
             })
             .count()
     }
+
+    /// The tests of one `read_plain` over objects made from `keys`: a
+    /// property test (`$agrees`: generated objects, a byte or two
+    /// damaged, checked with [`agrees`]) and the check that the reader
+    /// takes more than `$min` of [`read_of_400`] (`$often`).
+    macro_rules! read_plain_tests {
+        ($agrees:ident, $often:ident, $read_plain:expr, $keys:expr, $min:expr) => {
+            proptest::proptest! {
+                #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+                #[test]
+                fn $agrees(
+                    raw in $crate::usage::strict_json::plain::object(
+                        $keys,
+                        $crate::usage::strict_json::plain::value($keys),
+                    ),
+                    damages in proptest::collection::vec(
+                        (proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()),
+                        0..2,
+                    ),
+                ) {
+                    $crate::usage::strict_json::plain::agrees_damaged($read_plain, raw, damages);
+                }
+            }
+
+            #[test]
+            fn $often() {
+                let read = $crate::usage::strict_json::plain::read_of_400($read_plain, $keys);
+                assert!(read > $min, "{read} of 400 generated objects read plain");
+            }
+        };
+    }
+    pub(crate) use read_plain_tests;
 
     /// What usage members nearly always hold.
     const COUNTS: &[&str] = &["null", "0", "16", "363"];

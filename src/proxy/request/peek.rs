@@ -24,15 +24,17 @@ use crate::usage::strict_json::{Seen, Walk};
 /// Reads `body` as serde_json would read it into a [`BodyPeek`], or `None`
 /// when only serde_json can tell (see the module notes).
 pub(super) fn read(body: &[u8]) -> Option<BodyPeek> {
-    let mut w = Walk::new(body);
-    w.ws();
+    Walk::document(body, body_peek)
+}
+
+fn body_peek(w: &mut Walk) -> Option<BodyPeek> {
     let mut peek = BodyPeek::default();
     let mut seen = Seen::default();
     w.object(|w, key| {
         match key {
             b"model" => {
                 seen.once(0)?;
-                peek.model = w.nullable(|w| w.plain_string().map(str::to_owned))?;
+                peek.model = w.nullable_string()?;
             }
             b"stream" => {
                 seen.once(1)?;
@@ -62,7 +64,7 @@ pub(super) fn read(body: &[u8]) -> Option<BodyPeek> {
         }
         Some(())
     })?;
-    w.at_end().then_some(peek)
+    Some(peek)
 }
 
 fn stream_options(w: &mut Walk) -> Option<StreamOptions> {
