@@ -74,22 +74,14 @@ impl AnthUsage {
         let mut seen = Seen::default();
         w.object(|w, key| {
             match key {
-                b"input_tokens" => {
-                    seen.once(0)?;
-                    u.input_tokens = plain_count(w)?;
-                }
+                b"input_tokens" => u.input_tokens = seen.field(0, w, plain_count)?,
                 b"cache_creation_input_tokens" => {
-                    seen.once(1)?;
-                    u.cache_creation_input_tokens = plain_count(w)?;
+                    u.cache_creation_input_tokens = seen.field(1, w, plain_count)?
                 }
                 b"cache_read_input_tokens" => {
-                    seen.once(2)?;
-                    u.cache_read_input_tokens = plain_count(w)?;
+                    u.cache_read_input_tokens = seen.field(2, w, plain_count)?
                 }
-                b"output_tokens" => {
-                    seen.once(3)?;
-                    u.output_tokens = plain_count(w)?;
-                }
+                b"output_tokens" => u.output_tokens = seen.field(3, w, plain_count)?,
                 b"cache_creation" => {
                     seen.once(4)?;
                     u.cache_creation = w.nullable(|w| {
@@ -110,10 +102,7 @@ impl AnthUsage {
                 }
                 // Compaction's per-iteration usage is rare: serde_json
                 // reads it.
-                b"iterations" => {
-                    seen.once(6)?;
-                    u.iterations = w.null()?;
-                }
+                b"iterations" => u.iterations = seen.field(6, w, Walk::null)?,
                 _ => w.value()?,
             }
             Some(())
@@ -251,14 +240,8 @@ impl Message {
         let mut seen = Seen::default();
         w.object(|w, key| {
             match key {
-                b"model" => {
-                    seen.once(0)?;
-                    m.model = w.nullable_string()?;
-                }
-                b"usage" => {
-                    seen.once(1)?;
-                    m.usage = w.nullable(AnthUsage::walk)?;
-                }
+                b"model" => m.model = seen.field(0, w, Walk::nullable_string)?,
+                b"usage" => m.usage = seen.field(1, w, |w| w.nullable(AnthUsage::walk))?,
                 _ => w.value()?,
             }
             Some(())
@@ -290,22 +273,10 @@ impl Event {
         let mut seen = Seen::default();
         w.object(|w, key| {
             match key {
-                b"type" => {
-                    seen.once(0)?;
-                    ev.kind = w.nullable_string()?;
-                }
-                b"message" => {
-                    seen.once(1)?;
-                    ev.message = w.nullable(Message::walk)?;
-                }
-                b"usage" => {
-                    seen.once(2)?;
-                    ev.usage = w.nullable(AnthUsage::walk)?;
-                }
-                b"error" => {
-                    seen.once(3)?;
-                    ev.error = w.null()?;
-                }
+                b"type" => ev.kind = seen.field(0, w, Walk::nullable_string)?,
+                b"message" => ev.message = seen.field(1, w, |w| w.nullable(Message::walk))?,
+                b"usage" => ev.usage = seen.field(2, w, |w| w.nullable(AnthUsage::walk))?,
+                b"error" => ev.error = seen.field(3, w, Walk::null)?,
                 _ => w.value()?,
             }
             Some(())

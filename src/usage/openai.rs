@@ -63,18 +63,9 @@ impl Details {
         let mut seen = Seen::default();
         w.object(|w, key| {
             match key {
-                b"cached_tokens" => {
-                    seen.once(0)?;
-                    d.cached_tokens = plain_count(w)?;
-                }
-                b"cache_write_tokens" => {
-                    seen.once(1)?;
-                    d.cache_write_tokens = plain_count(w)?;
-                }
-                b"reasoning_tokens" => {
-                    seen.once(2)?;
-                    d.reasoning_tokens = plain_count(w)?;
-                }
+                b"cached_tokens" => d.cached_tokens = seen.field(0, w, plain_count)?,
+                b"cache_write_tokens" => d.cache_write_tokens = seen.field(1, w, plain_count)?,
+                b"reasoning_tokens" => d.reasoning_tokens = seen.field(2, w, plain_count)?,
                 _ => w.value()?,
             }
             Some(())
@@ -97,45 +88,25 @@ impl OaUsage {
         let mut seen = Seen::default();
         w.object(|w, key| {
             match key {
-                b"prompt_tokens" => {
-                    seen.once(0)?;
-                    u.prompt_tokens = plain_count(w)?;
-                }
-                b"completion_tokens" => {
-                    seen.once(1)?;
-                    u.completion_tokens = plain_count(w)?;
-                }
-                b"total_tokens" => {
-                    seen.once(2)?;
-                    u.total_tokens = plain_count(w)?;
-                }
+                b"prompt_tokens" => u.prompt_tokens = seen.field(0, w, plain_count)?,
+                b"completion_tokens" => u.completion_tokens = seen.field(1, w, plain_count)?,
+                b"total_tokens" => u.total_tokens = seen.field(2, w, plain_count)?,
                 b"prompt_tokens_details" => {
-                    seen.once(3)?;
-                    u.prompt_tokens_details = w.nullable(Details::walk)?;
+                    u.prompt_tokens_details = seen.field(3, w, |w| w.nullable(Details::walk))?
                 }
                 b"completion_tokens_details" => {
-                    seen.once(4)?;
-                    u.completion_tokens_details = w.nullable(Details::walk)?;
+                    u.completion_tokens_details = seen.field(4, w, |w| w.nullable(Details::walk))?
                 }
                 b"prompt_cache_hit_tokens" => {
-                    seen.once(5)?;
-                    u.prompt_cache_hit_tokens = plain_count(w)?;
+                    u.prompt_cache_hit_tokens = seen.field(5, w, plain_count)?
                 }
-                b"input_tokens" => {
-                    seen.once(6)?;
-                    u.input_tokens = plain_count(w)?;
-                }
-                b"output_tokens" => {
-                    seen.once(7)?;
-                    u.output_tokens = plain_count(w)?;
-                }
+                b"input_tokens" => u.input_tokens = seen.field(6, w, plain_count)?,
+                b"output_tokens" => u.output_tokens = seen.field(7, w, plain_count)?,
                 b"input_tokens_details" => {
-                    seen.once(8)?;
-                    u.input_tokens_details = w.nullable(Details::walk)?;
+                    u.input_tokens_details = seen.field(8, w, |w| w.nullable(Details::walk))?
                 }
                 b"output_tokens_details" => {
-                    seen.once(9)?;
-                    u.output_tokens_details = w.nullable(Details::walk)?;
+                    u.output_tokens_details = seen.field(9, w, |w| w.nullable(Details::walk))?
                 }
                 _ => w.value()?,
             }
@@ -244,14 +215,8 @@ impl Event {
         let mut seen = Seen::default();
         w.object(|w, key| {
             match key {
-                b"model" => {
-                    seen.once(0)?;
-                    ev.model = w.nullable_string()?;
-                }
-                b"usage" => {
-                    seen.once(1)?;
-                    ev.usage = w.nullable(OaUsage::walk)?;
-                }
+                b"model" => ev.model = seen.field(0, w, Walk::nullable_string)?,
+                b"usage" => ev.usage = seen.field(1, w, |w| w.nullable(OaUsage::walk))?,
                 b"x_groq" => {
                     seen.once(2)?;
                     ev.x_groq = w.nullable(|w| {
@@ -268,21 +233,11 @@ impl Event {
                         Some(x)
                     })?;
                 }
-                b"error" => {
-                    seen.once(3)?;
-                    ev.error = w.null()?;
-                }
-                b"type" => {
-                    seen.once(4)?;
-                    ev.kind = w.nullable_string()?;
-                }
-                b"code" => {
-                    seen.once(5)?;
-                    ev.code = w.null()?;
-                }
+                b"error" => ev.error = seen.field(3, w, Walk::null)?,
+                b"type" => ev.kind = seen.field(4, w, Walk::nullable_string)?,
+                b"code" => ev.code = seen.field(5, w, Walk::null)?,
                 b"response" => {
-                    seen.once(6)?;
-                    ev.response = w.nullable(ResponseObject::walk)?;
+                    ev.response = seen.field(6, w, |w| w.nullable(ResponseObject::walk))?
                 }
                 _ => w.value()?,
             }
@@ -298,18 +253,9 @@ impl ResponseObject {
         let mut seen = Seen::default();
         w.object(|w, key| {
             match key {
-                b"model" => {
-                    seen.once(0)?;
-                    r.model = w.nullable_string()?;
-                }
-                b"usage" => {
-                    seen.once(1)?;
-                    r.usage = w.nullable(OaUsage::walk)?;
-                }
-                b"error" => {
-                    seen.once(2)?;
-                    r.error = w.null()?;
-                }
+                b"model" => r.model = seen.field(0, w, Walk::nullable_string)?,
+                b"usage" => r.usage = seen.field(1, w, |w| w.nullable(OaUsage::walk))?,
+                b"error" => r.error = seen.field(2, w, Walk::null)?,
                 _ => w.value()?,
             }
             Some(())

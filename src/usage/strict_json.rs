@@ -25,6 +25,18 @@ impl Seen {
         self.0 |= 1 << bit;
         Some(())
     }
+
+    /// The value of the known member `bit`, read by `read`; `None` for
+    /// its second appearance, as for anything `read` declines.
+    pub(crate) fn field<'a, T>(
+        &mut self,
+        bit: u32,
+        w: &mut Walk<'a>,
+        read: impl FnOnce(&mut Walk<'a>) -> Option<T>,
+    ) -> Option<T> {
+        self.once(bit)?;
+        read(w)
+    }
 }
 
 /// A cursor over one JSON document.

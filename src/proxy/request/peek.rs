@@ -32,33 +32,20 @@ fn body_peek(w: &mut Walk) -> Option<BodyPeek> {
     let mut seen = Seen::default();
     w.object(|w, key| {
         match key {
-            b"model" => {
-                seen.once(0)?;
-                peek.model = w.nullable_string()?;
-            }
-            b"stream" => {
-                seen.once(1)?;
-                peek.stream = w.nullable(Walk::boolean)?;
-            }
+            b"model" => peek.model = seen.field(0, w, Walk::nullable_string)?,
+            b"stream" => peek.stream = seen.field(1, w, |w| w.nullable(Walk::boolean))?,
             b"stream_options" => {
-                seen.once(2)?;
-                peek.stream_options = w.nullable(stream_options)?;
+                peek.stream_options = seen.field(2, w, |w| w.nullable(stream_options))?
             }
-            b"max_tokens" => {
-                seen.once(3)?;
-                peek.max_tokens = w.nullable(Walk::count)?;
-            }
+            b"max_tokens" => peek.max_tokens = seen.field(3, w, |w| w.nullable(Walk::count))?,
             b"max_completion_tokens" => {
-                seen.once(4)?;
-                peek.max_completion_tokens = w.nullable(Walk::count)?;
+                peek.max_completion_tokens = seen.field(4, w, |w| w.nullable(Walk::count))?
             }
             b"max_output_tokens" => {
-                seen.once(5)?;
-                peek.max_output_tokens = w.nullable(Walk::count)?;
+                peek.max_output_tokens = seen.field(5, w, |w| w.nullable(Walk::count))?
             }
             b"generationConfig" => {
-                seen.once(6)?;
-                peek.generation_config = w.nullable(generation_config)?;
+                peek.generation_config = seen.field(6, w, |w| w.nullable(generation_config))?
             }
             _ => w.value()?,
         }
