@@ -124,9 +124,8 @@ fn compress(codec: Codec, plain: &[u8]) -> Vec<u8> {
 /// valid streams); bit 1 truncates it; otherwise raw bytes reach the decoder.
 ///
 /// Checks: no panic; live heap within limits + decoder window after every
-/// read (when `live_bytes` measures the heap); `finish` is idempotent and
-/// later feeds change nothing; the result does not depend on where the body
-/// was split.
+/// read (when `live_bytes` measures the heap); the result does not depend
+/// on where the body was split.
 pub fn usage_tap(data: &[u8], live_bytes: Option<fn() -> usize>) {
     if data.len() < 8 {
         return;
@@ -190,9 +189,6 @@ pub fn usage_tap(data: &[u8], live_bytes: Option<fn() -> usize>) {
         );
     }
     let split = tap.finish();
-    assert_eq!(tap.finish(), split, "finish is idempotent");
-    tap.feed(b"data: {\"usage\":{\"prompt_tokens\":1}}\n\n");
-    assert_eq!(tap.finish(), split, "feeds after finish change nothing");
     if mode & 1 == 0 && codec != Codec::None {
         // Raw bytes under a real coding: a corrupt compressed stream. How
         // much a decoder emits from the read in which it notices the

@@ -240,7 +240,7 @@ fn settle(
     end: End,
 ) {
     if let Some(meter) = meter.take() {
-        let observation = tap.as_mut().map(UsageTap::finish);
+        let observation = tap.take().map(UsageTap::finish);
         let body = capture.as_ref().map(|b| &b[..]);
         *settled = Some(meter.settle(observation, body, end));
     }

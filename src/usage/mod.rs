@@ -299,9 +299,10 @@ impl Body {
         };
         gemini::finish_stray(&mut self.ex);
         self.ex.settle();
-        // Runs once (`UsageTap::finish` keeps its result), so the model
-        // moves out rather than being copied.
+        // Runs once (`UsageTap::finish` uses the tap up), so the strings
+        // move out rather than being copied.
         let model = self.ex.model.take();
+        let provider_error = self.ex.provider_error.take();
         let ex = &self.ex;
         let completed = match self.format {
             Some(BodyFormat::Sse) => {
@@ -323,7 +324,7 @@ impl Body {
             model,
             outcome,
             parse_error: ex.parse_error,
-            provider_error: ex.provider_error.clone(),
+            provider_error,
             output_text_bytes: ex.text_bytes,
             body_bytes: raw_bytes.unwrap_or(self.decoded_bytes),
         }
@@ -361,13 +362,12 @@ pub struct UsageTap {
     /// decoder emits before it reports the error depends on how the body was
     /// split into reads, the raw size does not.
     undecodable: bool,
-    finished: Option<Observation>,
 }
 
 impl std::fmt::Debug for UsageTap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UsageTap")
-            .field("finished", &self.finished.is_some())
+            .field("raw_bytes", &self.raw_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -391,7 +391,6 @@ impl UsageTap {
             decoder,
             raw_bytes: 0,
             undecodable: !supported,
-            finished: None,
         }
     }
 
@@ -403,7 +402,7 @@ impl UsageTap {
     /// Takes the next piece of the body, split anywhere. Never panics; memory
     /// stays within the [`TapLimits`] plus the decoder's window.
     pub fn feed(&mut self, chunk: &[u8]) {
-        if self.finished.is_some() || chunk.is_empty() {
+        if chunk.is_empty() {
             return;
         }
         self.raw_bytes = self.raw_bytes.saturating_add(chunk.len() as u64);
@@ -429,12 +428,9 @@ impl UsageTap {
         (ex.usage.clone(), ex.text_bytes)
     }
 
-    /// The observation of the whole body. Call once at the end of the body or
-    /// on abort; later calls return the same observation.
-    pub fn finish(&mut self) -> Observation {
-        if let Some(done) = &self.finished {
-            return done.clone();
-        }
+    /// The observation of the whole body, at its end or on abort. The tap is
+    /// used up: its model and error strings move into the observation.
+    pub fn finish(mut self) -> Observation {
         if !self.decoder.is_dead() {
             self.decoder.sink().budget = DECODED_FLOOR_PER_FEED;
             let result = self.decoder.finish();
@@ -448,9 +444,7 @@ impl UsageTap {
             }
         }
         let raw = self.undecodable.then_some(self.raw_bytes);
-        let obs = self.decoder.sink().observe(raw);
-        self.finished = Some(obs.clone());
-        obs
+        self.decoder.sink().observe(raw)
     }
 }
 
