@@ -26,6 +26,7 @@ pub mod request;
 pub mod route;
 pub mod settle;
 pub mod upstream;
+pub mod upstream_io;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

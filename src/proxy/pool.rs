@@ -54,6 +54,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower_service::Service;
 
 use crate::proxy::egress::EgressConnector;
+use crate::proxy::upstream_io::UpstreamIo;
 
 /// Opens upstream connections: TCP (directly or through the egress proxy's
 /// tunnel), then TLS for `https` origins.
@@ -231,10 +232,12 @@ impl OriginPool {
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
             .map_err(PoolError::Connect)?;
-        let io = connector
-            .call(self.origin.clone())
-            .await
-            .map_err(PoolError::Connect)?;
+        let io = UpstreamIo::from(
+            connector
+                .call(self.origin.clone())
+                .await
+                .map_err(PoolError::Connect)?,
+        );
         self.start_sweeping();
         if io.connected().is_negotiated_h2() {
             let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())

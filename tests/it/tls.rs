@@ -236,8 +236,9 @@ fn tls_config_errors_name_the_key() {
     assert_eq!(tls.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
 }
 
-/// An HTTPS upstream with a self-signed certificate that answers every
-/// request with `CHAT_REPLY`.
+/// An HTTPS upstream with a self-signed certificate that offers HTTP/2 and
+/// HTTP/1.1 (ALPN) and answers every request with `CHAT_REPLY`, naming the
+/// HTTP version the request came in (`x-upstream-version`).
 pub(crate) async fn https_upstream(cert: &TestCert) -> (String, tokio::task::JoinHandle<()>) {
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der.clone()));
     let mut config = rustls::ServerConfig::builder_with_provider(ring())
@@ -257,12 +258,13 @@ pub(crate) async fn https_upstream(cert: &TestCert) -> (String, tokio::task::Joi
                 let Ok(stream) = acceptor.accept(stream).await else {
                     return;
                 };
-                let service = service_fn(|_request: Request<Incoming>| async {
+                let service = service_fn(|request: Request<Incoming>| async move {
                     let mut response =
                         Response::new(Full::new(Bytes::from_static(CHAT_REPLY.as_bytes())));
-                    response
-                        .headers_mut()
-                        .insert("content-type", "application/json".parse().unwrap());
+                    let headers = response.headers_mut();
+                    headers.insert("content-type", "application/json".parse().unwrap());
+                    let version = format!("{:?}", request.version());
+                    headers.insert("x-upstream-version", version.parse().unwrap());
                     Ok::<_, std::convert::Infallible>(response)
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -307,6 +309,25 @@ async fn upstream_certificates_are_verified_unless_the_route_opts_out() {
     let response = post_json(&proxy.url("/openai/v1/chat/completions"), &[], body).await;
     assert_eq!(response.status(), 200);
     assert_eq!(body_bytes(response).await, CHAT_REPLY);
+    proxy.shutdown().await;
+    task.abort();
+}
+
+/// An HTTPS upstream whose TLS handshake chooses HTTP/2 is spoken to in
+/// HTTP/2, call after call: the pool reads the ALPN result through the
+/// connection's stream.
+#[tokio::test]
+async fn an_upstream_that_chooses_http2_in_the_tls_handshake_gets_http2() {
+    let cert = self_signed();
+    let (url, task) = https_upstream(&cert).await;
+    let body = r#"{"model":"gpt-4o-mini","messages":[]}"#;
+    let proxy = Proxy::start(&upstream_route(true), &url).await;
+    for _ in 0..2 {
+        let response = post_json(&proxy.url("/openai/v1/chat/completions"), &[], body).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-upstream-version"], "HTTP/2.0");
+        assert_eq!(body_bytes(response).await, CHAT_REPLY);
+    }
     proxy.shutdown().await;
     task.abort();
 }
