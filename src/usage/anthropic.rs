@@ -60,6 +60,22 @@ pub(crate) struct AnthUsage {
     iterations: Option<Vec<Iteration>>,
 }
 
+impl CacheCreation {
+    fn walk(w: &mut Walk) -> Option<CacheCreation> {
+        Some(CacheCreation {
+            ephemeral_1h_input_tokens: one_plain_count(w, b"ephemeral_1h_input_tokens")?,
+        })
+    }
+}
+
+impl OutputDetails {
+    fn walk(w: &mut Walk) -> Option<OutputDetails> {
+        Some(OutputDetails {
+            thinking_tokens: one_plain_count(w, b"thinking_tokens")?,
+        })
+    }
+}
+
 impl AnthUsage {
     /// serde_json's reading of a captured `usage` value (`null` or an
     /// object) when its counts are plain integers or `null`, as they nearly
@@ -83,22 +99,11 @@ impl AnthUsage {
                 }
                 b"output_tokens" => u.output_tokens = seen.field(3, w, plain_count)?,
                 b"cache_creation" => {
-                    seen.once(4)?;
-                    u.cache_creation = w.nullable(|w| {
-                        let count = one_plain_count(w, b"ephemeral_1h_input_tokens")?;
-                        Some(CacheCreation {
-                            ephemeral_1h_input_tokens: count,
-                        })
-                    })?;
+                    u.cache_creation = seen.field(4, w, |w| w.nullable(CacheCreation::walk))?
                 }
                 b"output_tokens_details" => {
-                    seen.once(5)?;
-                    u.output_tokens_details = w.nullable(|w| {
-                        let count = one_plain_count(w, b"thinking_tokens")?;
-                        Some(OutputDetails {
-                            thinking_tokens: count,
-                        })
-                    })?;
+                    u.output_tokens_details =
+                        seen.field(5, w, |w| w.nullable(OutputDetails::walk))?
                 }
                 // Compaction's per-iteration usage is rare: serde_json
                 // reads it.

@@ -63,8 +63,7 @@ impl GemUsage {
                 b"cachedContentTokenCount" => (4, &mut u.cached_content_token_count),
                 _ => return w.value(),
             };
-            seen.once(bit)?;
-            *count = plain_count(w)?;
+            *count = seen.field(bit, w, plain_count)?;
             Some(())
         })?;
         Some(u)

@@ -217,22 +217,7 @@ impl Event {
             match key {
                 b"model" => ev.model = seen.field(0, w, Walk::nullable_string)?,
                 b"usage" => ev.usage = seen.field(1, w, |w| w.nullable(OaUsage::walk))?,
-                b"x_groq" => {
-                    seen.once(2)?;
-                    ev.x_groq = w.nullable(|w| {
-                        let mut x = XGroq::default();
-                        let mut seen = Seen::default();
-                        w.object(|w, key| {
-                            if key != b"usage" {
-                                return w.value();
-                            }
-                            seen.once(0)?;
-                            x.usage = w.nullable(OaUsage::walk)?;
-                            Some(())
-                        })?;
-                        Some(x)
-                    })?;
-                }
+                b"x_groq" => ev.x_groq = seen.field(2, w, |w| w.nullable(XGroq::walk))?,
                 b"error" => ev.error = seen.field(3, w, Walk::null)?,
                 b"type" => ev.kind = seen.field(4, w, Walk::nullable_string)?,
                 b"code" => ev.code = seen.field(5, w, Walk::null)?,
@@ -244,6 +229,15 @@ impl Event {
             Some(())
         })?;
         Some(ev)
+    }
+}
+
+impl XGroq {
+    fn walk(w: &mut Walk) -> Option<XGroq> {
+        let usage = w.only_member(b"usage", |w| w.nullable(OaUsage::walk))?;
+        Some(XGroq {
+            usage: usage.flatten(),
+        })
     }
 }
 

@@ -18,7 +18,7 @@ const MAX_DEPTH: u32 = 64;
 pub(crate) struct Seen(u32);
 
 impl Seen {
-    pub(crate) fn once(&mut self, bit: u32) -> Option<()> {
+    fn once(&mut self, bit: u32) -> Option<()> {
         if self.0 & (1 << bit) != 0 {
             return None;
         }
@@ -78,6 +78,28 @@ impl<'a> Walk<'a> {
         }
         self.i = end;
         Some(())
+    }
+
+    /// An object of which only the member `name` is read, by `read`:
+    /// `Some(None)` when it is absent, `None` when `read` declines it or
+    /// it comes twice (an error to serde_json). Other members are checked
+    /// and skipped.
+    pub(crate) fn only_member<T>(
+        &mut self,
+        name: &[u8],
+        read: impl FnOnce(&mut Self) -> Option<T>,
+    ) -> Option<Option<T>> {
+        let mut read = Some(read);
+        let mut value = None;
+        self.object(|w, key| {
+            if key != name {
+                return w.value();
+            }
+            // A second `name` finds `read` taken: declined.
+            value = Some(read.take()?(w)?);
+            Some(())
+        })?;
+        Some(value)
     }
 
     /// An object's members, `f` called at each key (the walk then at the

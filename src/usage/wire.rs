@@ -39,18 +39,7 @@ pub(crate) fn plain_count(w: &mut Walk) -> Option<Count> {
 /// [`plain_count`] reads it (`Count(None)` when absent); `None` as there,
 /// or when `name` comes twice (an error to serde_json).
 pub(crate) fn one_plain_count(w: &mut Walk, name: &[u8]) -> Option<Count> {
-    let mut count = None;
-    w.object(|w, key| {
-        if key == name {
-            if count.is_some() {
-                return None;
-            }
-            count = Some(plain_count(w)?);
-            return Some(());
-        }
-        w.value()
-    })?;
-    Some(count.unwrap_or_default())
+    Some(w.only_member(name, plain_count)?.unwrap_or_default())
 }
 
 impl<'de> Deserialize<'de> for Count {

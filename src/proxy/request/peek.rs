@@ -55,33 +55,17 @@ fn body_peek(w: &mut Walk) -> Option<BodyPeek> {
 }
 
 fn stream_options(w: &mut Walk) -> Option<StreamOptions> {
-    let mut options = StreamOptions::default();
-    let mut seen = Seen::default();
-    w.object(|w, key| {
-        if key == b"include_usage" {
-            seen.once(0)?;
-            options.include_usage = w.nullable(Walk::boolean)?;
-            Some(())
-        } else {
-            w.value()
-        }
-    })?;
-    Some(options)
+    let include_usage = w.only_member(b"include_usage", |w| w.nullable(Walk::boolean))?;
+    Some(StreamOptions {
+        include_usage: include_usage.flatten(),
+    })
 }
 
 fn generation_config(w: &mut Walk) -> Option<GenerationConfig> {
-    let mut config = GenerationConfig::default();
-    let mut seen = Seen::default();
-    w.object(|w, key| {
-        if key == b"maxOutputTokens" {
-            seen.once(0)?;
-            config.max_output_tokens = w.nullable(Walk::count)?;
-            Some(())
-        } else {
-            w.value()
-        }
-    })?;
-    Some(config)
+    let max_output_tokens = w.only_member(b"maxOutputTokens", |w| w.nullable(Walk::count))?;
+    Some(GenerationConfig {
+        max_output_tokens: max_output_tokens.flatten(),
+    })
 }
 
 #[cfg(test)]
