@@ -13,6 +13,7 @@ use super::gemini;
 use super::json_scan::{JsonSink, Key};
 use super::openai;
 use super::sse::SseSink;
+use super::strict_json::Walk;
 use super::wire::{error_label, Count, SharedOpening};
 use super::{Dialect, Usage};
 use serde::Deserialize;
@@ -203,8 +204,8 @@ impl JsonSink for Extractor {
             }
             Key::Model | Key::ModelVersion => {
                 // Borrowed when the string holds no escape (nearly always):
-                // `set_model` copies what it keeps.
-                if let Ok(m) = serde_json::from_slice::<Option<&str>>(raw) {
+                // `set_model` copies what it keeps. Escapes go to serde_json.
+                if let Some(m) = Walk::document(raw, |w| w.nullable(Walk::plain_string)) {
                     self.set_model(m);
                 } else if let Some(m) = self.parse::<Option<String>>(raw, false) {
                     self.set_model(m.as_deref());

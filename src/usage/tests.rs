@@ -541,3 +541,26 @@ fn only_event_and_record_formats_stream() {
     assert!(!BodyFormat::Json.is_stream());
     assert!(!BodyFormat::JsonArray.is_stream());
 }
+
+/// A JSON reply's `model` as serde_json reads it: a plain string borrowed,
+/// escapes decoded, `null` no model, anything else a parse error.
+#[test]
+fn json_reply_model_forms() {
+    let reply = |model: &str| {
+        format!(r#"{{"model": {model} , "usage": {{"prompt_tokens": 3, "completion_tokens": 2}}}}"#)
+    };
+    let json = Some("application/json");
+    for (model, read, parse_error) in [
+        (r#""gpt-4.1""#, Some("gpt-4.1"), false),
+        (r#""gpt-4\u002e1""#, Some("gpt-4.1"), false),
+        (r#""  gpt-4.1 ""#, Some("gpt-4.1"), false),
+        ("null", None, false),
+        ("41", None, true),
+        (r#""gpt-\ud800""#, None, true),
+    ] {
+        let o = run_splits(Dialect::OpenAi, json, reply(model).as_bytes());
+        assert_eq!(o.model.as_deref(), read, "{model}");
+        assert_eq!(o.parse_error, parse_error, "{model}");
+        assert_eq!(o.usage.unwrap().input_tokens, Some(3), "{model}");
+    }
+}
