@@ -1,8 +1,8 @@
 //! The PostgreSQL ledger, beyond the tests `ledger` runs on both backends:
-//! one ledger for two proxies, migrations (repeated, concurrent), an outage
-//! (records buffered and written when it returns, the overflow dropped and
-//! counted), PostgreSQL down at start, a role that may not create the
-//! tables, and the `[ledger]` keys `check-config` names. Each test starts
+//! one ledger for two proxies, migrations (repeated, concurrent), text
+//! holding a NUL, an outage (records buffered and written when it returns,
+//! the overflow dropped and counted), PostgreSQL down at start, a role that
+//! may not create the tables, and the `[ledger]` keys `check-config` names. Each test starts
 //! its own PostgreSQL and is skipped when PostgreSQL is not installed.
 
 use std::process::Command;
@@ -206,6 +206,35 @@ fn migrations_run_once_when_replicas_start_together_and_again_is_a_no_op() {
     ledger.close();
     assert_eq!(count_and_sum(&pg, "release = 'mig'").0, 41);
     assert_eq!(pg.sql("SELECT COUNT(*) FROM schema_migrations"), "1");
+}
+
+#[test]
+fn text_holding_a_nul_is_written_with_u_fffd_in_its_place() {
+    let Some(pg) = PostgresServer::start("text_holding_a_nul_is_written_with_u_fffd_in_its_place")
+    else {
+        return;
+    };
+    let ledger = Ledger::open(&settings(&pg, 1000)).unwrap();
+    // Waits for the writer to connect and migrate.
+    ledger.runs_to_restore(0, 0).unwrap();
+    // PostgreSQL text cannot hold NUL; a reply's model could.
+    let mut with_nul = record("nul", 0);
+    with_nul.release = "nul".into();
+    with_nul.model = Some("gpt\0x".into());
+    with_nul.tool = Some("\0\0".into());
+    ledger.record_call(with_nul);
+    let mut plain = record("nul", 1);
+    plain.release = "nul".into();
+    plain.model = Some("gpt-4o".into());
+    ledger.record_call(plain);
+    ledger.close();
+    assert_eq!(
+        pg.sql(
+            "SELECT string_agg(model || '|' || COALESCE(tool, '-') || '|' || run_id, ',' ORDER BY ts_ms) \
+             FROM calls WHERE release = 'nul'"
+        ),
+        "gpt\u{FFFD}x|\u{FFFD}\u{FFFD}|nul,gpt-4o|-|nul"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
