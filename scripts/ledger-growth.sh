@@ -6,10 +6,13 @@
 # Prints, per slice: calls/s, tollgate's CPU per call and the writer
 # thread's (tollgate-ledger), the ledger's queue depth and backpressure
 # waits (from /metrics), and the sizes of the ledger and log files.
+# With LEDGER_URL=postgres://… the ledger is that PostgreSQL database
+# instead of a SQLite file (its size is then not printed); the writer's CPU
+# is then its two threads' (intake and writer).
 #
 # Environment (defaults): SLICES=8 SECS=10 CONNECTIONS=32 LEDGER=true
-#   TOLLGATE=target/dist/tollgate PREBUILT=0 KEEP=0 (1: keep the work
-#   directory, with the ledger file)
+#   LEDGER_URL= TOLLGATE=target/dist/tollgate PREBUILT=0 KEEP=0 (1: keep the
+#   work directory, with the ledger file)
 
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -18,13 +21,15 @@ SLICES=${SLICES:-8}
 SECS=${SECS:-10}
 CONNECTIONS=${CONNECTIONS:-32}
 LEDGER=${LEDGER:-true}
+LEDGER_URL=${LEDGER_URL:-}
 
 harness_init ledger-growth
 [[ ${KEEP:-0} == 1 ]] && keep_work=1
 build_dist --example loadgen
 tollgate_bin=${TOLLGATE:-$root/$bin/tollgate}
 
-# CPU ticks (user + system) of process $1, or of its threads named $2.
+# CPU ticks (user + system) of process $1, or of its threads named $2
+# (a thread's name as /proc shows it: its first 15 bytes).
 ticks() {
     local task total=0
     for task in /proc/"$1"/task/*; do
@@ -35,10 +40,16 @@ ticks() {
 }
 
 start_mock "$work" --threads 1 --fixtures "$root/tests/fixtures/providers/openai"
+if [[ -n $LEDGER_URL ]]; then
+    ledger_location="backend = \"postgres\"
+url = \"$LEDGER_URL\""
+else
+    ledger_location="path = \"$work/tollgate.db\""
+fi
 write_tollgate_config "$work/tollgate.toml" "$mock_addr" <<EOF
 [ledger]
 enabled = $LEDGER
-path = "$work/tollgate.db"
+$ledger_location
 EOF
 start_tollgate_process "$tollgate_bin" "$work/tollgate" info
 print_load_average start
@@ -55,10 +66,12 @@ for slice in $(seq "$SLICES"); do
     all_after=$(ticks "$tollgate_pid")
     writer_after=$(ticks "$tollgate_pid" tollgate-ledger)
     metrics=$(curl -fsS "http://$tollgate_admin/metrics")
-    ledger_mib=$(du -cm "$work"/tollgate.db* 2>/dev/null | awk 'END { print $1 }')
+    ledger_mib=-
+    [[ -n $LEDGER_URL || $LEDGER != true ]] ||
+        ledger_mib=$(du -cm "$work"/tollgate.db* | awk 'END { print $1 }')
     log_mib=$(du -m "$work/tollgate.log" | awk '{ print $1 }')
     python3 - "$line" "$slice" "$(getconf CLK_TCK)" "$all_before" "$all_after" \
-        "$writer_before" "$writer_after" "${ledger_mib:-0}" "$log_mib" "$metrics" <<'EOF'
+        "$writer_before" "$writer_after" "$ledger_mib" "$log_mib" "$metrics" <<'EOF'
 import json, sys
 r = json.loads(sys.argv[1])
 slice_, tick = sys.argv[2], int(sys.argv[3])
