@@ -28,17 +28,6 @@ harness_init ledger-growth
 build_dist --example loadgen
 tollgate_bin=${TOLLGATE:-$root/$bin/tollgate}
 
-# CPU ticks (user + system) of process $1, or of its threads named $2
-# (a thread's name as /proc shows it: its first 15 bytes).
-ticks() {
-    local task total=0
-    for task in /proc/"$1"/task/*; do
-        [[ -z ${2:-} || $(cat "$task/comm" 2>/dev/null) == "$2" ]] || continue
-        total=$((total + $(awk '{ print $14 + $15 }' "$task/stat" 2>/dev/null || echo 0)))
-    done
-    echo "$total"
-}
-
 start_mock "$work" --threads 1 --fixtures "$root/tests/fixtures/providers/openai"
 if [[ -n $LEDGER_URL ]]; then
     ledger_location="backend = \"postgres\"
@@ -57,14 +46,14 @@ print_load_average start
 echo "| slice | calls/s | CPU µs/call | writer µs/call | queue depth | backpressure waits | ledger files MiB | log MiB |"
 echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
 for slice in $(seq "$SLICES"); do
-    all_before=$(ticks "$tollgate_pid")
-    writer_before=$(ticks "$tollgate_pid" tollgate-ledger)
+    all_before=$(cpu_ticks "$tollgate_pid")
+    writer_before=$(thread_ticks "$tollgate_pid" tollgate-ledger)
     line=$("$bin/examples/loadgen" --url "http://$tollgate_agent/openai/v1/chat/completions" \
         --connections "$CONNECTIONS" --duration-secs "$SECS" --warmup-secs 0 --threads 2 \
         --header 'x-agent-run-id: load-{conn}' --header 'x-agent-release: load' \
         --label "slice $slice")
-    all_after=$(ticks "$tollgate_pid")
-    writer_after=$(ticks "$tollgate_pid" tollgate-ledger)
+    all_after=$(cpu_ticks "$tollgate_pid")
+    writer_after=$(thread_ticks "$tollgate_pid" tollgate-ledger)
     metrics=$(curl -fsS "http://$tollgate_admin/metrics")
     ledger_mib=-
     [[ -n $LEDGER_URL || $LEDGER != true ]] ||

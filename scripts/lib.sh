@@ -2,7 +2,8 @@
 # What the perf and soak harnesses (load.sh, load_state.sh, memory.sh,
 # soak.sh) share: a work directory and the processes they started, both
 # gone on exit; the dist build; the mock upstream and tollgate on port 0,
-# with the bound addresses read back from their output.
+# with the bound addresses read back from their output; CPU ticks of a
+# process or of its named threads.
 #
 # Sourced, not run:  source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # The functions that start a process append its pid to $pids and set
@@ -85,6 +86,30 @@ wait_line() {
     echo "timed out waiting for '$pattern' in $file:" >&2
     cat "$file" >&2 || true
     return 1
+}
+
+# utime + stime of process $1 and its child processes (nginx's workers), in
+# clock ticks (getconf CLK_TCK a second).
+cpu_ticks() {
+    local pid total=0 t
+    for pid in "$1" $(pgrep -P "$1" || true); do
+        t=$(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0)
+        total=$((total + t))
+    done
+    echo "$total"
+}
+
+# utime + stime, in clock ticks, of process $1's threads named $2 (as
+# /proc shows a name: its first 15 bytes; tollgate-ledger is the ledger's
+# writer, and the PostgreSQL ledger's intake thread too), 0 if it has none.
+thread_ticks() {
+    local task total=0 t
+    for task in /proc/"$1"/task/*; do
+        [[ $(cat "$task/comm" 2>/dev/null) == "$2" ]] || continue
+        t=$(awk '{ print $14 + $15 }' "$task/stat" 2>/dev/null || echo 0)
+        total=$((total + t))
+    done
+    echo "$total"
 }
 
 # Prints a loopback TCP port that was free a moment ago (bound, then

@@ -214,27 +214,6 @@ fi
 
 : >"$OUT"
 TICK=$(getconf CLK_TCK)
-# utime + stime of a process and its child processes (nginx's workers), in
-# clock ticks.
-cpu_ticks() {
-    local pid total=0 t
-    for pid in "$1" $(pgrep -P "$1" || true); do
-        t=$(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0)
-        total=$((total + t))
-    done
-    echo "$total"
-}
-# CPU ticks (user + system) of process $1's ledger writer thread, 0 if it
-# has none: the ledger's own cost, apart from the throughput's noise.
-ledger_ticks() {
-    local task total=0 t
-    for task in /proc/"$1"/task/*; do
-        [[ $(cat "$task/comm" 2>/dev/null) == tollgate-ledger ]] || continue
-        t=$(awk '{ print $14 + $15 }' "$task/stat" 2>/dev/null || echo 0)
-        total=$((total + t))
-    done
-    echo "$total"
-}
 # Idle ticks of the whole machine (all cores): with the cores shared by
 # the load generator, the mock and the proxy, a target that leaves them
 # idle while calls wait has its threads waiting on each other.
@@ -268,7 +247,7 @@ for round in $(seq "$ROUNDS"); do
         for target in "${order[@]}"; do
             mock_before=$(cpu_ticks "$mock_pid")
             proxy_before=$(cpu_ticks "${pid_of[$target]}")
-            ledger_before=$(ledger_ticks "${pid_of[$target]}")
+            ledger_before=$(thread_ticks "${pid_of[$target]}" tollgate-ledger)
             idle_before=$(idle_ticks)
             line=$(timeout "$limit" "$bin/examples/loadgen" --url "${url[$target]}" \
                 --connections "$CONNECTIONS" --duration-secs "$DURATION" \
@@ -277,7 +256,7 @@ for round in $(seq "$ROUNDS"); do
                 --label "$round $scenario $target" "${flags[@]}")
             line=$(python3 - "$line" "$(cpu_ticks "$mock_pid")" "$mock_before" \
                 "$(cpu_ticks "${pid_of[$target]}")" "$proxy_before" "$target" "$TICK" \
-                "$(ledger_ticks "${pid_of[$target]}")" "$ledger_before" \
+                "$(thread_ticks "${pid_of[$target]}" tollgate-ledger)" "$ledger_before" \
                 "$(idle_ticks)" "$idle_before" "${#awake[@]}" <<'EOF'
 import json, sys
 r = json.loads(sys.argv[1])

@@ -2,8 +2,9 @@
 //! one ledger for two proxies, migrations (repeated, concurrent), text
 //! holding a NUL, an outage (records buffered and written when it returns,
 //! the overflow dropped and counted), PostgreSQL down at start, a role that
-//! may not create the tables, and the `[ledger]` keys `check-config` names. Each test starts
-//! its own PostgreSQL and is skipped when PostgreSQL is not installed.
+//! may not create the tables, and the `[ledger]` keys `check-config` names.
+//! Each test starts its own PostgreSQL and is skipped when PostgreSQL is not
+//! installed.
 
 use std::process::Command;
 use std::sync::{Arc, Barrier};
