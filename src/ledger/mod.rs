@@ -11,9 +11,11 @@
 //! 2. One writer thread per backend drains the channel and commits in
 //!    batches: when a batch reaches [`MAX_BATCH`] records or
 //!    `flush_interval_ms` after its first record, whichever comes first.
-//!    The SQLite writer sleeps while its batch fills; senders wake it once
-//!    per `MAX_BATCH` records, so a fast stream of calls does not hold a
-//!    whole interval's records in memory. While it commits it yields its
+//!    The thread that drains the channel (the SQLite writer, PostgreSQL's
+//!    intake) sleeps while its batch fills rather than wait on the channel,
+//!    so a send wakes no one; senders wake it once per `MAX_BATCH` records,
+//!    so a fast stream of calls does not hold a whole interval's records in
+//!    memory. While the SQLite writer commits it yields its
 //!    core every few rows, so a runtime worker waiting for that core is not
 //!    held back for a whole scheduler slice of inserts.
 //!    Between batches it applies the retention, deleting expired calls a few
@@ -210,9 +212,10 @@ pub enum LedgerError {
 pub struct Ledger {
     tx: Mutex<Option<flume::Sender<Entry>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    /// The SQLite writer's thread, woken by a sender that finds the queue
-    /// full or has just sent a batch's worth (the writer otherwise sleeps
-    /// until its batch is due).
+    /// The thread that drains the channel (SQLite's writer, PostgreSQL's
+    /// intake), woken by a sender that finds the queue full or has just
+    /// sent a batch's worth, and by a flush, a restore and close (it
+    /// otherwise sleeps until its batch is due).
     wake_writer: Option<std::thread::Thread>,
     reader: Reader,
     pub stats: Arc<LedgerStats>,
@@ -389,9 +392,9 @@ impl Ledger {
                 (writer, reader, Some(path.clone()), Some(wake))
             }
             LedgerBackend::Postgres(pg) => {
-                let (writer, pool) =
+                let (writer, intake, pool) =
                     postgres::start(pg, settings.flush_interval, retention, rx, stats.clone())?;
-                (writer, Reader::Postgres(pool), None, None)
+                (writer, Reader::Postgres(pool), None, Some(intake))
             }
         };
         Ok(Ledger {
@@ -458,7 +461,7 @@ impl Ledger {
         }
     }
 
-    /// Ends the SQLite writer's sleep before its batch is due.
+    /// Ends the draining thread's sleep before its batch is due.
     fn wake_writer(&self) {
         if let Some(writer) = &self.wake_writer {
             writer.unpark();
@@ -511,7 +514,7 @@ impl Ledger {
                 let Some(tx) = lock(&self.tx).clone() else {
                     return Ok(Vec::new());
                 };
-                match postgres::restore_through_writer(&tx, since_ms) {
+                match postgres::restore_through_writer(&tx, || self.wake_writer(), since_ms) {
                     Ok(runs) => Ok(runs),
                     Err(error @ LedgerError::Unavailable(_)) => {
                         tracing::warn!(

@@ -7,7 +7,9 @@
 //!    into the writer's queue, counting what it holds in
 //!    [`LedgerStats::buffered`]. Past `max_buffered_records` it drops new
 //!    records (counted in [`LedgerStats::dropped`], logged at ERROR), so a
-//!    slow or absent database never holds up the request path.
+//!    slow or absent database never holds up the request path. It hands
+//!    records over in bunches, each within `flush_interval / 2` of its
+//!    first record (see [`intake`]), so that no thread is woken per record.
 //! 2. The writer thread (its own single-threaded runtime and a one-connection
 //!    pool) connects, applies the schema migrations under an advisory lock,
 //!    and commits the queue in order, up to [`MAX_BATCH`] records per
@@ -192,28 +194,31 @@ pub struct RestoreRequest {
     reply: mpsc::Sender<Result<Vec<RestoredRun>, LedgerError>>,
 }
 
-/// Asks the writer for the runs to restore and waits (bounded).
+/// Asks the writer for the runs to restore and waits (bounded); `wake`
+/// ends the intake's sleep so the request is handed over at once.
 pub(super) fn restore_through_writer(
     tx: &flume::Sender<Entry>,
+    wake: impl Fn(),
     since_ms: u64,
 ) -> Result<Vec<RestoredRun>, LedgerError> {
     let (reply, answer) = mpsc::channel();
     tx.send(Entry::Restore(Box::new(RestoreRequest { since_ms, reply })))
         .map_err(|_| LedgerError::Unavailable("the ledger writer is gone".into()))?;
+    wake();
     answer.recv_timeout(RESTORE_WAIT).map_err(|_| {
         LedgerError::Unavailable(format!("no answer within {} s", RESTORE_WAIT.as_secs()))
     })?
 }
 
-/// Starts the intake and writer threads; returns the writer's handle and
-/// the read pool.
+/// Starts the intake and writer threads; returns the writer's handle, the
+/// intake's thread (for senders to unpark) and the read pool.
 pub(super) fn start(
     settings: &PostgresSettings,
     flush_interval: Duration,
     retention: Duration,
     rx: flume::Receiver<Entry>,
     stats: Arc<LedgerStats>,
-) -> Result<(std::thread::JoinHandle<()>, Pool), LedgerError> {
+) -> Result<(std::thread::JoinHandle<()>, std::thread::Thread, Pool), LedgerError> {
     let fail = |message: String| LedgerError::Open {
         path: "ledger.url (PostgreSQL)".into(),
         message,
@@ -228,9 +233,9 @@ pub(super) fn start(
     let (queue_tx, queue_rx) = unbounded_channel();
     let max_buffered = settings.max_buffered_records as u64;
     let intake_stats = stats.clone();
-    std::thread::Builder::new()
+    let intake = std::thread::Builder::new()
         .name("tollgate-ledger-intake".into())
-        .spawn(move || intake(rx, queue_tx, intake_stats, max_buffered))
+        .spawn(move || intake(rx, queue_tx, intake_stats, max_buffered, flush_interval))
         .map_err(|e| fail(format!("cannot start the intake thread: {e}")))?;
     let writer = Writer {
         pool: write_pool,
@@ -249,7 +254,7 @@ pub(super) fn start(
         .name("tollgate-ledger".into())
         .spawn(move || runtime.block_on(writer.run(queue_rx)))
         .map_err(|e| fail(format!("cannot start the writer thread: {e}")))?;
-    Ok((handle, read_pool))
+    Ok((handle, intake.thread().clone(), read_pool))
 }
 
 /// A random id for this process's records (with the sequence number, the
@@ -262,38 +267,105 @@ fn writer_id() -> String {
     format!("{:016x}", hasher.finish())
 }
 
+/// Entries the intake hands to the writer at once, in their order, with
+/// the time the first of them left the channel.
+struct Handoff {
+    entries: Vec<Entry>,
+    first_at: Instant,
+}
+
 /// Moves entries from the bounded channel to the writer's queue, dropping
 /// records past `max_buffered`.
+///
+/// It hands them over in bunches rather than one by one, as the SQLite
+/// writer batches: after the first entry it sleeps (not waiting on the
+/// channel, so senders find no parked receiver to wake, which would be a
+/// futex call per call on the request path) and hands over what came
+/// within `flush_interval / 2`, or at once on a flush, a restore, close, or
+/// a batch's worth ([`MAX_BATCH`]); senders unpark it on the last three
+/// ([`super::Ledger::push`]). The writer commits a handoff by `first_at +
+/// flush_interval`, so the durability bound counts from the channel, not
+/// from the handoff.
 fn intake(
     rx: flume::Receiver<Entry>,
-    queue: UnboundedSender<Entry>,
+    queue: UnboundedSender<Handoff>,
     stats: Arc<LedgerStats>,
     max_buffered: u64,
+    flush_interval: Duration,
 ) {
-    let mut last_drop_log: Option<Instant> = None;
-    let mut dropped_unlogged = 0u64;
-    for entry in rx {
+    let nap = flush_interval / 2;
+    let mut drops = DropLog::default();
+    while let Ok(first) = rx.recv() {
+        let first_at = Instant::now();
+        let mut entries = Vec::new();
+        let mut urgent = drops.admit(first, &mut entries, &stats, max_buffered);
+        let mut open = true;
+        loop {
+            loop {
+                match rx.try_recv() {
+                    Ok(entry) => urgent |= drops.admit(entry, &mut entries, &stats, max_buffered),
+                    Err(flume::TryRecvError::Empty) => break,
+                    Err(flume::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            let waited = first_at.elapsed();
+            if urgent || !open || entries.len() >= MAX_BATCH || waited >= nap {
+                break;
+            }
+            std::thread::park_timeout(nap - waited);
+        }
+        // (Empty when the outage buffer dropped every record.)
+        let handed = entries.is_empty() || queue.send(Handoff { entries, first_at }).is_ok();
+        if !handed || !open {
+            break;
+        }
+    }
+}
+
+/// The intake's account of the records it drops while the outage buffer
+/// is full, logged at most every [`LOG_EVERY`].
+#[derive(Default)]
+struct DropLog {
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl DropLog {
+    /// Adds `entry` to `entries` unless it is a record past the outage
+    /// buffer; returns whether the entry wants an answer now (a flush or a
+    /// restore).
+    fn admit(
+        &mut self,
+        entry: Entry,
+        entries: &mut Vec<Entry>,
+        stats: &LedgerStats,
+        max_buffered: u64,
+    ) -> bool {
         if matches!(entry, Entry::Call(_) | Entry::Run(_)) {
             if stats.buffered.load(Ordering::Relaxed) >= max_buffered {
                 stats.dropped.fetch_add(1, Ordering::Relaxed);
-                dropped_unlogged += 1;
-                if last_drop_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                self.unlogged += 1;
+                if self.last_logged.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
                     tracing::error!(
                         message = "ledger records dropped: the PostgreSQL outage buffer is full (ledger.max_buffered_records)",
-                        dropped = dropped_unlogged,
+                        dropped = self.unlogged,
                         dropped_total = stats.dropped.load(Ordering::Relaxed),
                         max_buffered_records = max_buffered
                     );
-                    last_drop_log = Some(Instant::now());
-                    dropped_unlogged = 0;
+                    self.last_logged = Some(Instant::now());
+                    self.unlogged = 0;
                 }
-                continue;
+                return false;
             }
             stats.buffered.fetch_add(1, Ordering::Relaxed);
+            entries.push(entry);
+            return false;
         }
-        if queue.send(entry).is_err() {
-            break;
-        }
+        entries.push(entry);
+        true
     }
 }
 
@@ -364,7 +436,7 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: UnboundedReceiver<Entry>) {
+    async fn run(mut self, mut rx: UnboundedReceiver<Handoff>) {
         // Migrate at once so the API's reads find the tables before the
         // first write. If PostgreSQL does not answer yet (or refuses), the
         // first write tries again and reports why.
@@ -379,7 +451,7 @@ impl Writer {
             // Take everything queued without waiting.
             while open {
                 match rx.try_recv() {
-                    Ok(entry) => self.accept(entry, &mut due).await,
+                    Ok(handoff) => self.accept(handoff, &mut due).await,
                     Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
                     Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
                         open = false;
@@ -448,7 +520,7 @@ impl Writer {
             if open {
                 tokio::select! {
                     entry = rx.recv() => match entry {
-                        Some(entry) => self.accept(entry, &mut due).await,
+                        Some(handoff) => self.accept(handoff, &mut due).await,
                         None => {
                             open = false;
                             closed_at = Some(Instant::now());
@@ -466,22 +538,27 @@ impl Writer {
         }
     }
 
-    async fn accept(&mut self, entry: Entry, due: &mut Option<Instant>) {
-        let seq = self.next_seq;
-        match entry {
-            Entry::Call(call) => self.queue.push_back(Queued::Call(seq, call)),
-            Entry::Run(run) => self.queue.push_back(Queued::Run(seq, run)),
-            Entry::Flush(done) => {
-                self.waiters.push((seq - 1, *done));
-                return;
+    /// Queues a handoff's records (due `flush_interval` after the first
+    /// of them left the channel), registers its flush callers and answers
+    /// its restore requests.
+    async fn accept(&mut self, handoff: Handoff, due: &mut Option<Instant>) {
+        for entry in handoff.entries {
+            let seq = self.next_seq;
+            match entry {
+                Entry::Call(call) => self.queue.push_back(Queued::Call(seq, call)),
+                Entry::Run(run) => self.queue.push_back(Queued::Run(seq, run)),
+                Entry::Flush(done) => {
+                    self.waiters.push((seq - 1, *done));
+                    continue;
+                }
+                Entry::Restore(request) => {
+                    let _ = request.reply.send(self.restore(request.since_ms).await);
+                    continue;
+                }
             }
-            Entry::Restore(request) => {
-                let _ = request.reply.send(self.restore(request.since_ms).await);
-                return;
-            }
+            self.next_seq += 1;
+            due.get_or_insert(handoff.first_at + self.flush_interval);
         }
-        self.next_seq += 1;
-        due.get_or_insert_with(|| Instant::now() + self.flush_interval);
     }
 
     /// Answers the flush callers whose records are all written.

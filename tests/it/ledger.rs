@@ -316,9 +316,14 @@ async fn a_restart_keeps_a_live_runs_spend_and_ceiling() {
     second.shutdown().await;
 }
 
-async fn send_calls(agent: &str, release: &str, n: usize) -> Vec<Instant> {
+/// Sends a call every 10 ms for `period`; returns when each ended. (At
+/// that rate a batch fills in 20 s, so only the flush interval commits.)
+async fn send_calls_for(agent: &str, release: &str, period: Duration) -> Vec<Instant> {
+    let started = Instant::now();
     let mut done = Vec::new();
-    for _ in 0..n {
+    let mut pace = tokio::time::interval(Duration::from_millis(10));
+    while started.elapsed() < period {
+        pace.tick().await;
         let response = post_json(
             format!("http://{agent}/openai/v1/chat/completions"),
             &[("x-agent-release", release)],
@@ -375,30 +380,86 @@ async fn sigterm_loses_nothing_on(backend: Backend, test: &str) {
 
 #[tokio::test]
 async fn sigkill_loses_at_most_the_last_flush_interval() {
+    sigkill_loses_at_most_the_last_flush_interval_on(
+        Backend::Sqlite,
+        "sigkill_loses_at_most_the_last_flush_interval",
+        Duration::from_millis(100),
+    )
+    .await;
+}
+
+/// A record crosses two threads here (the intake, then the writer): a bound
+/// counted from the handoff instead of from the call would let records
+/// that ended up to twice the interval before the kill be lost, and fail.
+#[tokio::test]
+async fn sigkill_loses_at_most_the_last_flush_interval_on_postgres() {
+    sigkill_loses_at_most_the_last_flush_interval_on(
+        Backend::Postgres,
+        "sigkill_loses_at_most_the_last_flush_interval_on_postgres",
+        Duration::from_secs(2),
+    )
+    .await;
+}
+
+async fn sigkill_loses_at_most_the_last_flush_interval_on(
+    backend: Backend,
+    test: &str,
+    flush: Duration,
+) {
+    let pg = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => {
+            let Some(pg) = PostgresServer::start(test) else {
+                return;
+            };
+            Some(pg)
+        }
+    };
     let upstream = MockUpstream::start(|_| MockReply::json(200, USAGE_BODY)).await;
     let dir = tempfile::tempdir().unwrap();
-    let flush = Duration::from_millis(100);
-    let config = binary_config(dir.path(), &upstream.url(), flush.as_millis() as u64);
+    let flush_ms = flush.as_millis() as u64;
+    let config = match &pg {
+        None => binary_config(dir.path(), &upstream.url(), flush_ms),
+        Some(pg) => {
+            let path = binary_config_on(dir.path(), &upstream.url(), pg, "");
+            let text = std::fs::read_to_string(&path).unwrap().replace(
+                "flush_interval_ms = 60000",
+                &format!("flush_interval_ms = {flush_ms}"),
+            );
+            std::fs::write(&path, text).unwrap();
+            path
+        }
+    };
     let mut process = start_binary(&config);
-    let done = send_calls(&process.agent, "kill", 300).await;
+    // Calls that ended more than the flush interval (plus a generous second
+    // for the writer on a loaded machine) before the kill must be written.
+    // Calls go on past that bound and one more interval, so that some ended
+    // between the bound and twice the interval before the kill.
+    let bound = flush + Duration::from_secs(1);
+    let period = bound + flush + Duration::from_millis(500);
+    let done = send_calls_for(&process.agent, "kill", period).await;
     process.child.kill().unwrap(); // SIGKILL
     let killed = Instant::now();
     let _ = process.child.wait();
-    let db = LedgerDb::Sqlite(open_db(&dir.path().join("ledger.db")));
+    let db = match &pg {
+        Some(pg) => LedgerDb::Postgres(pg),
+        None => LedgerDb::Sqlite(open_db(&dir.path().join("ledger.db"))),
+    };
     let (calls, _) = db.count_and_sum("release = 'kill'");
-    // Calls that ended more than the flush interval (plus a generous second
-    // for the writer thread on a loaded machine) before the kill are on disk.
-    let bound = flush + Duration::from_secs(1);
     let must_have = done
         .iter()
         .filter(|t| killed.duration_since(**t) > bound)
         .count() as i64;
+    assert!(must_have > 0, "no call ended {bound:?} before SIGKILL");
     assert!(
         calls >= must_have,
-        "{calls} records on disk, {must_have} calls ended more than {bound:?} before SIGKILL"
+        "{calls} records written, {must_have} calls ended more than {bound:?} before SIGKILL"
     );
-    let lost = 300 - calls;
-    eprintln!("SIGKILL: {lost} of 300 records lost (flush interval {flush:?})");
+    let lost = done.len() as i64 - calls;
+    eprintln!(
+        "SIGKILL: {lost} of {} records lost (flush interval {flush:?})",
+        done.len()
+    );
 }
 
 #[tokio::test]
