@@ -433,7 +433,8 @@ async fn sigkill_loses_at_most_the_last_flush_interval_on(
     let mut process = start_binary(&config);
     // Calls that ended more than the flush interval (plus a generous second
     // for the writer on a loaded machine) before the kill must be written.
-    // Calls go on past that bound and one more interval, so that some ended
+    // Calls go on past that bound by one more interval and half a second,
+    // so that some must be written and, with a 2 s interval, some ended
     // between the bound and twice the interval before the kill.
     let bound = flush + Duration::from_secs(1);
     let period = bound + flush + Duration::from_millis(500);
