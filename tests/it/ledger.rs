@@ -78,6 +78,15 @@ fn open_db(path: &std::path::Path) -> rusqlite::Connection {
     rusqlite::Connection::open(path).unwrap()
 }
 
+/// The PostgreSQL server a test on `backend` writes to (`Some(None)` on
+/// SQLite); `None` when PostgreSQL is not installed (the test is skipped).
+fn postgres_for(backend: Backend, test: &str) -> Option<Option<PostgresServer>> {
+    match backend {
+        Backend::Sqlite => Some(None),
+        Backend::Postgres => PostgresServer::start(test).map(Some),
+    }
+}
+
 /// A ledger's database, read back with SQL: the SQLite file or the
 /// PostgreSQL server.
 pub enum LedgerDb<'a> {
@@ -85,7 +94,16 @@ pub enum LedgerDb<'a> {
     Postgres(&'a PostgresServer),
 }
 
-impl LedgerDb<'_> {
+impl<'a> LedgerDb<'a> {
+    /// What a binary configured by [`binary_config`] in `dir` (or by
+    /// [`binary_config_on`] with `pg`) wrote.
+    fn written_by_binary(pg: &'a Option<PostgresServer>, dir: &std::path::Path) -> Self {
+        match pg {
+            Some(pg) => LedgerDb::Postgres(pg),
+            None => LedgerDb::Sqlite(open_db(&dir.join("ledger.db"))),
+        }
+    }
+
     /// The first row of `query`, each column as text (NULL as "").
     pub fn row(&self, query: &str) -> Vec<String> {
         match self {
@@ -347,14 +365,8 @@ async fn sigterm_loses_nothing_on_postgres() {
 }
 
 async fn sigterm_loses_nothing_on(backend: Backend, test: &str) {
-    let pg = match backend {
-        Backend::Sqlite => None,
-        Backend::Postgres => {
-            let Some(pg) = PostgresServer::start(test) else {
-                return;
-            };
-            Some(pg)
-        }
+    let Some(pg) = postgres_for(backend, test) else {
+        return;
     };
     let upstream = MockUpstream::start(|_| MockReply::json(200, USAGE_BODY)).await;
     let dir = tempfile::tempdir().unwrap();
@@ -371,10 +383,7 @@ async fn sigterm_loses_nothing_on(backend: Backend, test: &str) {
         );
     }
     sigterm(&mut process);
-    let db = match &pg {
-        Some(pg) => LedgerDb::Postgres(pg),
-        None => LedgerDb::Sqlite(open_db(&dir.path().join("ledger.db"))),
-    };
+    let db = LedgerDb::written_by_binary(&pg, dir.path());
     assert_eq!(db.count_and_sum("release = 'term'"), (40, 40 * CALL_PICOS));
 }
 
@@ -406,14 +415,8 @@ async fn sigkill_loses_at_most_the_last_flush_interval_on(
     test: &str,
     flush: Duration,
 ) {
-    let pg = match backend {
-        Backend::Sqlite => None,
-        Backend::Postgres => {
-            let Some(pg) = PostgresServer::start(test) else {
-                return;
-            };
-            Some(pg)
-        }
+    let Some(pg) = postgres_for(backend, test) else {
+        return;
     };
     let upstream = MockUpstream::start(|_| MockReply::json(200, USAGE_BODY)).await;
     let dir = tempfile::tempdir().unwrap();
@@ -442,10 +445,7 @@ async fn sigkill_loses_at_most_the_last_flush_interval_on(
     process.child.kill().unwrap(); // SIGKILL
     let killed = Instant::now();
     let _ = process.child.wait();
-    let db = match &pg {
-        Some(pg) => LedgerDb::Postgres(pg),
-        None => LedgerDb::Sqlite(open_db(&dir.path().join("ledger.db"))),
-    };
+    let db = LedgerDb::written_by_binary(&pg, dir.path());
     let (calls, _) = db.count_and_sum("release = 'kill'");
     let must_have = done
         .iter()
