@@ -89,8 +89,8 @@ pub(super) fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     // A checkpoint writes back every page committed since the last one and
     // syncs: with hundreds of runs live, every commit dirties one index leaf
     // per run, and the same leaves went back to the file every few commits.
-    // 11.2 -> 7.2 us of writer CPU per record with 500 runs in a 2M-call
-    // ledger (BENCHMARKS.md, "Results, thirty-fourth round").
+    // 8.3-8.8 -> 7.0-7.1 us of writer CPU per record with 500 runs in a
+    // 2M-call ledger (BENCHMARKS.md, "Results, thirty-fourth round").
     conn.pragma_update(None, "wal_autocheckpoint", 16_384)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     Ok(conn)
