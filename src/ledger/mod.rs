@@ -8,7 +8,7 @@
 //!    [`Ledger::record_call`] / [`Ledger::record_run`]: a push onto a bounded
 //!    channel. When the channel is full the caller waits for room (bounded
 //!    backpressure, counted).
-//! 2. One writer thread per backend drains the channel and commits in
+//! 2. One writer thread per backend commits the channel's records in
 //!    batches: when a batch reaches [`MAX_BATCH`] records or
 //!    `flush_interval_ms` after its first record, whichever comes first.
 //!    The thread that drains the channel (the SQLite writer, PostgreSQL's
