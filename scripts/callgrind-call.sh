@@ -11,8 +11,9 @@
 # (runtime workers, ledger writer) is included.
 #
 # Proxies: tollgate (TOLLGATE, default target/dist/tollgate; with
-# BEFORE=<another tollgate binary> that one too, same config) and, with
-# BARE=1 (default), examples/bare_proxy: hyper forwarding and nothing else.
+# BEFORE=<another tollgate binary> that one too, same config); with BARE=1
+# (default), examples/bare_proxy: hyper forwarding and nothing else; with
+# NGINX=1, nginx (load.sh's configuration, served from one process).
 # Prints instructions per call for each, and with TOP=n (default 25) the n
 # functions with the most inclusive instructions in tollgate's own code.
 #
@@ -21,7 +22,7 @@
 # kind (tollgate only; BARE is then ignored).
 #
 # Environment (defaults): SCENARIO=json (or stream) CALLS=2000 WARMUP=200
-#   CONNECTIONS=4 BARE=1 TOP=25 TOLLGATE=target/dist/tollgate BEFORE=
+#   CONNECTIONS=4 BARE=1 NGINX=0 TOP=25 TOLLGATE=target/dist/tollgate BEFORE=
 #   LEDGER=true PROVIDER=openai
 # Output files (callgrind.<name>.out) stay in the work directory with KEEP=1.
 
@@ -33,6 +34,7 @@ CALLS=${CALLS:-2000}
 WARMUP=${WARMUP:-200}
 CONNECTIONS=${CONNECTIONS:-4}
 BARE=${BARE:-1}
+NGINX=${NGINX:-0}
 TOP=${TOP:-25}
 LEDGER=${LEDGER:-true}
 
@@ -57,7 +59,7 @@ gemini)
     [[ $SCENARIO == stream ]] && path=/upstream/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse
     ;;
 esac
-[[ ${PROVIDER:-openai} == openai ]] || BARE=0
+[[ ${PROVIDER:-openai} == openai ]] || BARE=0 NGINX=0
 start_mock "$work" --threads 1 "${mock_provider_args[@]}"
 
 # Sends $2 calls to URL $1.
@@ -96,6 +98,13 @@ vg_wrapper() {
 
 declare -A per_call
 names=()
+if [[ $NGINX == 1 ]]; then
+    NGINX_MASTER=off start_nginx valgrind --tool=callgrind --instr-atstart=no \
+        --callgrind-out-file="$work/callgrind.nginx.out"
+    total=$(measure "${pids[-1]}" "http://$agent/openai/v1/chat/completions" nginx)
+    per_call[nginx]=$((total / CALLS))
+    names+=(nginx)
+fi
 if [[ $BARE == 1 ]]; then
     start_bare_proxy valgrind --tool=callgrind --instr-atstart=no \
         --callgrind-out-file="$work/callgrind.hyper-bare.out"

@@ -1,9 +1,10 @@
 # shellcheck shell=bash
-# What the perf and soak harnesses (load.sh, load_state.sh, memory.sh,
-# soak.sh) share: a work directory and the processes they started, both
-# gone on exit; the dist build; the mock upstream and tollgate on port 0,
-# with the bound addresses read back from their output; CPU ticks of a
-# process or of its named threads.
+# What the perf and soak harnesses (load.sh, callgrind-call.sh,
+# syscalls-call.sh, memory.sh, soak.sh and the others in scripts/) share: a
+# work directory and the processes they started, both gone on exit; the
+# dist build; the mock upstream and tollgate on port 0, with the bound
+# addresses read back from their output, and nginx on a free port; CPU
+# ticks of a process or of its named threads.
 #
 # Sourced, not run:  source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # The functions that start a process append its pid to $pids and set
@@ -164,6 +165,69 @@ start_bare_proxy() {
     bare_pid=$!
     pids+=("$bare_pid")
     bare_addr=$(wait_line "$work/bare.out" '^127\.')
+}
+
+# Starts nginx (Debian's) in front of the mock at $mock_addr on a free
+# loopback port, with $NGINX_WORKERS worker processes (default: nproc): an
+# upstream keepalive pool of 64, HTTP/1.1 upstream, proxy_buffering off,
+# access log on; its files in $work/nginx. Run by the command "$@" when
+# given (valgrind, say), without the NGINX variable of the harnesses (nginx
+# would read it as sockets inherited from an upgrade); NGINX_MASTER=off
+# serves from the one process. Sets $agent (host:port); its master's pid is
+# ${pids[-1]}.
+start_nginx() {
+    local dir=$work/nginx port attempt i
+    mkdir -p "$dir"
+    for attempt in 1 2 3; do
+        port=$(free_port)
+        cat >"$dir/nginx.conf" <<EOF
+worker_processes ${NGINX_WORKERS:-$(nproc)};
+master_process ${NGINX_MASTER:-on};
+user root;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log $dir/access.log;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    keepalive_requests 1000000;
+    upstream mock {
+        server $mock_addr;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$port;
+        location /openai/ {
+            proxy_pass http://mock/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+EOF
+        env -u NGINX "$@" /usr/sbin/nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" 2>>"$dir/start.err" &
+        pids+=($!)
+        for i in $(seq 50); do
+            if python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1",int(sys.argv[1])),0.2)' \
+                "$port" 2>/dev/null; then
+                agent=127.0.0.1:$port
+                return 0
+            fi
+            kill -0 "${pids[-1]}" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill "${pids[-1]}" 2>/dev/null || true
+        echo "nginx did not start on port $port (attempt $attempt):" >&2
+        cat "$dir/error.log" "$dir/start.err" >&2 || true
+    done
+    return 1
 }
 
 # Sets $paced_args to the load generator's arguments for the paced streams

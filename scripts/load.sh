@@ -113,61 +113,6 @@ EOF
     agent=$tollgate_agent
 }
 
-# Starts nginx in front of the mock on a free loopback port; sets $agent.
-start_nginx() {
-    local dir=$work/nginx port attempt i
-    mkdir -p "$dir"
-    for attempt in 1 2 3; do
-        port=$(free_port)
-        cat >"$dir/nginx.conf" <<EOF
-worker_processes $NGINX_WORKERS;
-user root;
-daemon off;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log $dir/access.log;
-    client_body_temp_path $dir/body;
-    proxy_temp_path $dir/proxy;
-    fastcgi_temp_path $dir/fastcgi;
-    uwsgi_temp_path $dir/uwsgi;
-    scgi_temp_path $dir/scgi;
-    keepalive_requests 1000000;
-    upstream mock {
-        server $mock_addr;
-        keepalive 64;
-        keepalive_requests 1000000;
-    }
-    server {
-        listen 127.0.0.1:$port;
-        location /openai/ {
-            proxy_pass http://mock/;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-        }
-    }
-}
-EOF
-        /usr/sbin/nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" 2>>"$dir/start.err" &
-        pids+=($!)
-        for i in $(seq 50); do
-            if python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1",int(sys.argv[1])),0.2)' \
-                "$port" 2>/dev/null; then
-                agent=127.0.0.1:$port
-                return 0
-            fi
-            kill -0 "${pids[-1]}" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill "${pids[-1]}" 2>/dev/null || true
-        echo "nginx did not start on port $port (attempt $attempt):" >&2
-        cat "$dir/error.log" "$dir/start.err" >&2 || true
-    done
-    return 1
-}
-
 declare -A url pid_of
 url[direct]="http://$mock_addr/v1/chat/completions"
 pid_of[direct]=$mock_pid

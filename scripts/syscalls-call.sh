@@ -3,8 +3,9 @@
 # (and futex wake-ups between threads) a call costs, a figure that repeats
 # on a busy machine.
 #
-# Starts examples/mock_upstream, hyper-bare (examples/bare_proxy, with
-# BARE=1) and tollgate (and BEFORE=<another tollgate binary>, same config);
+# Starts examples/mock_upstream, nginx (with NGINX=1; its worker processes
+# are traced), hyper-bare (examples/bare_proxy, with BARE=1) and tollgate
+# (and BEFORE=<another tollgate binary>, same config);
 # for each, sends WARMUP calls, attaches strace to every thread, sends CALLS
 # calls (examples/loadgen, CONNECTIONS keep-alive connections, run id per
 # connection), detaches and prints each syscall's count per call. With
@@ -12,8 +13,12 @@
 # fast as they are answered: the workers then park between calls, and
 # wake-ups between threads show.
 #
-# Environment (defaults): CALLS=5000 WARMUP=500 CONNECTIONS=32 RATE= BARE=1
-#   TOLLGATE=target/dist/tollgate BEFORE= LEDGER=true RUST_LOG=info
+# SCENARIO=stream sends streamed calls (the mock's captured OpenAI stream,
+# with its usage event) instead of JSON ones.
+#
+# Environment (defaults): SCENARIO=json CALLS=5000 WARMUP=500 CONNECTIONS=32
+#   RATE= NGINX=0 BARE=1 TOLLGATE=target/dist/tollgate BEFORE= LEDGER=true
+#   RUST_LOG=info
 
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -21,8 +26,18 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 CALLS=${CALLS:-5000}
 WARMUP=${WARMUP:-500}
 CONNECTIONS=${CONNECTIONS:-32}
+NGINX=${NGINX:-0}
 BARE=${BARE:-1}
 LEDGER=${LEDGER:-true}
+SCENARIO=${SCENARIO:-json}
+case $SCENARIO in
+json) flags=() ;;
+stream) flags=(--stream --include-usage) ;;
+*)
+    echo "unknown SCENARIO $SCENARIO (json or stream)" >&2
+    exit 2
+    ;;
+esac
 
 command -v strace >/dev/null || {
     echo "strace is not installed (Debian: apt-get install strace)" >&2
@@ -38,15 +53,16 @@ drive() {
     "$bin/examples/loadgen" --url "$1" --connections "$CONNECTIONS" ${RATE:+--rate "$RATE"} \
         --duration-secs 600 --requests "$2" --warmup-secs 0 --threads 1 \
         --header 'x-agent-run-id: sc-{conn}' --header 'x-agent-release: sc' \
-        --label syscalls >/dev/null
+        --label syscalls "${flags[@]}" >/dev/null
 }
 
-# Counts process $1's syscalls over CALLS calls to URL $2 into
-# $work/strace.$3.
+# Counts the syscalls of the processes $1 (pids, space-separated) over
+# CALLS calls to URL $2 into $work/strace.$3.
 measure() {
-    local pid=$1 url=$2 name=$3 tracer
+    local url=$2 name=$3 tracer pid attach=()
+    for pid in $1; do attach+=(-p "$pid"); done
     drive "$url" "$WARMUP"
-    strace -c -f -p "$pid" -o "$work/strace.$name" 2>/dev/null &
+    strace -c -f "${attach[@]}" -o "$work/strace.$name" 2>/dev/null &
     tracer=$!
     # strace attaches to each thread before it reports; give it that time.
     sleep 1
@@ -56,6 +72,13 @@ measure() {
 }
 
 names=()
+if [[ $NGINX == 1 ]]; then
+    start_nginx
+    # The workers exist once a call has been answered.
+    drive "http://$agent/openai/v1/chat/completions" 10
+    measure "$(pgrep -P "${pids[-1]}" | tr '\n' ' ')" "http://$agent/openai/v1/chat/completions" nginx
+    names+=(nginx)
+fi
 if [[ $BARE == 1 ]]; then
     start_bare_proxy
     measure "$bare_pid" "http://$bare_addr/openai/v1/chat/completions" hyper-bare
@@ -76,7 +99,7 @@ EOF
 done
 
 echo
-echo "System calls per call (strace -c -f, $CALLS calls after $WARMUP, $CONNECTIONS connections${RATE:+, $RATE calls/s}):"
+echo "System calls per $SCENARIO call (strace -c -f, $CALLS calls after $WARMUP, $CONNECTIONS connections${RATE:+, $RATE calls/s}):"
 echo
 printf '| syscall |'
 printf ' %s |' "${names[@]}"
