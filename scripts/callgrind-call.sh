@@ -42,14 +42,7 @@ harness_init callgrind-call
 [[ ${KEEP:-0} == 1 ]] && keep_work=1
 build_dist --example loadgen --example bare_proxy
 tollgate_bin=${TOLLGATE:-$root/$bin/tollgate}
-case $SCENARIO in
-json) flags=() ;;
-stream) flags=(--stream --include-usage) ;;
-*)
-    echo "unknown SCENARIO $SCENARIO (json or stream)" >&2
-    exit 2
-    ;;
-esac
+set_scenario_flags "$SCENARIO"
 set_mock_provider_args "${PROVIDER:-openai}"
 case ${PROVIDER:-openai} in
 openai) path=/openai/v1/chat/completions ;;

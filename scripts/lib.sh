@@ -157,6 +157,21 @@ set_mock_provider_args() {
     esac
 }
 
+# Sets the array $flags to the load generator's arguments for scenario $1
+# of the per-call counters (callgrind-call.sh, syscalls-call.sh): json
+# (none) or stream (a streamed call, asking for the usage event).
+# shellcheck disable=SC2034 # $flags is for the caller
+set_scenario_flags() {
+    case $1 in
+    json) flags=() ;;
+    stream) flags=(--stream --include-usage) ;;
+    *)
+        echo "unknown SCENARIO $1 (json or stream)" >&2
+        return 2
+        ;;
+    esac
+}
+
 # Starts examples/bare_proxy (hyper forwarding alone) to the mock at
 # $mock_addr, run by the command "$@" when given (valgrind, say); sets
 # $bare_pid and $bare_addr (host:port).

@@ -30,14 +30,7 @@ NGINX=${NGINX:-0}
 BARE=${BARE:-1}
 LEDGER=${LEDGER:-true}
 SCENARIO=${SCENARIO:-json}
-case $SCENARIO in
-json) flags=() ;;
-stream) flags=(--stream --include-usage) ;;
-*)
-    echo "unknown SCENARIO $SCENARIO (json or stream)" >&2
-    exit 2
-    ;;
-esac
+set_scenario_flags "$SCENARIO"
 
 command -v strace >/dev/null || {
     echo "strace is not installed (Debian: apt-get install strace)" >&2
