@@ -4,7 +4,7 @@
 //! read time (read at each accept, so a reload applies to new connections),
 //! one task per connection (for the agent listener, on the next of the
 //! worker threads: `workers`), and graceful shutdown that stops
-//! accepting and drains open connections up to a bound. With a TLS config
+//! accepting and drains open connections up to a bound (`drain`). With a TLS config
 //! (`[server.tls]`) each accepted stream is a TLS handshake first (ALPN `h2`
 //! and `http/1.1`, within the header read time); a failed handshake drops
 //! that connection only.
@@ -37,7 +37,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -45,9 +44,11 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::LimitsConfig;
 use crate::proxy::{ConnInfo, ProxyBody};
 
+mod drain;
 mod self_wake;
 pub mod workers;
 
+use drain::Drain;
 use self_wake::SelfWakes;
 pub use workers::Workers;
 
@@ -86,7 +87,7 @@ pub async fn serve_tls<H, Fut, L>(
     let mut builders = Builders::new(&limits());
     // Tells connections still waiting for their first bytes to stop.
     let (stop_tx, stop_rx) = watch::channel(false);
-    let graceful = GracefulShutdown::new();
+    let drain = Drain::new();
     // Every connection task, so the ones still open when the drain time is
     // up can be ended (their calls then settle before the ledger closes).
     let mut connections = tokio::task::JoinSet::new();
@@ -140,7 +141,7 @@ pub async fn serve_tls<H, Fut, L>(
             Box::pin(handler(request)) as HandlerFuture
         });
         let Some(acceptor) = acceptor.clone() else {
-            let watcher = graceful.watcher();
+            let watcher = drain.watcher();
             let sniffed = Arc::clone(&builders.sniffed);
             let mut stop = stop_rx.clone();
             let task = async move {
@@ -185,7 +186,7 @@ pub async fn serve_tls<H, Fut, L>(
         // The handshake runs on the connection's own task so a slow client
         // never holds up the accept loop; the watcher makes shutdown wait
         // for it like for any open connection.
-        let watcher = graceful.watcher();
+        let watcher = drain.watcher();
         let sniffed = Arc::clone(&builders.sniffed);
         let task = async move {
             let Some(stream) = stream.settle() else {
@@ -214,7 +215,7 @@ pub async fn serve_tls<H, Fut, L>(
     }
     drop(listener);
     let _ = stop_tx.send(true);
-    if tokio::time::timeout(limits().shutdown_drain(), graceful.shutdown())
+    if tokio::time::timeout(limits().shutdown_drain(), drain.shutdown())
         .await
         .is_err()
     {

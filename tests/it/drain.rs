@@ -234,3 +234,54 @@ async fn in_process_a_stream_open_past_the_drain_bound_is_cut() {
         .unwrap();
     assert_eq!(outcome, "client_gone", "the cut call is in the ledger");
 }
+
+/// A keep-alive connection with no call in flight is told to close when
+/// shutdown begins: shutdown returns long before the drain bound (30 s),
+/// and the client sees the connection end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_an_idle_keep_alive_connection_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = MockUpstream::start(|_| {
+        MockReply::json(
+            200,
+            r#"{"id":"c1","object":"chat.completion","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}"#,
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&config(dir.path(), 30_000), &upstream.url()).await;
+    let mut socket = tokio::net::TcpStream::connect(proxy.agent).await.unwrap();
+    let body = r#"{"model":"gpt-4o-mini"}"#;
+    let request = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: tollgate\r\ncontent-type: application/json\r\nx-agent-run-id: idle-1\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    // Read the one response (head and content-length body); the connection
+    // stays open for the next request.
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = socket.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the connection closed before its response");
+        received.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&received).to_lowercase();
+        if let Some(head_end) = text.find("\r\n\r\n") {
+            let length: usize = text[..head_end]
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length: "))
+                .and_then(|value| value.trim().parse().ok())
+                .expect("a content-length");
+            if received.len() >= head_end + 4 + length {
+                break;
+            }
+        }
+    }
+    assert_eq!(raw::status_of(&String::from_utf8_lossy(&received)), 200);
+
+    tokio::time::timeout(Duration::from_secs(10), proxy.shutdown())
+        .await
+        .expect("shutdown closes the idle connection instead of waiting out the drain bound");
+    assert_eq!(raw::read_to_close(&mut socket).await, "");
+}
