@@ -4,10 +4,10 @@
 //! read time (read at each accept, so a reload applies to new connections),
 //! one task per connection (for the agent listener, on the next of the
 //! worker threads: `workers`), and graceful shutdown that stops
-//! accepting and drains open connections up to a bound (`drain`). With a TLS config
-//! (`[server.tls]`) each accepted stream is a TLS handshake first (ALPN `h2`
-//! and `http/1.1`, within the header read time); a failed handshake drops
-//! that connection only.
+//! accepting and drains open connections up to a bound (`drain`). With a
+//! TLS config (`[server.tls]`) each accepted stream is a TLS handshake
+//! first (ALPN `h2` and `http/1.1`, within the header read time); a failed
+//! handshake drops that connection only.
 //!
 //! Memory per connection: on plain TCP the protocol is told from a peek at
 //! the first bytes, so hyper's first read gets the whole request head (after
