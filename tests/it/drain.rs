@@ -285,3 +285,32 @@ async fn shutdown_closes_an_idle_keep_alive_connection_at_once() {
         .expect("shutdown closes the idle connection instead of waiting out the drain bound");
     assert_eq!(raw::read_to_close(&mut socket).await, "");
 }
+
+/// A connection that has sent nothing yet (tollgate still waiting for its
+/// first bytes, to tell its protocol) is closed when shutdown begins, not
+/// when the header read time (60 s here) or the drain bound (30 s) runs
+/// out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_a_connection_that_sent_nothing_yet() {
+    let upstream = MockUpstream::start(|_| MockReply::json(200, "{}")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 30_000)
+        .replace("[limits]\n", "[limits]\nheader_read_timeout_ms = 60000\n");
+    let proxy = Proxy::start(&config, &upstream.url()).await;
+    let mut socket = tokio::net::TcpStream::connect(proxy.agent).await.unwrap();
+    // The connection's task is running once the listener has accepted it;
+    // a call on another connection is answered after that accept.
+    let answered = post_json(
+        proxy.url("/openai/v1/chat/completions"),
+        &[("x-agent-run-id", "silent-1")],
+        r#"{"model":"gpt-4o-mini"}"#,
+    )
+    .await;
+    assert_eq!(answered.status(), 200);
+    drop(answered);
+
+    tokio::time::timeout(Duration::from_secs(10), proxy.shutdown())
+        .await
+        .expect("shutdown closes the silent connection instead of waiting for its bytes");
+    assert_eq!(raw::read_to_close(&mut socket).await, "");
+}
