@@ -38,7 +38,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::LimitsConfig;
@@ -85,8 +84,6 @@ pub async fn serve_tls<H, Fut, L>(
 {
     let acceptor = tls.map(TlsAcceptor::from);
     let mut builders = Builders::new(&limits());
-    // Tells connections still waiting for their first bytes to stop.
-    let (stop_tx, stop_rx) = watch::channel(false);
     let drain = Drain::new();
     // Every connection task, so the ones still open when the drain time is
     // up can be ended (their calls then settle before the ledger closes).
@@ -141,9 +138,8 @@ pub async fn serve_tls<H, Fut, L>(
             Box::pin(handler(request)) as HandlerFuture
         });
         let Some(acceptor) = acceptor.clone() else {
-            let watcher = drain.watcher();
+            let mut watcher = drain.watcher();
             let sniffed = Arc::clone(&builders.sniffed);
-            let mut stop = stop_rx.clone();
             let task = async move {
                 let Some(stream) = stream.settle() else {
                     return;
@@ -157,7 +153,7 @@ pub async fn serve_tls<H, Fut, L>(
                     },
                     // Shutdown before the first bytes: close, as the
                     // auto-detecting connection does when cancelled there.
-                    _ = stop.wait_for(|stop| *stop) => return,
+                    _ = watcher.stopped() => return,
                 };
                 let builder = match protocol {
                     Some(Protocol::Http1) => {
@@ -214,7 +210,6 @@ pub async fn serve_tls<H, Fut, L>(
         spawn_on(&mut connections, worker, task);
     }
     drop(listener);
-    let _ = stop_tx.send(true);
     if tokio::time::timeout(limits().shutdown_drain(), drain.shutdown())
         .await
         .is_err()

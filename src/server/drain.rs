@@ -1,6 +1,7 @@
 //! Graceful shutdown of the served connections: [`Drain`] tells every open
 //! connection to finish the call it is serving and close, then waits until
-//! all of them have.
+//! all of them have. The same signal stops a connection still waiting for
+//! its first bytes ([`Watcher::stopped`]).
 //!
 //! This is hyper-util's `GracefulShutdown` with one change. Its wrapper
 //! polls the shutdown signal (a tokio `watch`, ~170 instructions) on every
@@ -62,6 +63,12 @@ pub(super) struct Watcher {
 }
 
 impl Watcher {
+    /// Resolves once shutdown has begun, for a connection not served yet
+    /// (still waiting for its first bytes).
+    pub(super) async fn stopped(&mut self) {
+        let _ = self.receiver.changed().await;
+    }
+
     /// Serves `connection` until it ends, telling it to close gracefully
     /// (finish the call in flight, then close) once [`Drain::shutdown`]
     /// begins.
