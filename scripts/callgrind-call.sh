@@ -21,7 +21,7 @@
 # replies (tests/fixtures/providers) and the calls go to a route of that
 # kind (tollgate only; BARE is then ignored).
 #
-# Environment (defaults): SCENARIO=json (or stream) CALLS=2000 WARMUP=200
+# Environment (defaults): SCENARIO=json (or stream, stream-paced) CALLS=2000 WARMUP=200
 #   CONNECTIONS=4 BARE=1 NGINX=0 TOP=25 TOLLGATE=target/dist/tollgate BEFORE=
 #   LEDGER=true PROVIDER=openai
 # Output files (callgrind.<name>.out) stay in the work directory with KEEP=1.
@@ -49,7 +49,7 @@ openai) path=/openai/v1/chat/completions ;;
 anthropic) path=/upstream/v1/messages ;;
 gemini)
     path=/upstream/v1beta/models/gemini-2.0-flash:generateContent
-    [[ $SCENARIO == stream ]] && path=/upstream/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse
+    [[ $SCENARIO == stream* ]] && path=/upstream/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse
     ;;
 esac
 [[ ${PROVIDER:-openai} == openai ]] || BARE=0 NGINX=0

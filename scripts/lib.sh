@@ -159,14 +159,20 @@ set_mock_provider_args() {
 
 # Sets the array $flags to the load generator's arguments for scenario $1
 # of the per-call counters (callgrind-call.sh, syscalls-call.sh): json
-# (none) or stream (a streamed call, asking for the usage event).
+# (none), stream (a streamed call, asking for the usage event; the mock
+# sends its events at once) or stream-paced (the same, the mock pausing
+# $PACE_US µs, default 1000, before each event, so that each arrives on
+# its own, as a model's do).
 # shellcheck disable=SC2034 # $flags is for the caller
 set_scenario_flags() {
     case $1 in
     json) flags=() ;;
     stream) flags=(--stream --include-usage) ;;
+    stream-paced)
+        flags=(--stream --include-usage --header "x-mock-chunk-delay-us: ${PACE_US:-1000}")
+        ;;
     *)
-        echo "unknown SCENARIO $1 (json or stream)" >&2
+        echo "unknown SCENARIO $1 (json, stream or stream-paced)" >&2
         return 2
         ;;
     esac

@@ -13,7 +13,7 @@
 # fast as they are answered: the workers then park between calls, and
 # wake-ups between threads show.
 #
-# SCENARIO=stream sends streamed calls (the mock's captured OpenAI stream,
+# SCENARIO=stream (or stream-paced, lib.sh) sends streamed calls (the mock's captured OpenAI stream,
 # with its usage event) instead of JSON ones.
 #
 # Environment (defaults): SCENARIO=json CALLS=5000 WARMUP=500 CONNECTIONS=32
