@@ -14,12 +14,15 @@
 //! (see `Held`): hyper's client passes the upstream body one chunk at a
 //! time through a channel of one slot, and forwarding each chunk alone costs
 //! a `writev` and a wake-up of the client per SSE event (38 of them for a
-//! short chat stream). Before handing data over, the body yields to the
-//! runtime (`tokio::task::yield_now`): the upstream connection's task, woken
-//! by the read, delivers what it has already received, and the data goes
-//! out together once `MAX_IDLE_YIELDS` turns in a row bring nothing new.
-//! The first data chunk is not held: it is the client's time to first byte.
-//! A chunk is never held waiting for the network.
+//! short chat stream). An HTTP/1.1 upstream body drives its connection
+//! itself (`pool`): it is read until the socket has nothing more, and what
+//! was read goes out together. An HTTP/2 connection runs as a task of its
+//! own: before handing data over, the body yields to the runtime
+//! (`tokio::task::yield_now`), the connection's task, woken by the read,
+//! delivers what it has already received, and the data goes out together
+//! once `MAX_IDLE_YIELDS` turns in a row bring nothing new. The first data
+//! chunk is not held: it is the client's time to first byte. A chunk is
+//! never held waiting for the network.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -270,7 +273,9 @@ impl Body for MeteredBody {
             match polled {
                 Poll::Pending => {
                     if !this.held.is_empty() {
-                        if *this.yielded < MAX_IDLE_YIELDS {
+                        let delivered_by_a_task =
+                            this.inner.as_ref().is_some_and(|b| !b.drives_connection());
+                        if delivered_by_a_task && *this.yielded < MAX_IDLE_YIELDS {
                             // A turn of the runtime for chunks already
                             // received to arrive (module comment). tokio's
                             // `yield_now` wakes this task once the tasks that

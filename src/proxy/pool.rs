@@ -18,10 +18,20 @@
 //!   15 s while the pool exists (hyper-util's client: 90 s); at most
 //!   `MAX_IDLE` idle connections are kept per origin and worker, the oldest
 //!   closed first.
+//! - An HTTP/1.1 connection has no task of its own: the call using it
+//!   polls it ([`Http1Connection::drive`]), first while waiting for the
+//!   response head and then from the response body, before reading the
+//!   body's channel. hyper's client otherwise runs each connection as a
+//!   spawned task, and every chunk of a reply crossed from that task to the
+//!   call's through a wake-up and a second poll of the agent's connection
+//!   (BENCHMARKS.md, "Results, thirty-sixth round"). An idle connection is
+//!   polled once when a call takes it, so that a close the upstream sent
+//!   while it sat idle is read before a request is written to it, and at
+//!   each sweep.
 //! - Each worker thread (`server::workers`) has idle lists of its own, and
-//!   its own shared HTTP/2 connection: a connection's task runs on the
-//!   worker that opened it, and only that worker's calls use it, as each
-//!   of Envoy's workers has its own connection pools.
+//!   its own shared HTTP/2 connection: a connection runs on the worker that
+//!   opened it, and only that worker's calls use it, as each of Envoy's
+//!   workers has its own connection pools.
 //!
 //! hyper-util's pooled client (`client::legacy`) does this for any URI, at
 //! about 7,000 instructions more per proxied JSON call (BENCHMARKS.md,
@@ -35,10 +45,11 @@
 //! connection itself.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -63,6 +74,7 @@ pub type Connector = HttpsConnector<EgressConnector>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Http1Sender = http1::SendRequest<Full<Bytes>>;
 type Http2Sender = http2::SendRequest<Full<Bytes>>;
+type Http1Driver = http1::Connection<UpstreamIo, Full<Bytes>>;
 
 /// Idle HTTP/1.1 connections kept per origin.
 const MAX_IDLE: usize = 256;
@@ -107,15 +119,50 @@ struct Idle {
 }
 
 struct IdleConnection {
-    sender: Http1Sender,
+    connection: Http1Connection,
     /// The sweep count when it was returned.
     since: u32,
 }
 
 /// A connection taken for one call.
 enum Sender {
-    Http1(Http1Sender),
+    Http1(Http1Connection),
     Http2(Http2Sender),
+}
+
+/// An HTTP/1.1 connection: the handle requests are sent on, and hyper's
+/// state machine for the socket, which the call using the connection polls
+/// (module docs).
+pub struct Http1Connection {
+    sender: Http1Sender,
+    /// `None` once it has returned: the connection is closed, and hyper's
+    /// state with it, which hands back (or fails) the requests still
+    /// waiting for it.
+    // Boxed: moved with the call's future and the response body, which
+    // would otherwise carry hyper's whole connection state.
+    driver: Option<Box<Http1Driver>>,
+}
+
+impl Http1Connection {
+    /// Lets hyper do what the socket allows: write the request, read the
+    /// reply into the response head's callback and the body's channel, or
+    /// read a close. It registers `cx` for the socket and the channels.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if let Some(driver) = &mut self.driver {
+            if let Poll::Ready(ended) = driver.poll_unpin(cx) {
+                self.driver = None;
+                log_end(ended, "upstream connection ended");
+            }
+        }
+    }
+
+    /// Reads what arrived while the connection sat idle (a close, most
+    /// likely), with no task to wake: whoever takes the connection drives
+    /// it again with its own. Whether a request can be sent on it now.
+    fn ready_after_idle(&mut self) -> bool {
+        self.drive(&mut Context::from_waker(Waker::noop()));
+        self.driver.is_some() && self.sender.is_ready()
+    }
 }
 
 impl OriginPool {
@@ -151,15 +198,23 @@ impl OriginPool {
                     Ok(response) => return Ok(response.map(UpstreamBody::unpooled)),
                     Err(mut failed) => (failed.take_message(), failed.into_error()),
                 },
-                Sender::Http1(mut sender) => {
+                Sender::Http1(mut connection) => {
                     // HTTP/1.1 names only the path on the request line.
                     let path = origin_form(request.uri());
                     let absolute = std::mem::replace(request.uri_mut(), path);
-                    match sender.try_send_request(request).await {
+                    let mut sending = std::pin::pin!(connection.sender.try_send_request(request));
+                    // The connection writes the request and reads the head
+                    // only when polled: it is polled before the head's wait.
+                    let sent = std::future::poll_fn(|cx| {
+                        connection.drive(cx);
+                        sending.as_mut().poll(cx)
+                    })
+                    .await;
+                    match sent {
                         Ok(response) => {
                             let pool = Arc::clone(self);
                             return Ok(
-                                response.map(|body| UpstreamBody::pooled(body, pool, sender))
+                                response.map(|body| UpstreamBody::pooled(body, pool, connection))
                             );
                         }
                         Err(mut failed) => {
@@ -195,28 +250,20 @@ impl OriginPool {
                 idle.http2 = None;
             }
         }
-        let mut at = idle.http1.len();
-        while at > 0 {
-            at -= 1;
-            let sender = &idle.http1[at].sender;
-            if sender.is_ready() {
-                return idle
-                    .http1
-                    .remove(at)
-                    .map(|found| Sender::Http1(found.sender));
-            }
-            // Not ready and open: the end of its last reply is still on the
-            // way through hyper's connection task; it stays for a later call.
-            if sender.is_closed() {
-                idle.http1.remove(at);
+        // The most recent first. Those the upstream closed while they sat
+        // idle are dropped on the way, and so is one that is open but not
+        // ready for a request once driven, which hyper would refuse.
+        while let Some(mut found) = idle.http1.pop_back() {
+            if found.connection.ready_after_idle() {
+                return Some(Sender::Http1(found.connection));
             }
         }
         None
     }
 
     /// Returns an HTTP/1.1 connection whose response has been read whole.
-    fn put_back(&self, sender: Http1Sender) {
-        if sender.is_closed() {
+    fn put_back(&self, connection: Http1Connection) {
+        if connection.driver.is_none() {
             return;
         }
         let since = self.sweeps.load(Ordering::Relaxed);
@@ -224,7 +271,7 @@ impl OriginPool {
         if idle.http1.len() >= MAX_IDLE {
             idle.http1.pop_front();
         }
-        idle.http1.push_back(IdleConnection { sender, since });
+        idle.http1.push_back(IdleConnection { connection, since });
     }
 
     async fn connect(self: &Arc<Self>) -> Result<Sender, PoolError> {
@@ -253,9 +300,11 @@ impl OriginPool {
             self.lock().http2 = Some((sender.clone(), since));
             Ok(Sender::Http2(sender))
         } else {
-            let (sender, connection) = http1::handshake(io).await.map_err(PoolError::Handshake)?;
-            tokio::spawn(connection.map(|ended| log_end(ended, "upstream connection ended")));
-            Ok(Sender::Http1(sender))
+            let (sender, driver) = http1::handshake(io).await.map_err(PoolError::Handshake)?;
+            Ok(Sender::Http1(Http1Connection {
+                sender,
+                driver: Some(Box::new(driver)),
+            }))
         }
     }
 
@@ -276,8 +325,9 @@ impl OriginPool {
         let fresh = |since: u32| now.wrapping_sub(since) < IDLE_SWEEPS;
         for idle in self.idle.iter() {
             let mut idle = idle.lock().unwrap_or_else(PoisonError::into_inner);
+            // Driven once each: a connection the upstream closed ends.
             idle.http1
-                .retain(|c| fresh(c.since) && !c.sender.is_closed());
+                .retain_mut(|c| fresh(c.since) && c.connection.ready_after_idle());
             if idle
                 .http2
                 .as_ref()
@@ -317,8 +367,8 @@ async fn sweep_while_alive(pool: Weak<OriginPool>) {
     }
 }
 
-/// Logs how a connection's task ended. Spawned as a `map` of the
-/// connection rather than in an `async` block, which would hold the
+/// Logs how a connection ended. The HTTP/2 task is spawned as a `map` of
+/// the connection rather than in an `async` block, which would hold the
 /// connection twice (as captured, and as awaited): 3.6 KB a connection
 /// instead of 1.8 (heaptrack, 1,000 open streams).
 fn log_end(ended: hyper::Result<()>, message: &'static str) {
@@ -352,18 +402,22 @@ pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// An upstream response body that returns its HTTP/1.1 connection to the
-/// pool once the upstream has sent all of it.
+/// An upstream response body. Over HTTP/1.1 it drives its connection
+/// (the body's frames come from hyper's reading of it), and returns the
+/// connection to the pool once the upstream has sent all of it.
 pub struct UpstreamBody {
     inner: Incoming,
-    connection: Option<(Arc<OriginPool>, Http1Sender)>,
+    connection: Option<(Arc<OriginPool>, Http1Connection)>,
+    /// The body has been polled before.
+    polled: bool,
 }
 
 impl UpstreamBody {
-    fn pooled(inner: Incoming, pool: Arc<OriginPool>, sender: Http1Sender) -> UpstreamBody {
+    fn pooled(inner: Incoming, pool: Arc<OriginPool>, connection: Http1Connection) -> UpstreamBody {
         UpstreamBody {
             inner,
-            connection: Some((pool, sender)),
+            connection: Some((pool, connection)),
+            polled: false,
         }
     }
 
@@ -371,13 +425,23 @@ impl UpstreamBody {
         UpstreamBody {
             inner,
             connection: None,
+            polled: false,
         }
     }
 
+    /// Hands the connection back once the reply is read whole. hyper ends
+    /// the reply's message, and the connection turns ready for the next
+    /// request, when next driven: by the call that takes it.
     fn put_back(&mut self) {
-        if let Some((pool, sender)) = self.connection.take() {
-            pool.put_back(sender);
+        if let Some((pool, connection)) = self.connection.take() {
+            pool.put_back(connection);
         }
+    }
+
+    /// Its frames are read by driving its connection from `poll_frame`
+    /// (HTTP/1.1), not delivered by a task of the connection's (HTTP/2).
+    pub fn drives_connection(&self) -> bool {
+        self.connection.is_some()
     }
 }
 
@@ -390,7 +454,27 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        // hyper reads the body into its channel, a frame at a time, when
+        // the connection is driven. The first frame usually came with the
+        // head, and is read before driving; after it, the channel was
+        // emptied by the last poll, and the connection is driven first.
+        let polled = match &mut this.connection {
+            Some((_, connection)) if this.polled => {
+                connection.drive(cx);
+                Pin::new(&mut this.inner).poll_frame(cx)
+            }
+            Some((_, connection)) => {
+                this.polled = true;
+                match Pin::new(&mut this.inner).poll_frame(cx) {
+                    Poll::Pending => {
+                        connection.drive(cx);
+                        Pin::new(&mut this.inner).poll_frame(cx)
+                    }
+                    ready => ready,
+                }
+            }
+            None => Pin::new(&mut this.inner).poll_frame(cx),
+        };
         match &polled {
             Poll::Ready(None) => this.put_back(),
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.put_back(),
@@ -666,41 +750,7 @@ mod tests {
     /// connection. Either way the next call gets its reply.
     #[tokio::test]
     async fn a_connection_closed_while_idle_costs_at_most_the_call_that_races_it() {
-        use std::io::{Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let origin: Uri = format!("http://{}/", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        let (close_tx, close) = std::sync::mpsc::channel::<()>();
-        let (closed_tx, closed) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { return };
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
-                // Closed once the reply has been read and its connection
-                // is back in the pool.
-                if close.recv().is_err() {
-                    return;
-                }
-                drop(stream);
-                if closed_tx.send(()).is_err() {
-                    return;
-                }
-            }
-        });
-        let upstream = Upstream {
-            origin,
-            accepted: Arc::new(AtomicUsize::new(0)),
-            closed: mpsc::unbounded_channel().1,
-        };
+        let (upstream, close_tx, closed) = upstream_closing_on_demand();
         let pool = pool_for(&upstream);
         let reply = call(&pool, &upstream, "/v1/chat/completions").await;
         assert_eq!(reply, "ok");
@@ -725,6 +775,79 @@ mod tests {
                 Err(e) => panic!("{e:?}"),
             }
         }
+    }
+
+    /// An HTTP/1.1 upstream on a thread of its own: it answers each
+    /// connection's first request with `ok`, then closes that connection
+    /// when told on the channel it returns, and says so on the second.
+    fn upstream_closing_on_demand() -> (
+        Upstream,
+        std::sync::mpsc::Sender<()>,
+        std::sync::mpsc::Receiver<()>,
+    ) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let origin: Uri = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        let (close_tx, close) = std::sync::mpsc::channel::<()>();
+        let (closed_tx, closed) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                if close.recv().is_err() {
+                    return;
+                }
+                drop(stream);
+                if closed_tx.send(()).is_err() {
+                    return;
+                }
+            }
+        });
+        let upstream = Upstream {
+            origin,
+            accepted,
+            closed: mpsc::unbounded_channel().1,
+        };
+        (upstream, close_tx, closed)
+    }
+
+    /// An idle connection has no task reading it. The upstream closed it
+    /// while it sat idle: the next call reads the close before writing its
+    /// request (a POST written to it would fail, and is not sent twice),
+    /// and gets its reply on a new connection, without waiting.
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_is_not_used() {
+        let (upstream, close_tx, closed) = upstream_closing_on_demand();
+        let pool = pool_for(&upstream);
+        assert_eq!(call(&pool, &upstream, "/v1/chat/completions").await, "ok");
+        close_tx.send(()).unwrap();
+        closed
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the upstream closed it");
+        // One turn of the runtime: its reactor takes in the close, as it
+        // does between calls.
+        tokio::task::yield_now().await;
+        let sending = pool.send(request(&upstream, "/v1/chat/completions"));
+        let response = tokio::time::timeout(Duration::from_secs(10), sending)
+            .await
+            .expect("an answer, not a wait on the closed connection")
+            .expect("sent on a new connection");
+        let reply = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(reply, "ok");
+        assert_eq!(upstream.accepted.load(Ordering::SeqCst), 2);
     }
 
     #[test]
